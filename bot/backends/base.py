@@ -1,0 +1,64 @@
+"""The one interface every image backend implements.
+
+Cancellation is asyncio cancellation: the job manager cancels the task awaiting :meth:`Backend.generate`, and
+the backend, on ``CancelledError``, tells the remote side to stop (A1111 interrupt, Horde DELETE) before
+re-raising. A backend never submits the same generation twice.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bot.engine.models import GeneratedImage, ImageRequest, Progress
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def _noop_progress(_: Progress) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend supports, so the Discord layer offers only what works."""
+
+    negative_prompt: bool = True
+    seed: bool = True
+    sizes: tuple[tuple[int, int], ...] = ((512, 512),)
+    max_count: int = 4
+    progress: bool = False
+    preview: bool = False
+    cancel: bool = False
+    nsfw_flag: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return self.sizes[0]
+
+
+class Backend(abc.ABC):
+    """An image generator reached over HTTP through the shared ``aiohttp.ClientSession``."""
+
+    #: ``horde`` | ``openai`` | ``a1111``: part of the cache key and a metrics label.
+    name: str
+    capabilities: Capabilities
+
+    @abc.abstractmethod
+    async def generate(
+        self, request: ImageRequest, on_progress: ProgressCallback = _noop_progress
+    ) -> list[GeneratedImage]:
+        """Run one generation and return verified images (decoded off the event loop).
+
+        Raises :class:`bot.engine.errors.GenerationError` with a readable reason on any failure.
+        """
+
+    @abc.abstractmethod
+    async def list_models(self) -> list[str]:
+        """Names of the models the backend offers (used by ``python -m bot check``)."""
+
+    def default_model(self) -> str | None:
+        """The model used when a request names none (``None``: the backend decides)."""
+        return None

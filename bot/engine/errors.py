@@ -1,0 +1,49 @@
+"""Errors the engine speaks in: each carries a bounded ``reason`` (for metrics) and a message a user can read."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class FailureReason(StrEnum):
+    """Why a generation failed. A closed set, so it is safe as a metrics label."""
+
+    UNAVAILABLE = "unavailable"  # cannot reach the backend, or it answered 5xx
+    RATE_LIMITED = "rate_limited"  # still rate limited after the allowed retries
+    QUOTA = "quota"  # out of credit (OpenAI insufficient_quota, Horde KudosUpfront)
+    AUTH = "auth"  # bad or missing API key
+    CONTENT_REFUSED = "content_refused"  # the backend's content policy said no
+    CENSORED = "censored"  # Horde returned a censored image
+    UNKNOWN_MODEL = "unknown_model"
+    BAD_REQUEST = "bad_request"  # the backend rejected the parameters
+    NO_WORKERS = "no_workers"  # Horde: nobody can serve this request
+    INVALID_IMAGE = "invalid_image"  # the bytes we got back are not an image
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"  # a bug on our side; logged with a traceback, shown to users as a plain sentence
+
+
+class GenerationError(Exception):
+    """A generation failed for a reason a user can be told about."""
+
+    def __init__(self, reason: FailureReason, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"GenerationError({self.reason.value!r}, {self.message!r})"
+
+
+class RequestRejected(Exception):
+    """A request was refused before any job existed (invalid options, over a limit, shutting down)."""
+
+    def __init__(self, message: str, *, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class ShuttingDown(RequestRejected):
+    def __init__(self) -> None:
+        super().__init__("The bot is restarting; try again in a moment.", code="shutting_down")
