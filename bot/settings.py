@@ -32,6 +32,7 @@ def _split_csv(value: Any) -> Any:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=None,
+        env_ignore_empty=True,  # `NAME=` in .env means "use the default", as .env.example shows
         case_sensitive=False,
         extra="ignore",
         hide_input_in_errors=True,
@@ -79,13 +80,20 @@ class Settings(BaseSettings):
     def _normalise_case(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = value.strip()
-            return value.upper() if value.lower() in {"debug", "info", "warning", "error", "critical"} else (
-                value.lower()
+            return (
+                value.upper()
+                if value.lower() in {"debug", "info", "warning", "error", "critical"}
+                else (value.lower())
             )
         return value
 
     @field_validator(
-        "discord_api_base", "discord_gateway_url", "image_backend_url", "image_model", "dev_guild_id", mode="before"
+        "discord_api_base",
+        "discord_gateway_url",
+        "image_backend_url",
+        "image_model",
+        "dev_guild_id",
+        mode="before",
     )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:

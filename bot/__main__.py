@@ -1,0 +1,80 @@
+"""Entry point: ``python -m bot`` runs the Discord bot; subcommands run the engine's tools.
+
+python -m bot                      run the bot
+python -m bot imagine "PROMPT" --out FILE [...]
+python -m bot sync [--clear]       push (or remove) the slash commands now
+python -m bot check                diagnose the set-up
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from bot.settings import Settings, SettingsError, load_settings
+
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bot", description="Self-hosted /imagine Discord bot.")
+    commands = parser.add_subparsers(dest="command")
+    from bot.cli import add_imagine_arguments
+
+    add_imagine_arguments(commands.add_parser("imagine", help="generate images from the command line"))
+    sync = commands.add_parser("sync", help="sync the slash commands with Discord now")
+    sync.add_argument("--clear", action="store_true", help="remove this bot's commands instead")
+    commands.add_parser("check", help="validate settings, backend, token and data directory")
+    return parser
+
+
+def fail(message: str, status: int = 1) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        return fail(str(exc), EXIT_CONFIG)
+    from bot.logs import configure_logging
+
+    secrets = [s.get_secret_value() for s in (settings.discord_token, settings.image_backend_api_key) if s]
+    configure_logging(settings.log_level, settings.log_format, secrets)
+    try:
+        return asyncio.run(_dispatch(settings, args))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.engine.store import StoreError
+
+    try:
+        if args.command == "imagine":
+            from bot.cli import run_imagine
+
+            return await run_imagine(settings, args)
+        if args.command == "check":
+            from bot.check import run_check
+
+            return await run_check(settings)
+        if args.command == "sync":
+            from bot.app import run_sync
+
+            return await run_sync(settings, clear=args.clear)
+        from bot.app import run_bot
+
+        return await run_bot(settings)
+    except SettingsError as exc:
+        return fail(str(exc), EXIT_CONFIG)
+    except StoreError as exc:
+        return fail(exc.message, EXIT_CONFIG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,666 @@
+"""The job manager: every generation is a tracked task, fairly scheduled, timed out, cancellable, awaited.
+
+Lifecycle of a job::
+
+    submit() -- admission (in memory) -> persisted as QUEUED -> task started
+    task:  cache hit? -> SUCCEEDED (from cache)
+           join or lead a *flight* (one generation shared by identical requests)
+           wait for the flight to get a slot (queue timeout) -> RUNNING
+           wait for the flight's result                     -> SUCCEEDED | FAILED | TIMED_OUT
+           cancel() at any point                            -> CANCELLED
+           then the delivery hook (the Discord layer posts the result) runs inside the same task,
+           so shutdown's drain covers posting too.
+
+A flight holds the scheduler slot and calls the backend. Jobs wait on it through ``asyncio.shield`` with a
+reference count: one waiter leaving does not stop a generation others still wait for; the last one does.
+
+Every state change is written to the store before listeners hear of it. Nothing here imports discord.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from bot.backends.base import Backend
+from bot.engine.errors import FailureReason, GenerationError, RequestRejected, ShuttingDown
+from bot.engine.models import (
+    GenerationResult,
+    ImageRequest,
+    Job,
+    JobState,
+    Progress,
+    new_job_id,
+    validate_request,
+)
+from bot.engine.scheduler import FairScheduler, Ticket
+
+if TYPE_CHECKING:
+    from bot.engine.cache import ResultCache
+    from bot.engine.store import JobStore
+    from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: How long, after a cancel, a job waits for its backend call to wind down (interrupt sent, slot freed).
+CANCEL_SETTLE_S = 10.0
+#: After the grace period, how long cancelled jobs get to record and report that they were stopped.
+SHUTDOWN_REPORT_S = 10.0
+#: A delivery (posting the result) that takes longer than this is abandoned and logged.
+DELIVERY_TIMEOUT_S = 120.0
+
+
+class JobEvent(StrEnum):
+    QUEUED = "queued"  # accepted, or its queue position changed
+    STARTED = "started"
+    PROGRESS = "progress"
+    FINISHED = "finished"  # reached a terminal state (see job.state)
+
+
+Listener = Callable[[Job, JobEvent], None]
+Delivery = Callable[[Job], Awaitable[None]]
+AdmissionCheck = Callable[[ImageRequest, int, int], None]
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One backend generation, possibly awaited by several identical jobs."""
+
+    key: str
+    request: ImageRequest
+    ticket: Ticket
+    jobs: set[str] = field(default_factory=set)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[GenerationResult] | None = None
+    progress: Progress | None = None
+
+
+@dataclass(eq=False)
+class _Tracked:
+    job: Job
+    task: asyncio.Task[None] | None = None
+    flight: _Flight | None = None
+    cancel_reason: str | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class JobManager:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        store: JobStore | None = None,
+        cache: ResultCache | None = None,
+        guild_concurrency: int = 2,
+        guild_concurrency_max: int = 8,
+        backend_concurrency: int = 4,
+        user_max_jobs: int = 3,
+        queue_timeout_s: float = 600.0,
+        job_timeout_s: float = 300.0,
+        models: Iterable[str] = (),
+        default_model: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.store = store
+        self.cache = cache
+        self.guild_concurrency = guild_concurrency
+        self.guild_concurrency_max = guild_concurrency_max
+        self.user_max_jobs = user_max_jobs
+        self.queue_timeout_s = queue_timeout_s
+        self.job_timeout_s = job_timeout_s
+        self.models = list(models)
+        self.default_model = default_model or backend.default_model()
+        self.clock = clock
+        #: Hook run inside each job's task once it is finished (the Discord layer posts there).
+        self.deliver: Delivery | None = None
+        #: Extra admission rules (channel allowed, quotas, blocked words): raise RequestRejected to refuse.
+        self.admission_checks: list[AdmissionCheck] = []
+
+        self._guild_limits: dict[int, int] = {}
+        self._user_limits: dict[int, int] = {}
+        self._scheduler = FairScheduler(backend_concurrency, self.guild_limit)
+        self._scheduler.on_queue_change = self._announce_positions
+        self._tracked: dict[str, _Tracked] = {}
+        self._flights: dict[str, _Flight] = {}
+        self._flight_tasks: set[asyncio.Task[GenerationResult]] = set()
+        self._active_per_user: Counter[tuple[int, int]] = Counter()
+        self._listeners: list[Listener] = []
+        self._accepting = True
+        self.completed = Counter[JobState]()
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        backend: Backend,
+        *,
+        store: JobStore | None = None,
+        cache: ResultCache | None = None,
+    ) -> JobManager:
+        return cls(
+            backend,
+            store=store,
+            cache=cache,
+            guild_concurrency=settings.guild_concurrency,
+            guild_concurrency_max=settings.guild_concurrency_max,
+            backend_concurrency=settings.max_backend_concurrency,
+            user_max_jobs=settings.user_max_jobs,
+            queue_timeout_s=settings.queue_timeout_s,
+            job_timeout_s=settings.job_timeout_s,
+            models=settings.image_models,
+            default_model=settings.image_model,
+        )
+
+    # -- limits ---------------------------------------------------------------------------------------------
+    def guild_limit(self, guild_id: int) -> int:
+        return self._guild_limits.get(guild_id, self.guild_concurrency)
+
+    def set_guild_limit(self, guild_id: int, limit: int | None) -> int:
+        """Override a guild's concurrency (clamped to the operator's ceiling); ``None`` restores the default."""
+        if limit is None:
+            self._guild_limits.pop(guild_id, None)
+        else:
+            self._guild_limits[guild_id] = max(1, min(int(limit), self.guild_concurrency_max))
+        self._scheduler.limits_changed()
+        return self.guild_limit(guild_id)
+
+    def user_limit(self, guild_id: int) -> int:
+        return self._user_limits.get(guild_id, self.user_max_jobs)
+
+    def set_user_limit(self, guild_id: int, limit: int | None) -> int:
+        if limit is None:
+            self._user_limits.pop(guild_id, None)
+        else:
+            self._user_limits[guild_id] = max(1, int(limit))
+        return self.user_limit(guild_id)
+
+    # -- listeners --------------------------------------------------------------------------------------------
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def _emit(self, job: Job, event: JobEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(job, event)
+            except Exception:
+                log.exception("job listener failed", extra={"job": job.id, "event": event.value})
+
+    # -- inspection -------------------------------------------------------------------------------------------
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def get(self, job_id: str) -> Job | None:
+        tracked = self._tracked.get(job_id)
+        return tracked.job if tracked else None
+
+    def active_jobs(self, *, guild_id: int | None = None, user_id: int | None = None) -> list[Job]:
+        jobs = [t.job for t in self._tracked.values() if t.job.is_active]
+        if guild_id is not None:
+            jobs = [j for j in jobs if j.guild_id == guild_id]
+        if user_id is not None:
+            jobs = [j for j in jobs if j.user_id == user_id]
+        return sorted(jobs, key=lambda j: j.created_at)
+
+    def active_count(self, guild_id: int, user_id: int) -> int:
+        return self._active_per_user[(guild_id, user_id)]
+
+    def queue_depth(self) -> int:
+        return sum(1 for t in self._tracked.values() if t.job.state is JobState.QUEUED)
+
+    def running_count(self) -> int:
+        return sum(1 for t in self._tracked.values() if t.job.state is JobState.RUNNING)
+
+    @property
+    def backend_in_flight(self) -> int:
+        """Slots held at the backend gate right now."""
+        return self._scheduler.running
+
+    def guild_in_flight(self, guild_id: int) -> int:
+        return self._scheduler.running_in(guild_id)
+
+    def task_count(self) -> int:
+        """Tasks this manager owns that are not finished (jobs and flights)."""
+        jobs = sum(1 for t in self._tracked.values() if t.task is not None and not t.task.done())
+        return jobs + sum(1 for t in self._flight_tasks if not t.done())
+
+    # -- admission --------------------------------------------------------------------------------------------
+    def normalise(self, request: ImageRequest) -> ImageRequest:
+        """Fill in what the user left to defaults, so the cache key and the job record say what ran."""
+        changes: dict[str, object] = {}
+        if request.model is None and self.default_model:
+            changes["model"] = self.default_model
+        return request.replace(**changes) if changes else request
+
+    def check_admission(self, request: ImageRequest, guild_id: int, user_id: int) -> ImageRequest:
+        """The one admission path: in-memory checks only, so callers can answer Discord within its deadline.
+
+        Returns the normalised request or raises :class:`RequestRejected` with a reason to show the user.
+        """
+        if not self._accepting:
+            raise ShuttingDown()
+        request = self.normalise(request)
+        caps = self.backend.capabilities
+        validate_request(request, models=self.models, sizes=caps.sizes, max_count=caps.max_count)
+        if request.negative_prompt and not caps.negative_prompt:
+            raise RequestRejected(f"The {self.backend.name} backend does not take a negative prompt.")
+        limit = self.user_limit(guild_id)
+        if self._active_per_user[(guild_id, user_id)] >= limit:
+            raise RequestRejected(
+                f"You already have {limit} image job{'s' if limit != 1 else ''} queued or running here; "
+                "wait for one to finish or cancel one.",
+                code="user_limit",
+            )
+        for check in self.admission_checks:
+            check(request, guild_id, user_id)
+        return request
+
+    async def submit(
+        self,
+        request: ImageRequest,
+        *,
+        guild_id: int,
+        user_id: int,
+        channel_id: int | None = None,
+        message_ref: dict[str, object] | None = None,
+        job_id: str | None = None,
+    ) -> Job:
+        """Admit, persist and start a job. Raises :class:`RequestRejected` before any job exists."""
+        request = self.check_admission(request, guild_id, user_id)
+        job = Job(
+            id=job_id or new_job_id(),
+            request=request,
+            guild_id=guild_id,
+            user_id=user_id,
+            channel_id=channel_id,
+            backend=self.backend.name,
+            message_ref=message_ref,
+            created_at=self.clock(),
+        )
+        tracked = _Tracked(job)
+        self._tracked[job.id] = tracked
+        self._active_per_user[(guild_id, user_id)] += 1
+        try:
+            await self._persist(job)
+        except BaseException:
+            self._forget(tracked)
+            raise
+        tracked.task = asyncio.create_task(self._run_job(tracked), name=f"job-{job.id}")
+        tracked.task.add_done_callback(self._job_task_done)
+        log.info("job queued", extra={"job": job.id, "guild": guild_id, "user": user_id})
+        self._emit(job, JobEvent.QUEUED)
+        return job
+
+    async def adopt(self, job: Job) -> Job:
+        """Resume a job found queued in the store by a new process (same id, same record)."""
+        if not self._accepting:
+            raise ShuttingDown()
+        job.state = JobState.QUEUED
+        tracked = _Tracked(job)
+        self._tracked[job.id] = tracked
+        self._active_per_user[(job.guild_id, job.user_id)] += 1
+        await self._persist(job)
+        tracked.task = asyncio.create_task(self._run_job(tracked), name=f"job-{job.id}")
+        tracked.task.add_done_callback(self._job_task_done)
+        self._emit(job, JobEvent.QUEUED)
+        return job
+
+    def set_message_ref(self, job_id: str, message_ref: dict[str, object]) -> None:
+        """Attach the Discord message reference once known (persisted with the next state change)."""
+        tracked = self._tracked.get(job_id)
+        if tracked is not None:
+            tracked.job.message_ref = message_ref
+
+    # -- cancellation -----------------------------------------------------------------------------------------
+    async def cancel(self, job_id: str, *, reason: str = "cancelled", by: str | None = None) -> bool:
+        """Cancel a queued or running job and wait until it is recorded as cancelled (its slot freed).
+
+        Returns False when the job is unknown here or already finished.
+        """
+        tracked = self._tracked.get(job_id)
+        if tracked is None or tracked.job.state.is_terminal or tracked.task is None:
+            return False
+        if tracked.cancel_reason is None:
+            tracked.cancel_reason = reason
+            tracked.job.cancelled_by = by
+            tracked.task.cancel()
+        await tracked.done.wait()
+        return tracked.job.state is JobState.CANCELLED
+
+    async def wait(self, job_id: str) -> Job | None:
+        """Wait until a job has finished (delivery included); None when it is not tracked here."""
+        tracked = self._tracked.get(job_id)
+        if tracked is None:
+            return None
+        if tracked.task is not None:
+            await asyncio.wait({tracked.task})
+        return tracked.job
+
+    # -- shutdown ---------------------------------------------------------------------------------------------
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, let work finish for ``grace`` seconds, cancel the rest, and await every task."""
+        self._accepting = False
+        pending = self._pending_tasks()
+        log.info("draining jobs", extra={"jobs": len(pending), "grace_s": grace})
+        if pending and grace > 0:
+            await asyncio.wait(pending, timeout=grace)
+        leftovers = [t for t in self._tracked.values() if t.task is not None and not t.task.done()]
+        for tracked in leftovers:
+            if tracked.cancel_reason is None:
+                tracked.cancel_reason = "shutdown"
+                tracked.job.cancelled_by = None
+                assert tracked.task is not None
+                tracked.task.cancel()
+        pending = self._pending_tasks()
+        if pending:
+            log.info("cancelled unfinished jobs", extra={"jobs": len(leftovers)})
+            await asyncio.wait(pending, timeout=SHUTDOWN_REPORT_S)
+        # Anything still alive now is stuck in a delivery or a backend that ignores cancellation: cancel hard.
+        for task in self._pending_tasks():
+            task.cancel()
+        remaining = self._pending_tasks()
+        if remaining:
+            await asyncio.gather(*remaining, return_exceptions=True)
+        for task in list(self._flight_tasks):
+            task.cancel()
+        if self._flight_tasks:
+            await asyncio.gather(*self._flight_tasks, return_exceptions=True)
+        log.info("job manager stopped")
+
+    def _pending_tasks(self) -> set[asyncio.Task[object]]:
+        tasks: set[asyncio.Task[object]] = {
+            t.task for t in self._tracked.values() if t.task is not None and not t.task.done()
+        }
+        tasks.update(t for t in self._flight_tasks if not t.done())
+        return tasks
+
+    # -- the job task -----------------------------------------------------------------------------------------
+    async def _run_job(self, tracked: _Tracked) -> None:
+        job = tracked.job
+        try:
+            try:
+                result = await self._obtain(tracked)
+            except asyncio.CancelledError:
+                self._uncancel()
+                await self._leave_flight(tracked)
+                reason = tracked.cancel_reason or "cancelled"
+                await self._finish(
+                    tracked,
+                    JobState.CANCELLED,
+                    error_reason="shutdown" if reason == "shutdown" else "cancelled",
+                    error_message=_cancel_message(reason, job.cancelled_by),
+                )
+            except _QueueTimedOut:
+                await self._leave_flight(tracked)
+                await self._finish(
+                    tracked,
+                    JobState.TIMED_OUT,
+                    error_reason=FailureReason.TIMEOUT.value,
+                    error_message=f"Waited over {self.queue_timeout_s:.0f} s in the queue; try again later.",
+                )
+            except GenerationError as exc:
+                self._leave(tracked)
+                state = JobState.TIMED_OUT if exc.reason is FailureReason.TIMEOUT else JobState.FAILED
+                await self._finish(tracked, state, error_reason=exc.reason.value, error_message=exc.message)
+            except Exception:
+                log.exception("job failed unexpectedly", extra={"job": job.id})
+                await self._leave_flight(tracked)
+                await self._finish(
+                    tracked,
+                    JobState.FAILED,
+                    error_reason=FailureReason.INTERNAL.value,
+                    error_message="Something went wrong on our side; the error was logged.",
+                )
+            else:
+                job.result = result
+                job.from_cache = result.from_cache
+                job.seeds = [image.seed for image in result.images]
+                await self._finish(tracked, JobState.SUCCEEDED)
+            await self._deliver(job)
+        except asyncio.CancelledError:
+            # A second cancel (the shutdown's hard stop) while recording or delivering: give up quietly.
+            if not job.state.is_terminal:
+                job.state = JobState.CANCELLED
+                self._release_user(job)
+            raise
+        finally:
+            tracked.done.set()
+
+    async def _obtain(self, tracked: _Tracked) -> GenerationResult:
+        job = tracked.job
+        request = job.request
+        key = self._key(request)
+        job.cache_key = key
+        if self.cache is not None and not request.fresh:
+            cached = await self.cache.get(key)
+            if cached is not None:
+                job.image_refs = await asyncio.to_thread(_content_refs, cached)
+                log.info("job served from cache", extra={"job": job.id})
+                return cached
+        flight = self._join_flight(tracked, key)
+        remaining = self.queue_timeout_s - (self.clock() - job.created_at)
+        try:
+            async with asyncio.timeout(max(0.0, remaining)):
+                await flight.started.wait()
+        except TimeoutError:
+            raise _QueueTimedOut from None
+        await self._transition(job, JobState.RUNNING, started_at=self.clock())
+        if flight.progress is not None:
+            job.progress = flight.progress
+        assert flight.task is not None
+        result = await asyncio.shield(flight.task)
+        self._leave(tracked)
+        if self.cache is not None:
+            job.image_refs = await self.cache.put(key, result)
+        else:
+            job.image_refs = await asyncio.to_thread(_content_refs, result)
+        return result
+
+    def _key(self, request: ImageRequest) -> str:
+        from bot.engine.cache import cache_key
+
+        return cache_key(request, backend=self.backend.name, model=request.model)
+
+    # -- flights ----------------------------------------------------------------------------------------------
+    def _join_flight(self, tracked: _Tracked, key: str) -> _Flight:
+        job = tracked.job
+        flight = None if job.request.fresh else self._flights.get(key)
+        if flight is None:
+            flight = _Flight(
+                key=key if not job.request.fresh else f"{key}:{job.id}",
+                request=job.request,
+                ticket=self._scheduler.new_ticket(job.guild_id, job.user_id),
+            )
+            self._flights[flight.key] = flight
+            flight.task = asyncio.create_task(self._run_flight(flight), name=f"flight-{job.id}")
+            self._flight_tasks.add(flight.task)
+            flight.task.add_done_callback(self._flight_task_done)
+        else:
+            log.info("job shares a generation in flight", extra={"job": job.id})
+        flight.jobs.add(job.id)
+        tracked.flight = flight
+        return flight
+
+    def _leave(self, tracked: _Tracked) -> _Flight | None:
+        flight, tracked.flight = tracked.flight, None
+        if flight is None:
+            return None
+        flight.jobs.discard(tracked.job.id)
+        return flight
+
+    async def _leave_flight(self, tracked: _Tracked) -> None:
+        """Detach from the flight; the last waiter to leave stops the generation and waits for it to wind down."""
+        flight = self._leave(tracked)
+        if flight is None or flight.jobs or flight.task is None or flight.task.done():
+            return
+        flight.task.cancel()
+        with contextlib.suppress(BaseException):
+            async with asyncio.timeout(CANCEL_SETTLE_S):
+                await asyncio.wait({flight.task})
+
+    async def _run_flight(self, flight: _Flight) -> GenerationResult:
+        try:
+            await self._scheduler.acquire(flight.ticket)
+            try:
+                flight.started.set()
+                started = time.monotonic()
+                try:
+                    async with asyncio.timeout(self.job_timeout_s):
+                        images = await self.backend.generate(
+                            flight.request, lambda p: self._on_progress(flight, p)
+                        )
+                except TimeoutError:
+                    raise GenerationError(
+                        FailureReason.TIMEOUT,
+                        f"The image took longer than {self.job_timeout_s:.0f} s and was stopped.",
+                    ) from None
+                return GenerationResult(
+                    images=tuple(images),
+                    backend=self.backend.name,
+                    model=flight.request.model,
+                    elapsed_s=time.monotonic() - started,
+                )
+            finally:
+                self._scheduler.release(flight.ticket)
+        finally:
+            if self._flights.get(flight.key) is flight:
+                del self._flights[flight.key]
+
+    def _on_progress(self, flight: _Flight, progress: Progress) -> None:
+        flight.progress = progress
+        for job_id in list(flight.jobs):
+            tracked = self._tracked.get(job_id)
+            if tracked is not None and tracked.job.state is JobState.RUNNING:
+                tracked.job.progress = progress
+                self._emit(tracked.job, JobEvent.PROGRESS)
+
+    def _announce_positions(self, guild_id: int) -> None:
+        for tracked in self._tracked.values():
+            job = tracked.job
+            if job.guild_id != guild_id or job.state is not JobState.QUEUED or tracked.flight is None:
+                continue
+            position = self._scheduler.position(tracked.flight.ticket)
+            if position != job.queue_position:
+                job.queue_position = position
+                if position is not None:
+                    self._emit(job, JobEvent.QUEUED)
+
+    # -- state changes --------------------------------------------------------------------------------------
+    async def _persist(self, job: Job) -> None:
+        if self.store is not None:
+            await self.store.save_job(job)
+
+    async def _transition(self, job: Job, state: JobState, *, started_at: float | None = None) -> None:
+        job.state = state
+        if started_at is not None:
+            job.started_at = started_at
+            job.queue_position = None
+        await self._persist(job)
+        log.info("job started", extra={"job": job.id})
+        self._emit(job, JobEvent.STARTED)
+
+    async def _finish(
+        self,
+        tracked: _Tracked,
+        state: JobState,
+        *,
+        error_reason: str | None = None,
+        error_message: str | None = None,
+    ) -> None:
+        job = tracked.job
+        job.state = state
+        job.finished_at = self.clock()
+        job.queue_position = None
+        job.error_reason = error_reason
+        job.error_message = error_message
+        self._release_user(job)
+        self.completed[state] += 1
+        try:
+            await self._persist(job)
+        except Exception:
+            log.exception("could not record the end of a job", extra={"job": job.id})
+        log.info(
+            "job finished",
+            extra={"job": job.id, "state": state.value, **({"reason": error_reason} if error_reason else {})},
+        )
+        tracked.done.set()
+        self._emit(job, JobEvent.FINISHED)
+
+    async def _deliver(self, job: Job) -> None:
+        if self.deliver is None:
+            return
+        try:
+            async with asyncio.timeout(DELIVERY_TIMEOUT_S):
+                await self.deliver(job)
+        except TimeoutError:
+            log.error("delivery timed out", extra={"job": job.id})
+        except Exception:
+            log.exception("delivery failed", extra={"job": job.id})
+
+    def _release_user(self, job: Job) -> None:
+        key = (job.guild_id, job.user_id)
+        if self._active_per_user[key] > 0:
+            self._active_per_user[key] -= 1
+        if self._active_per_user[key] == 0:
+            del self._active_per_user[key]
+
+    def _forget(self, tracked: _Tracked) -> None:
+        self._tracked.pop(tracked.job.id, None)
+        self._release_user(tracked.job)
+
+    @staticmethod
+    def _uncancel() -> None:
+        """A handled cancel must not leave the task marked as cancelling (it would break later timeouts)."""
+        task = asyncio.current_task()
+        if task is not None:
+            while task.cancelling():
+                task.uncancel()
+
+    def _job_task_done(self, task: asyncio.Task[None]) -> None:
+        job_id = task.get_name().removeprefix("job-")
+        tracked = self._tracked.get(job_id)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job task crashed", exc_info=task.exception(), extra={"job": job_id})
+        if tracked is not None and tracked.task is task:
+            # Finished jobs leave memory; their record lives on in the store.
+            del self._tracked[job_id]
+
+    def _flight_task_done(self, task: asyncio.Task[GenerationResult]) -> None:
+        self._flight_tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()  # retrieved here so an unawaited failure is never "never retrieved"
+        if exc is not None and not isinstance(exc, GenerationError):
+            log.error("generation crashed", exc_info=exc, extra={"flight": task.get_name()})
+
+
+class _QueueTimedOut(Exception):
+    """The job waited longer than QUEUE_TIMEOUT_S for a slot."""
+
+
+def _cancel_message(reason: str, by: str | None) -> str:
+    if reason == "shutdown":
+        return "Stopped by a restart."
+    return f"Cancelled by {by}." if by else "Cancelled."
+
+
+def _content_refs(result: GenerationResult) -> list[str]:
+    return [hashlib.sha256(image.data).hexdigest() for image in result.images]
+
+
+def random_seed() -> int:
+    return random.randint(0, 2**32 - 1)

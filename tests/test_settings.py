@@ -1,0 +1,171 @@
+"""Settings: defaults, validation with one clear line, the token kept secret."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.settings import Settings, SettingsError, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_NAMES = [
+    "DISCORD_TOKEN",
+    "DISCORD_API_BASE",
+    "DISCORD_GATEWAY_URL",
+    "DEV_GUILD_ID",
+    "IMAGE_BACKEND",
+    "IMAGE_BACKEND_URL",
+    "IMAGE_BACKEND_API_KEY",
+    "IMAGE_MODEL",
+    "IMAGE_MODELS",
+    "BACKEND_CONCURRENCY",
+    "GUILD_CONCURRENCY",
+    "GUILD_CONCURRENCY_MAX",
+    "USER_MAX_JOBS",
+    "QUEUE_TIMEOUT_S",
+    "JOB_TIMEOUT_S",
+    "SHUTDOWN_GRACE_S",
+    "DATA_DIR",
+    "CACHE_TTL_S",
+    "CACHE_MAX_MB",
+    "HTTP_PORT",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ALL_NAMES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults() -> None:
+    settings = load_settings(env_file=None)
+    assert settings.image_backend == "horde"
+    assert settings.backend_concurrency == 4
+    assert settings.guild_concurrency == 2
+    assert settings.user_max_jobs == 3
+    assert settings.queue_timeout_s == 600
+    assert settings.job_timeout_s == 300
+    assert settings.shutdown_grace_s == 20
+    assert settings.data_dir == Path("./data")
+    assert settings.http_port == 8080
+    assert settings.discord_token is None
+
+
+def test_a1111_defaults_to_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGE_BACKEND", "A1111")
+    monkeypatch.setenv("IMAGE_BACKEND_URL", "http://127.0.0.1:7860/")
+    settings = load_settings(env_file=None)
+    assert settings.backend_concurrency == 1
+    assert settings.image_backend_url == "http://127.0.0.1:7860"
+
+
+def test_models_list_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGE_MODELS", "flux, sdxl ,")
+    settings = load_settings(env_file=None)
+    assert settings.image_models == ["flux", "sdxl"]
+    assert settings.image_model == "flux"
+    monkeypatch.setenv("IMAGE_MODEL", "dreamshaper")
+    assert load_settings(env_file=None).image_models == ["dreamshaper", "flux", "sdxl"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("IMAGE_BACKEND", "midjourney", "IMAGE_BACKEND: must be one of 'horde', 'openai' or 'a1111'"),
+        ("GUILD_CONCURRENCY", "zero", "GUILD_CONCURRENCY: "),
+        ("USER_MAX_JOBS", "0", "USER_MAX_JOBS: "),
+        ("QUEUE_TIMEOUT_S", "900", "QUEUE_TIMEOUT_S: "),
+        ("HTTP_PORT", "70000", "HTTP_PORT: "),
+        ("LOG_FORMAT", "xml", "LOG_FORMAT: must be one of"),
+        ("DISCORD_API_BASE", "discord.com", "DISCORD_API_BASE: must be an http"),
+    ],
+)
+def test_bad_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as error:
+        load_settings(env_file=None)
+    assert expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_guild_concurrency_over_ceiling_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GUILD_CONCURRENCY", "9")
+    monkeypatch.setenv("GUILD_CONCURRENCY_MAX", "4")
+    with pytest.raises(SettingsError, match="GUILD_CONCURRENCY_MAX"):
+        load_settings(env_file=None)
+
+
+def test_backends_that_need_a_url_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGE_BACKEND", "openai")
+    with pytest.raises(SettingsError, match="IMAGE_BACKEND_URL is required"):
+        load_settings(env_file=None)
+
+
+def test_token_never_in_repr_or_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    token = "MTIzNDU2Nzg5.secret-token-value"
+    monkeypatch.setenv("DISCORD_TOKEN", token)
+    monkeypatch.setenv("HTTP_PORT", "not-a-port")
+    with pytest.raises(SettingsError) as error:
+        load_settings(env_file=None)
+    assert token not in str(error.value)
+    monkeypatch.delenv("HTTP_PORT")
+    settings = load_settings(env_file=None)
+    assert token not in repr(settings)
+    assert token not in str(settings.model_dump())
+    assert settings.token() == token
+
+
+def test_missing_token_is_a_clear_error() -> None:
+    with pytest.raises(SettingsError, match="DISCORD_TOKEN"):
+        Settings().token()
+
+
+def test_env_file_is_read(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("GUILD_CONCURRENCY=3\nIMAGE_MODELS=a,b\n")
+    settings = load_settings(env_file=env)
+    assert settings.guild_concurrency == 3
+    assert settings.image_models == ["a", "b"]
+
+
+def test_env_example_documents_every_setting() -> None:
+    text = (ROOT / ".env.example").read_text()
+    for name in ALL_NAMES:
+        assert f"{name}=" in text, name
+
+
+def test_bad_setting_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ALL_NAMES}
+    env.update({"GUILD_CONCURRENCY": "lots", "DISCORD_TOKEN": "abcdef-secret-123456"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "bot", "imagine", "cat", "--out", str(tmp_path / "x.png")],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: GUILD_CONCURRENCY:")
+    assert "Traceback" not in proc.stderr
+    assert "abcdef-secret-123456" not in proc.stderr + proc.stdout
+
+
+def test_blank_values_in_env_file_mean_default(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text((ROOT / ".env.example").read_text())
+    settings = load_settings(env_file=env)
+    assert settings.backend_concurrency == 4
+    assert settings.discord_token is None
+    assert settings.dev_guild_id is None
