@@ -537,6 +537,9 @@ class _Body:
     uploads: list[_Upload] = field(default_factory=list)
 
 
+_BODY_KEY = web.RequestKey("fake_discord_body", _Body)
+
+
 @dataclass
 class _Injection:
     method: str
@@ -623,6 +626,7 @@ class FakeDiscord:
 
         self.sessions: dict[str, _Session] = {}
         self._sockets: set[web.WebSocketResponse] = set()
+        self._server_close_codes: dict[int, int] = {}
         self.gateway_available = True
         self.identify_count = 0
         self.resume_count = 0
@@ -901,8 +905,13 @@ class FakeDiscord:
     async def disconnect_gateway(self, code: int | None = None) -> None:
         """Close every gateway socket (default 4000, resumable) — for reconnect tests."""
         for ws in list(self._sockets):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(code=code or 4000, message=b"fake disconnect"), 2.0)
+            await self._close_ws(ws, code or 4000, b"fake disconnect")
+
+    async def _close_ws(self, ws: web.WebSocketResponse, code: int, message: bytes) -> None:
+        """Server-initiated close; the code we sent is what `close_codes` records for this socket."""
+        self._server_close_codes[id(ws)] = code
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(code=code, message=message), 2.0)
 
     def set_gateway_available(self, available: bool) -> None:
         """False: refuse new gateway upgrades with 503 (an outage); existing sockets are untouched."""
@@ -1248,7 +1257,7 @@ class FakeDiscord:
         self.requests.append(record)
         try:
             body = await self._read_body(request)
-            request["body"] = body
+            request[_BODY_KEY] = body
             record.json = body.json
             record.files = [
                 {
@@ -1387,7 +1396,7 @@ class FakeDiscord:
         scope = request.match_info.get("guild_id")
         if scope is not None and scope not in self.guilds:
             raise _ApiError(403, "Missing Access", 50001)
-        body = request["body"].json
+        body = request[_BODY_KEY].json
         if not isinstance(body, list):
             raise _form_error("_root", "LIST_TYPE_CONVERT", "Must be a list.")
         if len([c for c in body if c.get("type", 1) == 1]) > 100:
@@ -1615,7 +1624,7 @@ class FakeDiscord:
     async def _h_channel_post(self, request: web.Request) -> web.Response:
         channel = self._channel_or_404(request.match_info["channel_id"])
         guild = self.guilds[channel.guild_id]
-        body: _Body = request["body"]
+        body: _Body = request[_BODY_KEY]
         payload = body.json or {}
         perms = guild.bot_permissions
         if not perms & ADMINISTRATOR and (perms & (VIEW_CHANNEL | SEND_MESSAGES)) != (
@@ -1642,7 +1651,7 @@ class FakeDiscord:
             return web.Response(status=204)
         if msg.author["id"] != self.app_id:
             raise _ApiError(403, "Cannot edit a message authored by another user", 50005)
-        body: _Body = request["body"]
+        body: _Body = request[_BODY_KEY]
         payload = body.json or {}
         self._validate(
             payload, body.uploads, self.guilds[channel.guild_id].attachment_size_limit, creating=False
@@ -1671,7 +1680,7 @@ class FakeDiscord:
             self.ack_deadline_s is not None and self.clock() - inter.created_at > self.ack_deadline_s
         ):
             raise _ApiError(404, "Unknown interaction", 10062)
-        body: _Body = request["body"]
+        body: _Body = request[_BODY_KEY]
         cb = body.json or {}
         ctype = cb.get("type")
         data = cb.get("data") or {}
@@ -1734,7 +1743,7 @@ class FakeDiscord:
         inter = self._inter_by_webhook(request)
         if not inter.acknowledged:
             raise _ApiError(404, "Unknown Webhook", 10015)
-        body: _Body = request["body"]
+        body: _Body = request[_BODY_KEY]
         payload = body.json or {}
         self._validate(payload, body.uploads, inter.attachment_size_limit, creating=True)
         flags = int(payload.get("flags") or 0) & (EPHEMERAL | SUPPRESS_EMBEDS | IS_COMPONENTS_V2)
@@ -1760,7 +1769,7 @@ class FakeDiscord:
         if request.method == "DELETE":
             self._delete_message(msg)
             return web.Response(status=204)
-        body: _Body = request["body"]
+        body: _Body = request[_BODY_KEY]
         self._validate(body.json or {}, body.uploads, inter.attachment_size_limit, creating=False)
         self._edit_message(msg, body.json or {}, body.uploads)
         return _json_response(msg.payload(self.base_url))
@@ -1843,7 +1852,7 @@ class FakeDiscord:
                     frame = json.loads(msg.data)
                     op = frame["op"]
                 except (ValueError, KeyError, TypeError):
-                    await ws.close(code=4002, message=b"Error while decoding payload.")
+                    await self._close_ws(ws, 4002, b"Error while decoding payload.")
                     break
                 session = await self._on_gateway_op(ws, session, op, frame.get("d"))
                 self._notify()
@@ -1852,7 +1861,7 @@ class FakeDiscord:
             if session is not None and session.ws is ws:
                 session.ws = None
                 session.disconnected_at = time.monotonic()
-            self.close_codes.append(ws.close_code)
+            self.close_codes.append(self._server_close_codes.pop(id(ws), None) or ws.close_code)
             self._notify()
         return ws
 
@@ -1866,10 +1875,10 @@ class FakeDiscord:
             return session
         if op == 2:  # identify
             if session is not None:
-                await ws.close(code=4005, message=b"Already authenticated.")
+                await self._close_ws(ws, 4005, b"Already authenticated.")
                 return session
             if not isinstance(d, dict) or d.get("token") != self.token:
-                await ws.close(code=4004, message=b"Authentication failed.")
+                await self._close_ws(ws, 4004, b"Authentication failed.")
                 return None
             self.identify_count += 1
             session = _Session(session_id=secrets.token_hex(16), identify=d, ws=ws)
@@ -1900,10 +1909,10 @@ class FakeDiscord:
         if op == 6:  # resume
             old = self.sessions.get((d or {}).get("session_id", ""))
             if session is not None:
-                await ws.close(code=4005, message=b"Already authenticated.")
+                await self._close_ws(ws, 4005, b"Already authenticated.")
                 return session
             if (d or {}).get("token") != self.token:
-                await ws.close(code=4004, message=b"Authentication failed.")
+                await self._close_ws(ws, 4004, b"Authentication failed.")
                 return None
             if old is None or old.ws is not None:
                 await ws.send_str(json.dumps({"op": 9, "d": False}))
@@ -1919,9 +1928,9 @@ class FakeDiscord:
             return old
         if session is None:
             if op in (3, 4, 8):
-                await ws.close(code=4003, message=b"Not authenticated.")
+                await self._close_ws(ws, 4003, b"Not authenticated.")
                 return None
-            await ws.close(code=4001, message=b"Unknown opcode.")
+            await self._close_ws(ws, 4001, b"Unknown opcode.")
             return None
         if op == 3:
             self.presence_updates.append(d)
@@ -1944,7 +1953,7 @@ class FakeDiscord:
                 }
                 await self._send_dispatch(session, "GUILD_MEMBERS_CHUNK", chunk)
             return session
-        await ws.close(code=4001, message=b"Unknown opcode.")
+        await self._close_ws(ws, 4001, b"Unknown opcode.")
         return session
 
     # ------------------------------------------------------------------ control API (cross-process)
