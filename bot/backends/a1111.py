@@ -8,6 +8,7 @@ that id is the active one. Closing the HTTP connection does not stop A1111, henc
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import re
@@ -73,15 +74,18 @@ def map_error(reply: http.HttpReply, *, endpoint: str = "txt2img") -> Generation
     return GenerationError(FailureReason.UNAVAILABLE, f"Stable Diffusion WebUI failed (HTTP {status}){said}")
 
 
-def parse_basic_auth(value: str | None) -> aiohttp.BasicAuth | None:
+def basic_auth_headers(value: str | None) -> dict[str, str]:
+    """``user:password`` (A1111's ``--api-auth``) as an Authorization header; built by hand because
+    ``aiohttp.BasicAuth`` is deprecated in newer aiohttp releases.
+    """
     if not value:
-        return None
-    user, sep, password = value.partition(":")
+        return {}
+    user, sep, _password = value.partition(":")
     if not sep or not user:
         raise SettingsError(
             "IMAGE_BACKEND_API_KEY: for a1111 it must be user:password (as given to --api-auth)"
         )
-    return aiohttp.BasicAuth(user, password)
+    return {"Authorization": "Basic " + base64.b64encode(value.encode("utf-8")).decode("ascii")}
 
 
 def _seeds(info: Any, count: int) -> list[int | None]:
@@ -127,8 +131,8 @@ class A1111Backend(Backend):
     ) -> None:
         self._session = session
         self._root = http.normalise_base_url(base_url, "/sdapi/v1")
-        self._auth = parse_basic_auth(api_key)
-        self._secrets = (api_key, self._auth.password if self._auth else None)
+        self._headers = basic_auth_headers(api_key)
+        self._secrets = (api_key, api_key.partition(":")[2] if api_key else None)
         self._model = model or None
         self._steps = steps
         self._cfg_scale = cfg_scale
@@ -204,7 +208,7 @@ class A1111Backend(Backend):
             creates_work=creates_work,
             secrets=self._secrets,
             json=json_body,
-            auth=self._auth,
+            headers=self._headers,
         )
 
     async def generate(
@@ -302,7 +306,7 @@ class A1111Backend(Backend):
             reply = await self._session.post(
                 f"{self._root}/internal/progress",
                 json={"id_task": task_id, "id_live_preview": id_live_preview, "live_preview": live_preview},
-                auth=self._auth,
+                headers=self._headers,
                 timeout=self._poll_timeout,
                 raise_for_status=False,
             )

@@ -231,7 +231,6 @@ async def request(
     secrets: Iterable[str | None] = (),
     json: Any = None,
     headers: Mapping[str, str] | None = None,
-    auth: aiohttp.BasicAuth | None = None,
     params: Mapping[str, str] | None = None,
     max_bytes: int = MAX_BODY_BYTES,
 ) -> HttpReply:
@@ -241,7 +240,7 @@ async def request(
     must never be sent twice once it may have reached the server.
     """
     secrets = tuple(secrets)
-    kwargs: dict[str, Any] = {"timeout": client_timeout, "headers": headers, "auth": auth, "params": params}
+    kwargs: dict[str, Any] = {"timeout": client_timeout, "headers": headers, "params": params}
     if json is not None:
         kwargs["json"] = json
     waited = 0.0
