@@ -66,6 +66,7 @@ class ProbeBot(commands.Bot):
         self.errors: list[BaseException] = []
         self.done = asyncio.Event()
         self.clicked: list[str] = []
+        self.cancels: list[tuple[str, discord.Member | None]] = []
 
     async def setup_hook(self) -> None:
         self.add_dynamic_items(CancelButton)
@@ -87,7 +88,17 @@ class ProbeBot(commands.Bot):
         ) -> list[app_commands.Choice]:
             return [app_commands.Choice(name=f"{current} cat", value=f"{current} cat")]
 
+        job = app_commands.Group(name="job", description="Manage jobs")
+
+        @job.command(name="cancel", description="Cancel a job")
+        async def cancel(
+            interaction: discord.Interaction, job_id: str, user: discord.Member | None = None
+        ) -> None:
+            self.cancels.append((job_id, user))
+            await interaction.response.send_message("ok", ephemeral=True)
+
         self.tree.add_command(imagine, guild=guild)
+        self.tree.add_command(job, guild=guild)
         await self.tree.sync(guild=guild)
 
 
@@ -149,7 +160,7 @@ async def test_login_ready_and_guild_sync(fake: FakeDiscord, bot: ProbeBot) -> N
     guild = bot.get_guild(int(fake.guild.id))  # type: ignore[attr-defined]
     assert guild is not None and {c.name for c in guild.text_channels} == {"general", "art"}
     assert guild.get_channel(int(fake.guild.channels[1].id)).is_nsfw()  # type: ignore[attr-defined,union-attr]
-    assert fake.sync_count == 1 and list(fake.commands[fake.guild.id]) == ["imagine"]  # type: ignore[attr-defined]
+    assert fake.sync_count == 1 and sorted(fake.commands[fake.guild.id]) == ["imagine", "job"]  # type: ignore[attr-defined]
     assert fake.identify_count == 1 and fake.ready_count == 1
     assert fake.sessions[next(iter(fake.sessions))].identify["intents"] == discord.Intents.default().value
     assert [r.path for r in fake.requests[:2]] == ["/users/@me", "/oauth2/applications/@me"]
@@ -347,7 +358,7 @@ async def test_standalone_cli_and_control_api(tmp_path: Path) -> None:
             async with aiohttp.ClientSession() as http:
                 state = await (await http.get(f"{base}/_fake/state")).json()
                 assert state["ready_count"] == 1 and state["gateway_sessions"] == 1
-                assert state["commands"] == {info["guild_id"]: ["imagine"]}
+                assert state["commands"] == {info["guild_id"]: ["imagine", "job"]}
                 body = {k: info[k] for k in ("guild_id", "channel_id", "user_id")}
                 resp = await http.post(
                     f"{base}/_fake/invoke", json=body | {"name": "imagine", "options": {"prompt": "p"}}
@@ -450,3 +461,39 @@ async def test_quirk_outage_at_first_connect_kills_start(fake: FakeDiscord) -> N
     finally:
         await client.close()
     assert fake.refused_connections == 1
+
+
+async def test_subcommand_with_resolved_member(fake: FakeDiscord, bot: ProbeBot) -> None:
+    g = fake.guild  # type: ignore[attr-defined]
+    bob = fake.add_member(g.id, username="bob", permissions=0)
+    inter = await fake.invoke_command(
+        g.id,
+        g.channels[0].id,
+        fake.user.id,
+        "job",
+        {"job_id": "abc", "user": bob.id},
+        subcommand="cancel",  # type: ignore[attr-defined]
+    )
+    await inter.wait_for_callback()
+    assert [(job, type(u), u and u.id, u and u.name) for job, u in bot.cancels] == [
+        ("abc", discord.Member, int(bob.id), "bob")
+    ]
+    assert inter.payload["data"]["options"][0]["type"] == 1
+    with pytest.raises(ValueError, match="subcommand"):
+        await fake.invoke_command(g.id, g.channels[0].id, fake.user.id, "job", {"job_id": "x"})  # type: ignore[attr-defined]
+
+
+async def test_rest_content_type_ratelimit_headers_and_auth(fake: FakeDiscord) -> None:
+    async with aiohttp.ClientSession() as http:
+        ok = await http.get(f"{fake.api_base}/users/@me", headers={"Authorization": f"Bot {TOKEN}"})
+        assert ok.headers["Content-Type"] == "application/json"  # no charset, or discord.py sees a str
+        assert {
+            "X-RateLimit-Limit",
+            "X-RateLimit-Remaining",
+            "X-RateLimit-Reset-After",
+            "X-RateLimit-Bucket",
+        } <= set(ok.headers)
+        bad = await http.get(f"{fake.api_base}/users/@me", headers={"Authorization": "Bot nope"})
+        assert (bad.status, await bad.json()) == (401, {"message": "401: Unauthorized", "code": 0})
+        missing = await http.post(f"{fake.api_base}/interactions/1/tok/callback", json={"type": 5})
+        assert (missing.status, (await missing.json())["code"]) == (404, 10062)

@@ -711,8 +711,8 @@ class FakeDiscord:
                 await asyncio.wait_for(event.wait(), min(remaining, 0.25))
 
     async def wait_for_ready(self, count: int | None = None, timeout: float = 10.0) -> None:
-        """Wait until READY has been sent `count` times (default: at least once more than zero)."""
-        target = count if count is not None else max(self.ready_count, 1)
+        """Wait until READY has been sent at least `count` times (default 1): the bot identified."""
+        target = 1 if count is None else count
         await self.wait_for_state(lambda: self.ready_count >= target, timeout, f"READY #{target}")
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -1701,7 +1701,9 @@ class FakeDiscord:
                 channel, {}, [], mtype=20 if inter.type == 2 else 19, flags=flags, inter=inter
             )
         elif ctype in (6, 7):
-            message = self.messages[inter.component_message_id or ""]
+            if inter.component_message_id not in self.messages:
+                raise _form_error("type", "INTERACTION_RESPONSE_TYPE_INVALID", "No message to update")
+            message = self.messages[inter.component_message_id]
             if ctype == 7:
                 self._validate(data, body.uploads, inter.attachment_size_limit, creating=False)
                 self._edit_message(message, data, body.uploads)
