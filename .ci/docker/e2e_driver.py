@@ -1,10 +1,12 @@
 """Host-side driver for the container end-to-end check in ``.ci/docker-check`` (stdlib only).
 
 Talks to the fake Discord's control endpoints (``tests/fakes/discord``):
-  ready FILE TIMEOUT            wait for the fake's first stdout line (one JSON object) and print it compactly
-  field JSON KEY...             print the first of KEY... present in the JSON object (for bash)
-  invoke BASE READY_JSON PROMPT POST BASE/_fake/invoke for an /imagine; print the interaction id
-  wait-image BASE ID TIMEOUT    poll BASE/_fake/interactions/ID until the original response has an image
+  ready FILE TIMEOUT             wait for the fake's first stdout line (one JSON object) and print it compactly
+  field JSON KEY...              print the first of KEY... present in the JSON object (for bash)
+  wait-command BASE NAME TIMEOUT poll BASE/_fake/state until the bot has synced the slash command NAME
+  invoke BASE READY_JSON PROMPT  POST BASE/_fake/invoke for an /imagine; print the interaction id
+  wait-image BASE ID TIMEOUT     poll BASE/_fake/interactions/ID until the original response carries an image,
+                                 fetch its bytes and check they are a PNG/JPEG/WebP/GIF
 Exit status 0 on success, 1 with one line on stderr otherwise.
 """
 
@@ -67,12 +69,30 @@ def field(obj: str, *keys: str) -> None:
     raise DriverError(f"none of {keys} in {obj[:300]}")
 
 
+def wait_command(base: str, name: str, timeout: str) -> None:
+    deadline = time.monotonic() + float(timeout)
+    state: Any = None
+    while time.monotonic() < deadline:
+        state = _http("GET", f"{base}/_fake/state")
+        commands = state.get("commands") if isinstance(state, dict) else None
+        # {"<scope: global or a guild id>": [names...]}
+        if isinstance(commands, dict) and any(name in names for names in commands.values()):
+            print(json.dumps(commands))
+            return
+        time.sleep(0.5)
+    commands = state.get("commands") if isinstance(state, dict) else state
+    raise DriverError(f"/{name} not synced after {timeout}s; commands: {json.dumps(commands)[:300]}")
+
+
 def invoke(base: str, ready_json: str, prompt: str) -> None:
     info = json.loads(ready_json)
-    body = {"command": "imagine", "options": {"prompt": prompt}}
-    for key in ("guild_id", "channel_id", "user_id"):
-        if key in info:
-            body[key] = info[key]
+    body = {
+        "guild_id": info["guild_id"],
+        "channel_id": info["channel_id"],
+        "user_id": info["user_id"],
+        "name": "imagine",
+        "options": {"prompt": prompt},
+    }
     reply = _http("POST", f"{base}/_fake/invoke", body)
     for key in ("id", "interaction_id"):
         if isinstance(reply, dict) and reply.get(key):
@@ -82,14 +102,23 @@ def invoke(base: str, ready_json: str, prompt: str) -> None:
 
 
 def _attachments(state: Any) -> list[dict[str, Any]]:
-    """Attachments of the original response, whatever the fake calls it."""
-    if not isinstance(state, dict):
-        return []
-    for key in ("original", "original_message", "response", "message"):
-        message = state.get(key)
-        if isinstance(message, dict) and message.get("attachments"):
-            return list(message["attachments"])
-    return list(state.get("attachments") or [])
+    """Attachments of the interaction's original response (the message /imagine edits)."""
+    original = state.get("original") if isinstance(state, dict) else None
+    return list(original.get("attachments") or []) if isinstance(original, dict) else []
+
+
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF", b"GIF8")
+
+
+def _check_image_bytes(base: str, message_id: str, index: int) -> None:
+    url = f"{base}/_fake/attachments/{message_id}/{index}"
+    try:
+        with _OPENER.open(url, timeout=10) as response:
+            head = response.read(16)
+    except (urllib.error.URLError, OSError) as exc:
+        raise DriverError(f"GET {url}: {exc}") from None
+    if not head.startswith(IMAGE_MAGIC):
+        raise DriverError(f"attachment {url} is not an image (starts {head!r})")
 
 
 def _is_image(attachment: dict[str, Any]) -> bool:
@@ -103,22 +132,30 @@ def wait_image(base: str, interaction_id: str, timeout: str) -> None:
     state: Any = None
     while time.monotonic() < deadline:
         state = _http("GET", f"{base}/_fake/interactions/{interaction_id}")
-        images = [a for a in _attachments(state) if _is_image(a)]
+        images = [(i, a) for i, a in enumerate(_attachments(state)) if _is_image(a)]
         if images:
-            print(json.dumps(images[0]))
+            index, attachment = images[0]
+            _check_image_bytes(base, state["original"]["id"], index)
+            print(json.dumps(attachment))
             return
         time.sleep(0.5)
     raise DriverError(f"no image attachment after {timeout}s; last state: {json.dumps(state)[:800]}")
 
 
 def main(argv: list[str]) -> int:
-    commands = {"ready": ready, "field": field, "invoke": invoke, "wait-image": wait_image}
+    commands = {
+        "ready": ready,
+        "field": field,
+        "wait-command": wait_command,
+        "invoke": invoke,
+        "wait-image": wait_image,
+    }
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 2
     try:
         commands[argv[0]](*argv[1:])
-    except (DriverError, TypeError, ValueError) as exc:
+    except (DriverError, KeyError, TypeError, ValueError) as exc:
         print(f"e2e_driver {argv[0]}: {exc}", file=sys.stderr)
         return 1
     return 0
