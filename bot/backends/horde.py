@@ -123,7 +123,11 @@ class HordeBackend(Backend):
         self._poll_interval_s = poll_interval_s
         # One bucket for check and status: about one call per poll interval on average, a small burst.
         self._limiter = limiter or http.RateLimiter(
-            1 / max(poll_interval_s, 0.001), burst=3, clock=clock, sleep=asyncio.sleep
+            1 / max(poll_interval_s, 0.001),
+            burst=3,
+            clock=clock,
+            # A fake clock only advances through the injected sleep; the real one needs the real sleep.
+            sleep=asyncio.sleep if clock is time.monotonic else sleep,
         )
         self._timeout = http.make_timeout(request_timeout_s)
         self._cancel_timeout_s = cancel_timeout_s

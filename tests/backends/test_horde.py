@@ -216,3 +216,15 @@ def test_defaults() -> None:
     assert max(max(size) for size in caps.sizes) <= 768
     assert backend.payload(REQ)["params"]["steps"] <= 30
     assert HordeBackend(None, steps=80).payload(REQ)["params"]["steps"] == 30  # type: ignore[arg-type]
+
+
+async def test_cancel_during_submit_still_deletes_the_request(session, sleeps) -> None:
+    async with FakeHorde(submit_delay=0.2, checks_until_done=10_000) as fake:
+        task = asyncio.create_task(make(session, fake.url, sleeps).generate(REQ))
+        await eventually(lambda: len(fake.state.submitted_ids) == 1)  # created, reply not yet sent
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert fake.state.deletes == 1
+        assert fake.state.deleted_ids == fake.state.submitted_ids
+        assert fake.state.checks == 0

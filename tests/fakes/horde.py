@@ -11,6 +11,7 @@ Standalone: ``python -m tests.fakes.horde --port 7001 [--delay 2]`` (``--delay``
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import uuid
@@ -59,6 +60,7 @@ class HordeState:
     return_garbage: bool = False
     require_key: str | None = None  # if set, only this apikey is accepted
     anonymous_max_pixels: int = 768 * 768
+    submit_delay: float = 0.0  # seconds /generate/async takes (after the request exists)
     fail_next: list[Any] = field(default_factory=list)  # for /generate/async
     fail_next_check: list[Any] = field(default_factory=list)
     fail_next_status: list[Any] = field(default_factory=list)
@@ -81,6 +83,7 @@ class FakeHorde(FakeServer):
             "return_garbage",
             "require_key",
             "anonymous_max_pixels",
+            "submit_delay",
             "fail_next",
             "fail_next_check",
             "fail_next_status",
@@ -154,6 +157,8 @@ class FakeHorde(FakeServer):
         horde_id = str(uuid.uuid4())
         self.requests[horde_id] = HordeRequest(horde_id, payload, int(params.get("n", 1)), time.monotonic())
         self.state.submitted_ids.append(horde_id)
+        if self.state.submit_delay > 0:
+            await asyncio.sleep(self.state.submit_delay)
         return web.json_response({"id": horde_id, "kudos": 10.0}, status=202)
 
     def _find(self, request: web.Request) -> HordeRequest | None:
