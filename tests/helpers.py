@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bot.backends.base import Backend, Capabilities, ProgressCallback
@@ -35,7 +36,7 @@ class ControlledBackend(Backend):
         self,
         *,
         auto_release: bool = False,
-        delay: float = 0.0,
+        delay: float | Callable[[], float] = 0.0,
         fail_with: Exception | None = None,
         sizes: tuple[tuple[int, int], ...] = ((512, 512), (768, 768)),
     ) -> None:
@@ -67,8 +68,9 @@ class ControlledBackend(Backend):
             self.call_started.notify_all()
         try:
             on_progress(Progress(fraction=0.5, eta_s=1.0))
-            if self.delay:
-                await asyncio.sleep(self.delay)
+            delay = self.delay() if callable(self.delay) else self.delay
+            if delay:
+                await asyncio.sleep(delay)
             if not self.auto_release:
                 await call.release.wait()
             if self.fail_with is not None:

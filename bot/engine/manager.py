@@ -233,6 +233,10 @@ class JobManager:
     def guild_in_flight(self, guild_id: int) -> int:
         return self._scheduler.running_in(guild_id)
 
+    def guild_waiting(self, guild_id: int) -> int:
+        """Generations of this guild waiting for a slot."""
+        return self._scheduler.waiting_in(guild_id)
+
     def task_count(self) -> int:
         """Tasks this manager owns that are not finished (jobs and flights)."""
         jobs = sum(1 for t in self._tracked.values() if t.task is not None and not t.task.done())
@@ -459,8 +463,9 @@ class JobManager:
         except TimeoutError:
             raise _QueueTimedOut from None
         await self._transition(job, JobState.RUNNING, started_at=self.clock())
-        if flight.progress is not None:
+        if flight.progress is not None:  # progress that came before this job noticed the start
             job.progress = flight.progress
+            self._emit(job, JobEvent.PROGRESS)
         assert flight.task is not None
         result = await asyncio.shield(flight.task)
         self._leave(tracked)

@@ -10,7 +10,7 @@ respected but reached: while work waits, ``min(sum of guild limits, backend_limi
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,13 +26,19 @@ class Ticket:
 
 
 class _GuildQueue:
-    """A guild's waiting tickets, kept per user so users take turns."""
+    """A guild's waiting tickets, kept per user so users take turns.
 
-    __slots__ = ("running", "users")
+    The user served longest ago goes next (users never served first, in arrival order), so a member who
+    queued five jobs does not make the next member wait behind all five.
+    """
+
+    __slots__ = ("_tick", "last_served", "running", "users")
 
     def __init__(self) -> None:
-        self.users: OrderedDict[int, deque[Ticket]] = OrderedDict()
+        self.users: dict[int, deque[Ticket]] = {}
+        self.last_served: dict[int, int] = {}
         self.running = 0
+        self._tick = 0
 
     def __len__(self) -> int:
         return sum(len(q) for q in self.users.values())
@@ -40,13 +46,17 @@ class _GuildQueue:
     def push(self, ticket: Ticket) -> None:
         self.users.setdefault(ticket.user_id, deque()).append(ticket)
 
+    def _next_user(self, users: dict[int, deque[Ticket]], last_served: dict[int, int]) -> int:
+        return min(users, key=lambda user_id: last_served.get(user_id, -1))
+
     def pop_next(self) -> Ticket:
-        user_id, tickets = next(iter(self.users.items()))
+        user_id = self._next_user(self.users, self.last_served)
+        tickets = self.users[user_id]
         ticket = tickets.popleft()
-        if tickets:
-            self.users.move_to_end(user_id)  # this user's next job waits for everyone else's turn
-        else:
+        if not tickets:
             del self.users[user_id]
+        self._tick += 1
+        self.last_served[user_id] = self._tick
         return ticket
 
     def remove(self, ticket: Ticket) -> bool:
@@ -59,16 +69,19 @@ class _GuildQueue:
         return True
 
     def order(self) -> list[Ticket]:
-        """The order tickets would start in if nothing else arrived (round-robin over users)."""
-        queues = [list(q) for q in self.users.values()]
+        """The order tickets would start in if nothing else arrived."""
+        users = {user_id: deque(tickets) for user_id, tickets in self.users.items()}
+        last_served = dict(self.last_served)
+        tick = self._tick
         result: list[Ticket] = []
-        depth = 0
-        while True:
-            row = [q[depth] for q in queues if depth < len(q)]
-            if not row:
-                return result
-            result.extend(row)
-            depth += 1
+        while users:
+            user_id = self._next_user(users, last_served)
+            result.append(users[user_id].popleft())
+            if not users[user_id]:
+                del users[user_id]
+            tick += 1
+            last_served[user_id] = tick
+        return result
 
 
 class FairScheduler:
@@ -76,7 +89,9 @@ class FairScheduler:
         self.backend_limit = backend_limit
         self._guild_limit = guild_limit
         self._guilds: dict[int, _GuildQueue] = {}
-        self._rotation: deque[int] = deque()  # guilds with waiting tickets, next-to-serve first
+        self._rotation: list[int] = []  # guilds with waiting tickets, in arrival order
+        self._last_served: dict[int, int] = {}
+        self._tick = 0
         self.running = 0
         #: Called with the guild id whenever that guild's queue order changes (for position updates).
         self.on_queue_change: Callable[[int], None] | None = None
@@ -148,18 +163,25 @@ class FairScheduler:
     # -- internals --------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
         changed: set[int] = set()
-        while self.running < self.backend_limit and self._rotation:
-            for _ in range(len(self._rotation)):
-                guild_id = self._rotation[0]
-                self._rotation.rotate(-1)
-                queue = self._guilds[guild_id]
-                if len(queue) and queue.running < max(1, self._guild_limit(guild_id)):
-                    break
-            else:
+        while self.running < self.backend_limit:
+            # The guild served longest ago goes next (never-served guilds first): true round-robin, even for
+            # guilds that join while another guild's backlog is being worked through.
+            eligible = [
+                guild_id
+                for guild_id in self._rotation
+                if self._guilds[guild_id].running < max(1, self._guild_limit(guild_id))
+            ]
+            if not eligible:
                 break  # every guild with waiting work is at its own limit
+            guild_id = min(eligible, key=lambda g: self._last_served.get(g, -1))
+            queue = self._guilds[guild_id]
             ticket = queue.pop_next()
             if not queue.users:
                 self._rotation.remove(guild_id)
+            if ticket.granted.done():
+                continue  # its waiter was cancelled a moment ago and has not cleaned up yet
+            self._tick += 1
+            self._last_served[guild_id] = self._tick
             ticket.holding = True
             queue.running += 1
             self.running += 1
@@ -174,6 +196,9 @@ class FairScheduler:
             del self._guilds[guild_id]
             if guild_id in self._rotation:
                 self._rotation.remove(guild_id)
+            # Keep the guild's last-served mark only while it is informative (bounded memory).
+            if len(self._last_served) > 10_000:
+                self._last_served.pop(guild_id, None)
 
     def _notify(self, guild_id: int) -> None:
         if self.on_queue_change is not None:
