@@ -1,0 +1,78 @@
+"""Running the bot: open dependencies, connect, and on SIGTERM/SIGINT drain before logging out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import discord
+
+from bot.client import ImagineBot, point_discord_at
+from bot.runtime import open_engine
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def install_signal_handlers(bot: ImagineBot) -> list[signal.Signals]:
+    """SIGTERM (docker stop) and SIGINT start ``bot.close()``, which drains before logging out."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    closing: set[asyncio.Task[None]] = set()
+
+    def on_signal(signum: signal.Signals) -> None:
+        log.info("signal received; shutting down", extra={"signal": signum.name})
+        if closing:
+            return
+        task = loop.create_task(bot.close(), name="close-on-signal")
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, on_signal, signum)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
+            pass
+    return installed
+
+
+async def run_bot(settings: Settings) -> int:
+    token = settings.token()
+    point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
+    async with open_engine(settings) as engine:
+        bot = ImagineBot(engine)
+        install_signal_handlers(bot)
+        try:
+            async with bot:
+                await bot.start(token)
+        except discord.LoginFailure:
+            log.error("Discord refused the token (401): check DISCORD_TOKEN")
+            return 1
+        except discord.PrivilegedIntentsRequired:
+            log.error("Discord refused the requested intents")
+            return 1
+    log.info("stopped cleanly")
+    return 0
+
+
+async def run_sync(settings: Settings, *, clear: bool) -> int:
+    """``python -m bot sync [--clear]``: log in over REST only, sync, and leave."""
+    token = settings.token()
+    point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
+    async with open_engine(settings) as engine:
+        bot = ImagineBot(engine, sync_commands=False)
+        bot.web = None  # a one-off sync serves no /healthz and must not take HTTP_PORT from a running bot
+        async with bot:
+            try:
+                await bot.login(token)
+            except discord.LoginFailure:
+                log.error("Discord refused the token (401): check DISCORD_TOKEN")
+                return 1
+            await bot.sync_now(clear=clear)
+            if not clear:
+                assert bot.application_id is not None
+                await engine.store.set_meta(f"commands:{bot.application_id}", bot.command_signature())
+    print("commands cleared" if clear else "commands synced")
+    return 0

@@ -1,0 +1,164 @@
+"""The Discord client: receives its settings and engine from ``main()``, starts in ``setup_hook``, drains in
+``close()`` before discord.py closes the gateway and the HTTP session."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+
+import discord
+import yarl
+from discord import app_commands
+from discord.ext import commands
+
+from bot.delivery import JobMessenger
+from bot.metrics import Metrics
+from bot.runtime import Engine
+from bot.web import Health, WebServer
+
+log = logging.getLogger(__name__)
+
+# The bot never joins voice: don't warn about missing voice libraries on every start.
+discord.VoiceClient.warn_nacl = False
+discord.VoiceClient.warn_dave = False
+
+EXTENSIONS = ("bot.cogs.imagine",)
+
+
+def point_discord_at(api_base: str | None, gateway_url: str | None) -> None:
+    """Send REST and the gateway somewhere else (a rate-limit proxy, or a local fake Discord).
+
+    discord.py reads ``Route.BASE`` for every REST call (webhooks and interaction callbacks included) and
+    ``DiscordWebSocket.DEFAULT_GATEWAY`` for a plain (unsharded) client.
+    """
+    if api_base:
+        discord.http.Route.BASE = api_base.rstrip("/")
+    if gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+
+
+class ImagineBot(commands.Bot):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], float] = time.time,
+        sync_commands: bool = True,
+        progress_interval: float = 1.5,
+        **options: object,
+    ) -> None:
+        intents = discord.Intents.none()
+        intents.guilds = True
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            help_command=None,
+            allowed_mentions=discord.AllowedMentions.none(),
+            allowed_contexts=app_commands.AppCommandContext(
+                guild=True, dm_channel=False, private_channel=False
+            ),
+            allowed_installs=app_commands.AppInstallationType(guild=True, user=False),
+            **options,  # type: ignore[arg-type]
+        )
+        self.engine = engine
+        self.settings = engine.settings
+        self.clock = clock
+        self.sync_commands = sync_commands
+        self.messenger = JobMessenger(self, clock=clock, min_interval=progress_interval)
+        self.draining = False
+        self.ready_once = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
+        # Health + metrics + the /healthz and /metrics server (bot/web.py); the server starts last in setup_hook.
+        self.health = Health(engine.store)
+        self.metrics = Metrics(engine.manager, cache=engine.cache)
+        engine.manager.add_listener(self.metrics.on_job_event)
+        self.web: WebServer | None = WebServer(self.health, self.metrics, port=self.settings.http_port)
+
+    @property
+    def manager(self):
+        return self.engine.manager
+
+    async def setup_hook(self) -> None:
+        self.manager.deliver = self.messenger.deliver
+        self.manager.add_listener(self.messenger.on_job_event)
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
+        if self.sync_commands:
+            await self.sync_if_changed()
+        if self.web is not None:  # last: /healthz answers (503 until READY) once everything above is set up
+            await self.web.start()
+
+    async def on_ready(self) -> None:
+        self.ready_once.set()
+        self.health.mark_ready()  # /healthz: start-up is over, gateway up
+        log.info("connected", extra={"user": str(self.user), "guilds": len(self.guilds)})
+
+    # -- gateway state for /healthz (bot/web.py): a reconnect shorter than the grace period stays healthy --
+    async def on_connect(self) -> None:
+        self.health.gateway_up()
+
+    async def on_resumed(self) -> None:
+        self.health.gateway_up()
+
+    async def on_disconnect(self) -> None:
+        self.health.gateway_down()
+
+    # -- command sync -----------------------------------------------------------------------------------
+    def _sync_target(self) -> discord.Object | None:
+        guild_id = self.settings.dev_guild_id
+        return discord.Object(guild_id) if guild_id else None
+
+    def command_signature(self) -> str:
+        guild = self._sync_target()
+        payload = [command.to_dict(self.tree) for command in self.tree.get_commands()]
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(f"{guild.id if guild else 'global'}|{text}".encode()).hexdigest()
+
+    async def sync_if_changed(self) -> bool:
+        """Sync only when the command set (or the application, or the target) changed since last time."""
+        assert self.application_id is not None
+        key = f"commands:{self.application_id}"
+        signature = self.command_signature()
+        if await self.engine.store.get_meta(key) == signature:
+            log.info("commands unchanged; not syncing")
+            return False
+        await self.sync_now()
+        await self.engine.store.set_meta(key, signature)
+        return True
+
+    async def sync_now(self, *, clear: bool = False) -> None:
+        guild = self._sync_target()
+        if guild is not None:
+            self.tree.clear_commands(guild=guild)
+            if not clear:
+                self.tree.copy_global_to(guild=guild)
+            synced = await self.tree.sync(guild=guild)
+        else:
+            if clear:
+                self.tree.clear_commands(guild=None)
+            synced = await self.tree.sync()
+        log.info("commands synced", extra={"count": len(synced), "guild": guild.id if guild else "global"})
+
+    # -- shutdown -----------------------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Drain our own work first: refuse new jobs, let running ones finish and post, then log out."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain(), name="drain")
+        await asyncio.shield(self._drain_task)
+        await super().close()
+        if self.web is not None:  # /healthz said 503 ("draining") until here
+            await self.web.stop()
+
+    async def _drain(self) -> None:
+        self.health.mark_draining()  # first: /healthz turns 503 before anything else happens
+        self.draining = True
+        grace = self.settings.shutdown_grace_s
+        log.info("shutting down", extra={"grace_s": grace, "active_jobs": len(self.manager.active_jobs())})
+        try:
+            await self.manager.shutdown(grace)
+        finally:
+            await self.messenger.close()

@@ -1,0 +1,301 @@
+"""``/imagine`` and its buttons: a thin adapter from Discord interactions to the job manager.
+
+Every way to create a job (the command, Reroll, Variations) goes through :meth:`ImagineCog.start_job`, which
+runs the manager's in-memory admission check *before* acknowledging: a refusal is an ephemeral message, and
+only an admitted job is deferred (Discord fixes a reply's visibility at the defer).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.delivery import message_ref_for
+from bot.engine.errors import RequestRejected
+from bot.engine.manager import random_seed
+from bot.engine.models import MAX_NEGATIVE_CHARS, MAX_PROMPT_CHARS, MAX_SEED, ImageRequest, Job
+from bot.messages import CANCEL_ID, DELETE_ID, REROLL_ID, VARIATIONS_ID
+
+if TYPE_CHECKING:
+    from bot.client import ImagineBot
+
+log = logging.getLogger(__name__)
+
+JOB_ID = r"(?P<job_id>[0-9a-f]{12})"
+
+
+def _user_label(user: discord.abc.User) -> str:
+    return discord.utils.escape_markdown(user.display_name)
+
+
+def may_manage(interaction: discord.Interaction, job: Job) -> bool:
+    """The job's owner, or a member with Manage Server in the job's own guild."""
+    if interaction.user.id == job.user_id:
+        return True
+    return interaction.guild_id == job.guild_id and interaction.permissions.manage_guild
+
+
+class ImagineCog(commands.Cog, name="Imagine"):
+    def __init__(self, bot: ImagineBot) -> None:
+        self.bot = bot
+        self.manager = bot.manager
+        self.imagine_command = self._build_imagine_command()
+
+    async def cog_load(self) -> None:
+        self.bot.tree.add_command(self.imagine_command)
+        self.bot.add_dynamic_items(CancelButton, RerollButton, VariationsButton, DeleteButton)
+
+    async def cog_unload(self) -> None:
+        self.bot.tree.remove_command(self.imagine_command.name)
+        self.bot.remove_dynamic_items(CancelButton, RerollButton, VariationsButton, DeleteButton)
+
+    # -- /imagine -----------------------------------------------------------------------------------------
+    def _build_imagine_command(self) -> app_commands.Command:
+        """Built at run time: the size choices are the configured backend's."""
+        sizes = self.manager.backend.capabilities.sizes
+        size_choices = [app_commands.Choice(name=f"{w}x{h}", value=f"{w}x{h}") for w, h in sizes][:25]
+        cog = self
+
+        @app_commands.describe(
+            prompt="What to draw",
+            negative_prompt="What to keep out of the image",
+            size="Width x height in pixels",
+            count="How many images (1-4)",
+            seed="Fix the seed to repeat a result",
+            model="Which model to use",
+        )
+        @app_commands.choices(size=size_choices)
+        async def imagine(
+            interaction: discord.Interaction,
+            prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS],
+            negative_prompt: app_commands.Range[str, 0, MAX_NEGATIVE_CHARS] | None = None,
+            size: str | None = None,
+            count: app_commands.Range[int, 1, 4] = 1,
+            seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+            model: str | None = None,
+        ) -> None:
+            await cog.imagine(interaction, prompt, negative_prompt, size, count, seed, model)
+
+        command = app_commands.Command(
+            name="imagine",
+            description="Generate images from a prompt",
+            callback=imagine,
+            allowed_contexts=app_commands.AppCommandContext(
+                guild=True, dm_channel=False, private_channel=False
+            ),
+            allowed_installs=app_commands.AppInstallationType(guild=True, user=False),
+        )
+        command.guild_only = True
+        command.autocomplete("model")(self.model_autocomplete)
+        return command
+
+    async def model_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        needle = current.casefold()
+        return [
+            app_commands.Choice(name=m[:100], value=m[:100])
+            for m in self.manager.models
+            if needle in m.casefold()
+        ][:25]
+
+    async def imagine(
+        self,
+        interaction: discord.Interaction,
+        prompt: str,
+        negative_prompt: str | None,
+        size: str | None,
+        count: int,
+        seed: int | None,
+        model: str | None,
+    ) -> None:
+        width, height = self.manager.backend.capabilities.default_size
+        if size:
+            match = re.fullmatch(r"(\d+)x(\d+)", size)
+            if match is None:
+                await self.refuse(interaction, f"Size {size!r} is not WIDTHxHEIGHT.")
+                return
+            width, height = int(match[1]), int(match[2])
+        request = ImageRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt or "",
+            width=width,
+            height=height,
+            count=count,
+            seed=seed,
+            model=model or None,
+            nsfw_allowed=_channel_is_nsfw(interaction),
+        )
+        await self.start_job(interaction, request)
+
+    # -- the one admission path --------------------------------------------------------------------------
+    async def start_job(self, interaction: discord.Interaction, request: ImageRequest) -> Job | None:
+        guild_id, user_id = interaction.guild_id, interaction.user.id
+        if guild_id is None:
+            await self.refuse(interaction, "Use this in a server.")
+            return None
+        try:
+            request = self.manager.check_admission(request, guild_id, user_id)
+        except RequestRejected as refusal:
+            await self.refuse(interaction, refusal.message)
+            return None
+        await interaction.response.defer(thinking=True)
+        try:
+            job = await self.manager.submit(
+                request,
+                guild_id=guild_id,
+                user_id=user_id,
+                channel_id=interaction.channel_id,
+                message_ref=message_ref_for(interaction),
+            )
+        except RequestRejected as refusal:
+            # Lost a race between the check and the submit (rare): the reply is already public.
+            await interaction.edit_original_response(
+                content=refusal.message, allowed_mentions=discord.AllowedMentions.none()
+            )
+            return None
+        return job
+
+    @staticmethod
+    async def refuse(interaction: discord.Interaction, message: str) -> None:
+        if interaction.response.is_done():
+            await interaction.followup.send(
+                message, ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
+            )
+        else:
+            await interaction.response.send_message(
+                message, ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
+            )
+
+    # -- buttons ------------------------------------------------------------------------------------------
+    async def find_job(self, interaction: discord.Interaction, job_id: str) -> Job | None:
+        job = self.manager.get(job_id) or await self.bot.engine.store.get_job(job_id)
+        if job is None or job.guild_id != interaction.guild_id:
+            await self.refuse(interaction, "That job is not known any more.")
+            return None
+        return job
+
+    async def press_cancel(self, interaction: discord.Interaction, job_id: str) -> None:
+        job = await self.find_job(interaction, job_id)
+        if job is None:
+            return
+        if not may_manage(interaction, job):
+            await self.refuse(
+                interaction, "That job is not yours; only its owner or a server manager can cancel it."
+            )
+            return
+        if not job.is_active:
+            await self.refuse(interaction, "That job has already finished.")
+            return
+        await interaction.response.defer()
+        cancelled = await self.manager.cancel(job.id, reason="cancelled", by=_user_label(interaction.user))
+        if not cancelled:
+            await interaction.followup.send("That job had already finished.", ephemeral=True)
+
+    async def press_reroll(self, interaction: discord.Interaction, job_id: str, *, variations: bool) -> None:
+        job = await self.find_job(interaction, job_id)
+        if job is None:
+            return
+        original = job.request
+        if variations:
+            request = original.replace(seed=None, count=4, fresh=True)
+        else:
+            request = original.replace(seed=random_seed(), fresh=True)
+        # The channel decides NSFW, not the original job: a reroll in a safe channel stays safe.
+        request = request.replace(nsfw_allowed=_channel_is_nsfw(interaction))
+        await self.start_job(interaction, request)
+
+    async def press_delete(self, interaction: discord.Interaction, job_id: str) -> None:
+        job = await self.find_job(interaction, job_id)
+        if job is None:
+            return
+        if not may_manage(interaction, job):
+            await self.refuse(
+                interaction, "That image is not yours; only its owner or a server manager can delete it."
+            )
+            return
+        await interaction.response.defer()
+        await interaction.delete_original_response()
+
+
+def _channel_is_nsfw(interaction: discord.Interaction) -> bool:
+    channel = interaction.channel
+    is_nsfw = getattr(channel, "is_nsfw", None)
+    return bool(is_nsfw()) if callable(is_nsfw) else False
+
+
+def _cog(interaction: discord.Interaction) -> ImagineCog:
+    cog = interaction.client.get_cog("Imagine")  # type: ignore[union-attr]
+    assert isinstance(cog, ImagineCog)
+    return cog
+
+
+class CancelButton(discord.ui.DynamicItem[discord.ui.Button], template=re.escape(CANCEL_ID) + JOB_ID):
+    """Custom ids carry the job id, so buttons are matched again after a restart (no stored view needed)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(discord.ui.Button(custom_id=CANCEL_ID + job_id))
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item, match: re.Match[str], /
+    ):
+        return cls(match["job_id"])
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _cog(interaction).press_cancel(interaction, self.job_id)
+
+
+class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=re.escape(REROLL_ID) + JOB_ID):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(discord.ui.Button(custom_id=REROLL_ID + job_id))
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item, match: re.Match[str], /
+    ):
+        return cls(match["job_id"])
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _cog(interaction).press_reroll(interaction, self.job_id, variations=False)
+
+
+class VariationsButton(discord.ui.DynamicItem[discord.ui.Button], template=re.escape(VARIATIONS_ID) + JOB_ID):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(discord.ui.Button(custom_id=VARIATIONS_ID + job_id))
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item, match: re.Match[str], /
+    ):
+        return cls(match["job_id"])
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _cog(interaction).press_reroll(interaction, self.job_id, variations=True)
+
+
+class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=re.escape(DELETE_ID) + JOB_ID):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(discord.ui.Button(custom_id=DELETE_ID + job_id))
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item, match: re.Match[str], /
+    ):
+        return cls(match["job_id"])
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _cog(interaction).press_delete(interaction, self.job_id)
+
+
+async def setup(bot: ImagineBot) -> None:
+    await bot.add_cog(ImagineCog(bot))
