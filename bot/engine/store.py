@@ -284,13 +284,14 @@ class JobStore:
     async def _setup(self) -> None:
         db = self._require()
         await db.execute_fetchall(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-        await db.execute_fetchall("PRAGMA journal_mode = WAL")
-        await db.execute_fetchall("PRAGMA synchronous = NORMAL")
-        await db.execute_fetchall("PRAGMA foreign_keys = ON")
+        # Check before changing anything (journal mode), so a damaged file is moved aside as it was found.
         rows = list(await db.execute_fetchall("PRAGMA quick_check"))
         if not rows or rows[0][0] != "ok":
             detail = "; ".join(str(r[0]) for r in rows[:3]) or "no answer"
             raise sqlite3.DatabaseError(f"database disk image is malformed (quick_check: {detail})")
+        await db.execute_fetchall("PRAGMA journal_mode = WAL")
+        await db.execute_fetchall("PRAGMA synchronous = NORMAL")
+        await db.execute_fetchall("PRAGMA foreign_keys = ON")
         await self._migrate()
 
     async def _migrate(self) -> None:

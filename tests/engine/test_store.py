@@ -1,0 +1,398 @@
+"""The job store against real SQLite files in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from bot.engine import store as store_module
+from bot.engine.models import ImageRequest, Job, JobState
+from bot.engine.store import JobStore, StoreCorrupt, StoreError, StoreLocked
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+OpenStore = Callable[..., Awaitable[JobStore]]
+
+
+@pytest.fixture
+async def open_store(tmp_path: Path) -> AsyncIterator[OpenStore]:
+    """Factory that opens stores (default file in tmp_path) and closes every one it opened."""
+    opened: list[JobStore] = []
+
+    async def factory(path: Path | None = None, **kwargs: float) -> JobStore:
+        store = JobStore(path or tmp_path / "data" / "bot.sqlite3", **kwargs)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        await store.close()
+
+
+def make_job(job_id: str, **fields: object) -> Job:
+    values: dict[str, object] = {"request": ImageRequest("a red fox"), "guild_id": 1, "user_id": 10}
+    values.update(fields)
+    return Job(id=job_id, **values)  # type: ignore[arg-type]
+
+
+def full_job() -> Job:
+    """A job with every persisted field set to something other than its default."""
+    return Job(
+        id="job-full",
+        request=ImageRequest(
+            prompt="a lighthouse at dusk",
+            negative_prompt="blurry",
+            width=768,
+            height=512,
+            count=2,
+            seed=1234,
+            model="sdxl",
+            nsfw_allowed=True,
+            fresh=True,
+        ),
+        guild_id=2**62 + 7,  # snowflakes are large
+        channel_id=555,
+        user_id=2**60 + 3,
+        state=JobState.FAILED,
+        created_at=1000.25,
+        started_at=1001.5,
+        finished_at=1002.75,
+        backend="horde",
+        message_ref={"channel": 555, "message": 777, "token": "abc"},
+        cache_key="k" * 64,
+        image_refs=["a" * 64, "b" * 64],
+        seeds=[7, None],
+        from_cache=True,
+        error_reason="timeout",
+        error_message="The backend took too long.",
+        cancelled_by="user:42",
+    )
+
+
+PERSISTED = [
+    "id",
+    "request",
+    "guild_id",
+    "channel_id",
+    "user_id",
+    "state",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "backend",
+    "message_ref",
+    "cache_key",
+    "image_refs",
+    "seeds",
+    "from_cache",
+    "error_reason",
+    "error_message",
+    "cancelled_by",
+]
+
+
+async def test_round_trip_of_every_persisted_field(open_store: OpenStore) -> None:
+    store = await open_store()
+    job = full_job()
+    await store.save_job(job)
+    loaded = await store.get_job(job.id)
+    assert loaded is not None
+    for name in PERSISTED:
+        assert getattr(loaded, name) == getattr(job, name), name
+    assert loaded.state is JobState.FAILED
+    assert loaded.result is None and loaded.progress is None and loaded.queue_position is None
+
+
+async def test_save_job_updates_in_place(open_store: OpenStore) -> None:
+    store = await open_store()
+    job = make_job("j1")
+    await store.save_job(job)
+    job.state = JobState.SUCCEEDED
+    job.finished_at = 50.0
+    job.image_refs = ["c" * 64]
+    await store.save_job(job)
+    loaded = await store.get_job("j1")
+    assert loaded is not None
+    assert (loaded.state, loaded.finished_at, loaded.image_refs) == (JobState.SUCCEEDED, 50.0, ["c" * 64])
+    assert len(await store.list_jobs()) == 1
+    assert await store.get_job("missing") is None
+
+
+def run_python(code: str) -> str:
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+async def test_a_job_written_here_is_read_by_another_process(open_store: OpenStore, tmp_path: Path) -> None:
+    store = await open_store()
+    await store.save_job(full_job())
+    # No close(): save_job alone must have made it durable and visible.
+    out = run_python(
+        f"""
+        import asyncio
+        from pathlib import Path
+        from bot.engine.store import JobStore
+
+        async def main():
+            async with JobStore(Path({str(store.path)!r})) as store:
+                job = await store.get_job("job-full")
+                print(job.request.prompt, job.state.value, job.seeds, job.message_ref["message"])
+
+        asyncio.run(main())
+        """
+    )
+    assert out.strip() == "a lighthouse at dusk failed [7, None] 777"
+
+
+async def test_a_job_written_by_a_dead_process_is_found_unfinished(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    path = tmp_path / "data" / "bot.sqlite3"
+    run_python(
+        f"""
+        import asyncio, os
+        from pathlib import Path
+        from bot.engine.models import ImageRequest, Job, JobState
+        from bot.engine.store import JobStore
+
+        async def main():
+            store = JobStore(Path({str(path)!r}))
+            await store.open()
+            await store.save_job(Job(id="left", request=ImageRequest("cat"), guild_id=1, user_id=2,
+                                     state=JobState.RUNNING, created_at=5.0))
+            os._exit(0)  # die without closing anything
+
+        asyncio.run(main())
+        """
+    )
+    store = await open_store(path)
+    unfinished = await store.unfinished_jobs()
+    assert [(j.id, j.state) for j in unfinished] == [("left", JobState.RUNNING)]
+
+
+async def test_unfinished_jobs_are_queued_or_running_oldest_first(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.save_job(make_job("new-queued", state=JobState.QUEUED, created_at=30.0))
+    await store.save_job(make_job("old-running", state=JobState.RUNNING, created_at=10.0))
+    await store.save_job(make_job("mid-queued", state=JobState.QUEUED, created_at=20.0))
+    for i, state in enumerate(s for s in JobState if s.is_terminal):
+        await store.save_job(make_job(f"done-{i}", state=state, created_at=1.0))
+    ids = [job.id for job in await store.unfinished_jobs()]
+    assert ids == ["old-running", "mid-queued", "new-queued"]
+
+
+async def test_list_jobs_filters_and_orders_newest_first(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.save_job(make_job("a", guild_id=1, user_id=10, state=JobState.SUCCEEDED, created_at=1.0))
+    await store.save_job(make_job("b", guild_id=1, user_id=11, state=JobState.FAILED, created_at=2.0))
+    await store.save_job(make_job("c", guild_id=2, user_id=10, state=JobState.SUCCEEDED, created_at=3.0))
+    await store.save_job(make_job("d", guild_id=1, user_id=10, state=JobState.QUEUED, created_at=4.0))
+
+    async def ids(**kwargs: object) -> list[str]:
+        return [job.id for job in await store.list_jobs(**kwargs)]  # type: ignore[arg-type]
+
+    assert await ids() == ["d", "c", "b", "a"]
+    assert await ids(guild_id=1) == ["d", "b", "a"]
+    assert await ids(user_id=10) == ["d", "c", "a"]
+    assert await ids(guild_id=1, user_id=10) == ["d", "a"]
+    assert await ids(states=[JobState.SUCCEEDED]) == ["c", "a"]
+    assert await ids(guild_id=1, states={JobState.FAILED, JobState.QUEUED}) == ["d", "b"]
+    assert await ids(states=[]) == []
+    assert await ids(limit=2) == ["d", "c"]
+
+
+async def test_count_images_since_counts_only_fresh_successes_in_range(open_store: OpenStore) -> None:
+    store = await open_store()
+    two, three = ["x"] * 2, ["y"] * 3
+
+    def done(job_id: str, **fields: object) -> Job:
+        values: dict[str, object] = {"state": JobState.SUCCEEDED, "finished_at": 200.0, "image_refs": two}
+        values.update(fields)
+        return make_job(job_id, **values)
+
+    await store.save_job(done("counted-2"))
+    await store.save_job(done("counted-3", image_refs=three, finished_at=100.0))  # exactly at `since`
+    await store.save_job(done("cache-hit", from_cache=True))
+    await store.save_job(done("failed", state=JobState.FAILED))
+    await store.save_job(done("too-old", finished_at=99.0))
+    await store.save_job(done("other-user", user_id=99))
+    await store.save_job(done("other-guild", guild_id=99))
+    assert await store.count_images_since(guild_id=1, user_id=10, since=100.0) == 5
+    assert await store.count_images_since(guild_id=1, user_id=10, since=150.0) == 2
+    assert await store.count_images_since(guild_id=5, user_id=5, since=0.0) == 0
+
+
+async def test_guild_settings_and_meta(open_store: OpenStore) -> None:
+    store = await open_store()
+    assert await store.get_guild_settings(1) == {}
+    await store.set_guild_settings(1, {"nsfw": True, "max_count": 2, "models": ["a", "b"]})
+    await store.set_guild_settings(2, {"nsfw": False})
+    assert await store.get_guild_settings(1) == {"nsfw": True, "max_count": 2, "models": ["a", "b"]}
+    await store.set_guild_settings(1, {"max_count": 4})  # replaces the whole document
+    assert await store.get_guild_settings(1) == {"max_count": 4}
+    assert await store.get_guild_settings(2) == {"nsfw": False}
+
+    assert await store.get_meta("commands_hash") is None
+    await store.set_meta("commands_hash", "abc")
+    await store.set_meta("commands_hash", "def")
+    assert await store.get_meta("commands_hash") == "def"
+
+
+async def test_ping_and_closed_store(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "bot.sqlite3")
+    assert await store.ping() is False
+    async with store:
+        assert await store.ping() is True
+    assert await store.ping() is False
+    with pytest.raises(StoreError, match="not open"):
+        await store.get_job("x")
+
+
+def user_version(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return db.execute("PRAGMA user_version").fetchone()[0]
+
+
+async def test_empty_v0_file_is_migrated_and_the_setup_is_applied(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    path = tmp_path / "bot.sqlite3"
+    path.touch()
+    store = await open_store(path)
+    await store.save_job(make_job("j"))
+    assert user_version(path) == len(store_module.MIGRATIONS) == 1
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"jobs_guild_user_state", "jobs_state", "jobs_finished_at"} <= indexes
+
+
+async def test_older_schema_is_migrated_forward(
+    tmp_path: Path, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "bot.sqlite3"
+    store = await open_store(path)
+    await store.save_job(make_job("kept"))
+    await store.close()
+    v2 = ["ALTER TABLE jobs ADD COLUMN note TEXT", "UPDATE jobs SET note = 'migrated'"]
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, v2])
+    store = await open_store(path)
+    assert await store.get_job("kept") is not None
+    assert user_version(path) == 2
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT note FROM jobs").fetchall() == [("migrated",)]
+
+
+async def test_a_failing_migration_rolls_back(
+    tmp_path: Path, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "bot.sqlite3"
+    await (await open_store(path)).close()
+    broken = ["ALTER TABLE jobs ADD COLUMN note TEXT", "THIS IS NOT SQL"]
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, broken])
+    with pytest.raises(StoreError):
+        await JobStore(path).open()
+    assert user_version(path) == 1
+    with sqlite3.connect(path) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
+    assert "note" not in columns
+
+
+async def test_a_newer_schema_refuses_to_open(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    store = JobStore(path)
+    with pytest.raises(StoreError, match=r"schema version 99, newer than this bot understands \(1\)") as info:
+        await store.open()
+    assert type(info.value) is StoreError
+    assert "\n" not in info.value.message
+    assert await store.ping() is False
+    assert user_version(path) == 99  # left untouched
+
+
+@pytest.mark.parametrize("garbage", [b"this is not a database" * 200, b"x"], ids=["long", "one-byte"])
+async def test_a_corrupt_file_is_moved_aside_not_deleted(tmp_path: Path, garbage: bytes) -> None:
+    path = tmp_path / "bot.sqlite3"
+    path.write_bytes(garbage)
+    (tmp_path / "bot.sqlite3-wal").write_bytes(b"wal bytes")
+    with pytest.raises(StoreCorrupt) as info:
+        await JobStore(path).open()
+    error = info.value
+    assert error.path == path
+    assert error.moved_to.name.startswith("bot.sqlite3.corrupt-")
+    assert error.moved_to.read_bytes() == garbage
+    assert Path(f"{error.moved_to}-wal").read_bytes() == b"wal bytes"  # noqa: ASYNC240 (test setup)
+    assert not path.exists() and not (tmp_path / "bot.sqlite3-wal").exists()
+    assert "\n" not in error.message and str(path) in error.message and str(error.moved_to) in error.message
+    # The next start gets a fresh store.
+    async with JobStore(path) as store:
+        assert await store.list_jobs() == []
+
+
+async def test_a_damaged_page_fails_quick_check_and_is_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    async with JobStore(path) as store:
+        for i in range(300):
+            await store.save_job(make_job(f"job-{i}", request=ImageRequest("p" * 500)))
+    data = bytearray(path.read_bytes())
+    assert len(data) > 8 * 4096
+    data[4096 * 3 : 4096 * 6] = b"\xa5" * (4096 * 3)  # valid header, broken b-tree pages
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreCorrupt) as info:
+        await JobStore(path).open()
+    assert info.value.moved_to.read_bytes() == bytes(data)
+
+
+async def test_a_locked_database_fails_fast_with_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("CREATE TABLE t (x)")
+        holder.execute("BEGIN EXCLUSIVE")
+        started = time.monotonic()
+        with pytest.raises(
+            StoreLocked, match="locked by another process; is another copy of the bot running"
+        ):
+            await JobStore(path, busy_timeout_s=0.2).open()
+        assert time.monotonic() - started < 3
+    finally:
+        holder.close()
+    assert path.exists()  # a locked file is not corrupt: never moved
+    async with JobStore(path) as store:
+        assert await store.ping()
+
+
+async def test_an_unusable_directory_is_named(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "data"
+    not_a_dir.write_text("a file where the data directory should be")
+    with pytest.raises(StoreError, match="data directory") as info:
+        await JobStore(not_a_dir / "sub" / "bot.sqlite3").open()
+    assert str(not_a_dir / "sub") in info.value.message
+
+
+async def test_an_unreadable_row_is_skipped_not_fatal(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.save_job(make_job("good", created_at=1.0))
+    await store.save_job(make_job("bad", created_at=2.0))
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE jobs SET state = 'exploded', request = ? WHERE id = 'bad'", (json.dumps({}),))
+    assert [job.id for job in await store.list_jobs()] == ["good"]
+    assert await store.get_job("bad") is None
