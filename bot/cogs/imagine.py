@@ -114,7 +114,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         seed: int | None,
         model: str | None,
     ) -> None:
-        width, height = self.manager.backend.capabilities.default_size
+        width = height = 0  # 0: the guild's default size, else the backend's
         if size:
             match = re.fullmatch(r"(\d+)x(\d+)", size)
             if match is None:
@@ -139,8 +139,11 @@ class ImagineCog(commands.Cog, name="Imagine"):
         if guild_id is None:
             await self.refuse(interaction, "Use this in a server.")
             return None
+        channel_nsfw = _channel_is_nsfw(interaction)
         try:
-            request = self.manager.check_admission(request, guild_id, user_id)
+            request = self.manager.check_admission(
+                request, guild_id, user_id, channel_id=interaction.channel_id, channel_nsfw=channel_nsfw
+            )
         except RequestRejected as refusal:
             await self.refuse(interaction, refusal.message)
             return None
@@ -151,6 +154,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 guild_id=guild_id,
                 user_id=user_id,
                 channel_id=interaction.channel_id,
+                channel_nsfw=channel_nsfw,
                 message_ref=message_ref_for(interaction),
             )
         except RequestRejected as refusal:

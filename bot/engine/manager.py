@@ -68,7 +68,22 @@ class JobEvent(StrEnum):
 
 Listener = Callable[[Job, JobEvent], None]
 Delivery = Callable[[Job], Awaitable[None]]
-AdmissionCheck = Callable[[ImageRequest, int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionContext:
+    """Who asks, and where: what per-guild rules (channels, NSFW, quotas, defaults) need to decide."""
+
+    guild_id: int
+    user_id: int
+    channel_id: int | None = None
+    channel_nsfw: bool = False
+
+
+#: Fills in per-guild defaults (size, model) or adjusts the request (NSFW policy) before validation.
+RequestDefaults = Callable[[ImageRequest, AdmissionContext], ImageRequest]
+#: Refuses a validated request by raising RequestRejected (channel not allowed, blocked words, quota).
+AdmissionCheck = Callable[[ImageRequest, AdmissionContext], None]
 
 
 @dataclass(eq=False)
@@ -123,7 +138,8 @@ class JobManager:
         self.clock = clock
         #: Hook run inside each job's task once it is finished (the Discord layer posts there).
         self.deliver: Delivery | None = None
-        #: Extra admission rules (channel allowed, quotas, blocked words): raise RequestRejected to refuse.
+        #: Per-guild rules plugged into the one admission path (see check_admission).
+        self.request_defaults: list[RequestDefaults] = []
         self.admission_checks: list[AdmissionCheck] = []
 
         self._guild_limits: dict[int, int] = {}
@@ -248,15 +264,29 @@ class JobManager:
         changes: dict[str, object] = {}
         if request.model is None and self.default_model:
             changes["model"] = self.default_model
+        if request.width <= 0 or request.height <= 0:
+            changes["width"], changes["height"] = self.backend.capabilities.default_size
         return request.replace(**changes) if changes else request
 
-    def check_admission(self, request: ImageRequest, guild_id: int, user_id: int) -> ImageRequest:
+    def check_admission(
+        self,
+        request: ImageRequest,
+        guild_id: int,
+        user_id: int,
+        *,
+        channel_id: int | None = None,
+        channel_nsfw: bool = False,
+    ) -> ImageRequest:
         """The one admission path: in-memory checks only, so callers can answer Discord within its deadline.
 
-        Returns the normalised request or raises :class:`RequestRejected` with a reason to show the user.
+        Order: shutting down? -> per-guild defaults -> backend defaults -> validation -> the user's active-job
+        limit -> per-guild checks. Returns the request to run or raises :class:`RequestRejected`.
         """
         if not self._accepting:
             raise ShuttingDown()
+        context = AdmissionContext(guild_id, user_id, channel_id, channel_nsfw)
+        for apply_defaults in self.request_defaults:
+            request = apply_defaults(request, context)
         request = self.normalise(request)
         caps = self.backend.capabilities
         validate_request(request, models=self.models, sizes=caps.sizes, max_count=caps.max_count)
@@ -270,7 +300,7 @@ class JobManager:
                 code="user_limit",
             )
         for check in self.admission_checks:
-            check(request, guild_id, user_id)
+            check(request, context)
         return request
 
     async def submit(
@@ -282,9 +312,12 @@ class JobManager:
         channel_id: int | None = None,
         message_ref: dict[str, object] | None = None,
         job_id: str | None = None,
+        channel_nsfw: bool = False,
     ) -> Job:
         """Admit, persist and start a job. Raises :class:`RequestRejected` before any job exists."""
-        request = self.check_admission(request, guild_id, user_id)
+        request = self.check_admission(
+            request, guild_id, user_id, channel_id=channel_id, channel_nsfw=channel_nsfw
+        )
         job = Job(
             id=job_id or new_job_id(),
             request=request,
