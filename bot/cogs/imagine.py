@@ -37,7 +37,13 @@ def may_manage(interaction: discord.Interaction, job: Job) -> bool:
     """The job's owner, or a member with Manage Server in the job's own guild."""
     if interaction.user.id == job.user_id:
         return True
-    return interaction.guild_id == job.guild_id and interaction.permissions.manage_guild
+    return interaction.guild_id == job.guild_id and is_manager(interaction)
+
+
+def is_manager(interaction: discord.Interaction) -> bool:
+    """Manage Server, checked by the bot itself (a server can override a command's default permissions)."""
+    permissions = interaction.permissions
+    return bool(permissions.manage_guild or permissions.administrator)
 
 
 class ImagineCog(commands.Cog, name="Imagine"):
