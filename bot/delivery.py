@@ -242,12 +242,13 @@ class JobMessenger:
         except discord.HTTPException as exc:
             if exc.status != 413 and exc.code != 40005:
                 raise
-            self.bot.metrics.discord_error(
-                exc
-            )  # counted here only when handled here (the caller counts a raise)
-            log.warning("upload too large for Discord; shrinking once more")
+            # Counted here only when handled here (the caller counts a raise).
+            self.bot.metrics.discord_error(exc)
+            log.warning("upload too large for Discord; shrinking once more", extra={"job": job_id})
+            # Discord's real limit was lower than we were told: aim well under what was refused.
+            target = int(min(limit, max((len(data) for data, _ in prepared), default=limit)) * 0.6)
             smaller = await prepare_uploads(
-                job_id, [_as_image(d, e) for d, e in prepared], int(limit * 0.6), force=True
+                job_id, [_as_image(d, n) for d, n in prepared], target, force=True
             )
             await send(_files(smaller))
 
