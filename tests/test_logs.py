@@ -1,0 +1,70 @@
+"""Logging as ``configure_logging`` sets it up: the token never reaches the output, JSON is one object per line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from bot.logs import configure_logging
+
+TOKEN = "MTIz.secret-token-value.abcdef123456"
+
+
+@pytest.fixture
+def stderr(capsys) -> Iterator[Callable[[], str]]:
+    """What the configured handler wrote (it writes to ``sys.stderr``, which capsys holds during the test);
+    the root logger is restored afterwards."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("discord").level)
+    yield lambda: capsys.readouterr().err
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in saved[0]:
+        root.addHandler(handler)
+    root.setLevel(saved[1])
+    logging.getLogger("discord").setLevel(saved[2])
+
+
+def log_the_token_everywhere() -> None:
+    log = logging.getLogger("bot.test")
+    log.info("logging in with %s", TOKEN)
+    log.warning(f"token in the message itself: {TOKEN}")
+    log.info("token in a field", extra={"job": "ab12", "auth": f"Bot {TOKEN}"})
+    try:
+        raise RuntimeError(f"401 for Authorization: Bot {TOKEN}")
+    except RuntimeError:
+        log.exception("request failed", extra={"job": "ab12"})
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_token_never_appears(stderr, fmt) -> None:
+    configure_logging("INFO", fmt, [TOKEN])
+    log_the_token_everywhere()
+    output = stderr()
+    assert TOKEN not in output
+    assert "secret-token-value" not in output
+    assert output.count("[redacted]") >= 4
+    assert "RuntimeError" in output  # the traceback is kept, only scrubbed
+    assert "job=ab12" in output or '"job": "ab12"' in output
+
+
+def test_json_is_one_object_per_line(stderr) -> None:
+    configure_logging("INFO", "json", [TOKEN])
+    log_the_token_everywhere()
+    logging.getLogger("bot.test").info('quotes " and\nnewlines', extra={"count": 3, "ok": True})
+    lines = stderr().splitlines()
+    assert len(lines) == 5  # the multi-line traceback stays inside its record's line
+    records = [json.loads(line) for line in lines]
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    assert records[2]["job"] == "ab12" and records[2]["auth"] == "Bot [redacted]"
+    assert "Traceback" in records[3]["msg"] or "Traceback" in records[3].get("exc", "")
+    assert records[4]["count"] == 3 and records[4]["ok"] is True
+    assert records[4]["msg"] == 'quotes " and\nnewlines'
+
+
+def test_access_logs_stay_quiet(stderr) -> None:
+    configure_logging("INFO", "text", [])
+    assert not logging.getLogger("aiohttp.access").isEnabledFor(logging.INFO)
