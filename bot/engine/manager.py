@@ -32,6 +32,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from bot.backends.base import Backend
+from bot.engine.cache import cache_key
 from bot.engine.errors import FailureReason, GenerationError, RequestRejected, ShuttingDown
 from bot.engine.models import (
     GenerationResult,
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 CANCEL_SETTLE_S = 10.0
 #: After the grace period, how long cancelled jobs get to record and report that they were stopped.
 SHUTDOWN_REPORT_S = 10.0
+#: Queue positions are recomputed at most this often per change burst (cost: one pass over a guild's queue).
+POSITION_INTERVAL_S = 0.25
 #: A delivery (posting the result) that takes longer than this is abandoned and logged.
 DELIVERY_TIMEOUT_S = 120.0
 
@@ -149,6 +152,10 @@ class JobManager:
         self._tracked: dict[str, _Tracked] = {}
         self._flights: dict[str, _Flight] = {}
         self._flight_tasks: set[asyncio.Task[GenerationResult]] = set()
+        self._ticket_flights: dict[Ticket, _Flight] = {}
+        self._position_dirty: set[int] = set()
+        self._position_flush: asyncio.TimerHandle | None = None
+        self._position_flushed_at = float("-inf")
         self._active_per_user: Counter[tuple[int, int]] = Counter()
         self._listeners: list[Listener] = []
         self._accepting = True
@@ -416,6 +423,9 @@ class JobManager:
             task.cancel()
         if self._flight_tasks:
             await asyncio.gather(*self._flight_tasks, return_exceptions=True)
+        if self._position_flush is not None:
+            self._position_flush.cancel()
+            self._position_flush = None
         log.info("job manager stopped")
 
     def _pending_tasks(self) -> set[asyncio.Task[object]]:
@@ -504,13 +514,10 @@ class JobManager:
         self._leave(tracked)
         if self.cache is not None:
             job.image_refs = await self.cache.put(key, result)
-        else:
-            job.image_refs = await asyncio.to_thread(_content_refs, result)
+        # Without a cache there is nowhere to fetch images back from later: no references to keep.
         return result
 
     def _key(self, request: ImageRequest) -> str:
-        from bot.engine.cache import cache_key
-
         return cache_key(request, backend=self.backend.name, model=request.model)
 
     # -- flights ----------------------------------------------------------------------------------------------
@@ -524,6 +531,7 @@ class JobManager:
                 ticket=self._scheduler.new_ticket(job.guild_id, job.user_id),
             )
             self._flights[flight.key] = flight
+            self._ticket_flights[flight.ticket] = flight
             flight.task = asyncio.create_task(self._run_flight(flight), name=f"flight-{job.id}")
             self._flight_tasks.add(flight.task)
             flight.task.add_done_callback(self._flight_task_done)
@@ -575,6 +583,7 @@ class JobManager:
             finally:
                 self._scheduler.release(flight.ticket)
         finally:
+            self._ticket_flights.pop(flight.ticket, None)
             if self._flights.get(flight.key) is flight:
                 del self._flights[flight.key]
 
@@ -587,15 +596,33 @@ class JobManager:
                 self._emit(tracked.job, JobEvent.PROGRESS)
 
     def _announce_positions(self, guild_id: int) -> None:
-        for tracked in self._tracked.values():
-            job = tracked.job
-            if job.guild_id != guild_id or job.state is not JobState.QUEUED or tracked.flight is None:
-                continue
-            position = self._scheduler.position(tracked.flight.ticket)
-            if position != job.queue_position:
-                job.queue_position = position
-                if position is not None:
-                    self._emit(job, JobEvent.QUEUED)
+        """Queue order changed in a guild: recompute its positions soon, at most every POSITION_INTERVAL_S.
+
+        Coalesced because a long queue moves on every start; listeners (Discord edits) are coalesced anyway.
+        """
+        self._position_dirty.add(guild_id)
+        if self._position_flush is None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._position_flushed_at + POSITION_INTERVAL_S - loop.time())
+            self._position_flush = loop.call_later(delay, self._flush_positions)
+
+    def _flush_positions(self) -> None:
+        self._position_flush = None
+        self._position_flushed_at = asyncio.get_running_loop().time()
+        dirty, self._position_dirty = self._position_dirty, set()
+        for guild_id in dirty:
+            positions = self._scheduler.positions(guild_id)
+            for ticket, position in positions.items():
+                flight = self._ticket_flights.get(ticket)
+                if flight is None:
+                    continue
+                for job_id in flight.jobs:
+                    tracked = self._tracked.get(job_id)
+                    if tracked is None or tracked.job.state is not JobState.QUEUED:
+                        continue
+                    if tracked.job.queue_position != position:
+                        tracked.job.queue_position = position
+                        self._emit(tracked.job, JobEvent.QUEUED)
 
     # -- state changes --------------------------------------------------------------------------------------
     async def _persist(self, job: Job) -> None:

@@ -109,6 +109,13 @@ class FairScheduler:
         queue = self._guilds.get(guild_id)
         return len(queue) if queue else 0
 
+    def positions(self, guild_id: int) -> dict[Ticket, int]:
+        """1-based places of every waiting ticket of a guild, in one pass."""
+        queue = self._guilds.get(guild_id)
+        if queue is None:
+            return {}
+        return {ticket: index for index, ticket in enumerate(queue.order(), start=1)}
+
     def position(self, ticket: Ticket) -> int | None:
         """1-based place in its guild's queue, or None when it holds a slot (or is gone)."""
         queue = self._guilds.get(ticket.guild_id)

@@ -131,7 +131,9 @@ async def test_users_take_turns_inside_a_guild(closing) -> None:
     queued_bob = await manager.submit(req("g1:bob0"), guild_id=1, user_id=2)
     await manager.submit(req("g1:carol0"), guild_id=1, user_id=3)
     await backend.wait_calls(1)
-    assert queued_bob.queue_position == 1  # bob is next although alice queued two more before him
+    await until(
+        lambda: queued_bob.queue_position == 1
+    )  # bob is next although alice queued two more before him
     for expected in range(2, 6):
         backend.release_all()
         await backend.wait_calls(expected)
