@@ -5,6 +5,8 @@ Talks to the fake Discord's control endpoints (``tests/fakes/discord``):
   field JSON KEY...              print the first of KEY... present in the JSON object (for bash)
   wait-command BASE NAME TIMEOUT poll BASE/_fake/state until the bot has synced the slash command NAME
   invoke BASE READY_JSON PROMPT  POST BASE/_fake/invoke for an /imagine; print the interaction id
+  post URL JSON                  POST a JSON body (a fake's /_fake/config knobs, say) and print the answer
+  wait-count URL KEY N TIMEOUT   poll a fake's JSON state at URL until the number at KEY is at least N
   wait-image BASE ID TIMEOUT     poll BASE/_fake/interactions/ID until the original response carries an image,
                                  fetch its bytes and check they are a PNG/JPEG/WebP/GIF
 Exit status 0 on success, 1 with one line on stderr otherwise.
@@ -84,6 +86,23 @@ def wait_command(base: str, name: str, timeout: str) -> None:
     raise DriverError(f"/{name} not synced after {timeout}s; commands: {json.dumps(commands)[:300]}")
 
 
+def post(url: str, body: str) -> None:
+    print(json.dumps(_http("POST", url, json.loads(body))))
+
+
+def wait_count(url: str, key: str, minimum: str, timeout: str) -> None:
+    deadline = time.monotonic() + float(timeout)
+    value: Any = None
+    while time.monotonic() < deadline:
+        state = _http("GET", url)
+        value = state.get(key) if isinstance(state, dict) else None
+        if isinstance(value, int | float) and value >= float(minimum):
+            print(value)
+            return
+        time.sleep(0.1)
+    raise DriverError(f"{key} at {url} is {value!r}, not >= {minimum}, after {timeout}s")
+
+
 def invoke(base: str, ready_json: str, prompt: str) -> None:
     info = json.loads(ready_json)
     body = {
@@ -148,6 +167,8 @@ def main(argv: list[str]) -> int:
         "field": field,
         "wait-command": wait_command,
         "invoke": invoke,
+        "post": post,
+        "wait-count": wait_count,
         "wait-image": wait_image,
     }
     if not argv or argv[0] not in commands:
