@@ -1,0 +1,85 @@
+"""Command sync: on start only when something changed, to DEV_GUILD_ID when set, and on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from tests.bot.conftest import TOKEN, running_bot
+from tests.bot.process import ROOT, bot_env
+from tests.fakes.discord import FakeDiscord
+from tests.fakes.openai_api import FakeOpenAI
+
+
+async def run_sync(fake: FakeDiscord, data_dir, *args: str, **settings: object) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        "sync",
+        *args,
+        cwd=str(data_dir),
+        env=bot_env(fake, data_dir, **settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(60):
+        out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_start_syncs_once_then_only_on_change(tmp_path) -> None:
+    async with FakeDiscord(token=TOKEN) as fake, FakeOpenAI() as backend:
+        fake.add_guild(name="G")
+        async with running_bot(fake, tmp_path, backend_url=backend.url):
+            pass
+        assert fake.sync_count == 1
+        names = {c["name"] for c in fake.commands[None].values()}
+        assert "imagine" in names
+        async with running_bot(fake, tmp_path, backend_url=backend.url):
+            pass
+        assert fake.sync_count == 1  # same commands, same application: no sync
+        # A different size list changes the /imagine command: the next start syncs again.
+        async with running_bot(fake, tmp_path, backend="a1111", backend_url=backend.url):
+            pass
+        assert fake.sync_count == 2
+
+
+async def test_dev_guild_gets_the_commands(tmp_path) -> None:
+    async with FakeDiscord(token=TOKEN) as fake, FakeOpenAI() as backend:
+        guild = fake.add_guild(name="G")
+        async with running_bot(fake, tmp_path, backend_url=backend.url, dev_guild_id=int(guild.id)):
+            pass
+        assert "imagine" in {c["name"] for c in fake.commands[guild.id].values()}
+        assert not fake.commands.get(None)
+
+
+async def test_sync_command_on_demand_and_clear(tmp_path) -> None:
+    async with FakeDiscord(token=TOKEN) as fake, FakeOpenAI() as backend:
+        fake.add_guild(name="G")
+        settings = {"image_backend": "openai", "image_backend_url": backend.url}
+        status, out = await run_sync(fake, tmp_path, **settings)
+        assert status == 0, out
+        assert "commands synced" in out
+        assert "imagine" in {c["name"] for c in fake.commands[None].values()}
+        status, out = await run_sync(fake, tmp_path, "--clear", **settings)
+        assert status == 0, out
+        assert "commands cleared" in out
+        assert not fake.commands[None]
+        assert ROOT.is_dir()
+
+
+async def test_sync_with_a_bad_token_says_so(tmp_path) -> None:
+    async with FakeDiscord(token=TOKEN) as fake, FakeOpenAI() as backend:
+        status, out = await run_sync(
+            fake,
+            tmp_path,
+            image_backend="openai",
+            image_backend_url=backend.url,
+            discord_token="wrong-token-123456",
+        )
+        assert status == 1
+        assert "DISCORD_TOKEN" in out
+        assert "Traceback" not in out
+        assert "wrong-token-123456" not in out
