@@ -16,6 +16,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.delivery import JobMessenger
+from bot.engine.policy import GuildPolicy
 from bot.metrics import Metrics
 from bot.runtime import Engine
 from bot.web import Health, WebServer
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 discord.VoiceClient.warn_nacl = False
 discord.VoiceClient.warn_dave = False
 
-EXTENSIONS = ("bot.cogs.imagine",)
+EXTENSIONS = ("bot.cogs.imagine", "bot.cogs.admin", "bot.cogs.user")
 
 
 def point_discord_at(api_base: str | None, gateway_url: str | None) -> None:
@@ -85,6 +86,10 @@ class ImagineBot(commands.Bot):
     async def setup_hook(self) -> None:
         self.manager.deliver = self.messenger.deliver
         self.manager.add_listener(self.messenger.on_job_event)
+        # Per-guild settings and quotas: loaded and hooked into admission before any command can run.
+        self.policy = GuildPolicy(self.manager, store=self.engine.store, clock=self.clock)
+        await self.policy.load()
+        self.policy.install()
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         if self.sync_commands:

@@ -461,7 +461,30 @@ class JobStore:
         )
         return int(rows[0][0])
 
+    async def count_images_by_user_since(self, since: float) -> dict[tuple[int, int], int]:
+        """``count_images_since`` for every (guild, user) at once: loads today's quotas at start-up."""
+        rows = await self._query(
+            "SELECT guild_id, user_id, COALESCE(SUM(json_array_length(image_refs)), 0) FROM jobs "
+            "WHERE state = ? AND from_cache = 0 AND finished_at >= ? GROUP BY guild_id, user_id",
+            (JobState.SUCCEEDED.value, since),
+        )
+        return {(int(g), int(u)): int(n) for g, u, n in rows if n}
+
     # -- guild settings and meta ------------------------------------------------------------------------------
+
+    async def all_guild_settings(self) -> dict[int, dict[str, Any]]:
+        """Every guild's settings document (unreadable ones skipped with a warning): loaded at start-up."""
+        rows = await self._query("SELECT guild_id, settings FROM guild_settings")
+        out: dict[int, dict[str, Any]] = {}
+        for guild_id, text in rows:
+            try:
+                value = json.loads(text)
+            except ValueError as exc:
+                log.warning("guild %s settings are unreadable, using defaults: %s", guild_id, exc)
+                continue
+            if isinstance(value, dict):
+                out[int(guild_id)] = value
+        return out
 
     async def get_guild_settings(self, guild_id: int) -> dict[str, Any]:
         rows = await self._query("SELECT settings FROM guild_settings WHERE guild_id = ?", (guild_id,))

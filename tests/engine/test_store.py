@@ -396,3 +396,35 @@ async def test_an_unreadable_row_is_skipped_not_fatal(open_store: OpenStore) -> 
         db.execute("UPDATE jobs SET state = 'exploded', request = ? WHERE id = 'bad'", (json.dumps({}),))
     assert [job.id for job in await store.list_jobs()] == ["good"]
     assert await store.get_job("bad") is None
+
+
+async def test_grouped_image_counts_and_all_guild_settings_for_start_up(open_store: OpenStore) -> None:
+    """What the guild policy loads at start-up: today's counts per (guild, user) and every settings document."""
+    store = await open_store()
+
+    def done(job_id: str, **fields: object) -> Job:
+        values: dict[str, object] = {
+            "state": JobState.SUCCEEDED,
+            "finished_at": 200.0,
+            "image_refs": ["x"] * 2,
+        }
+        values.update(fields)
+        return make_job(job_id, **values)
+
+    await store.save_job(done("a"))
+    await store.save_job(done("b", image_refs=["y"] * 3))
+    await store.save_job(done("other-user", user_id=11))
+    await store.save_job(done("other-guild", guild_id=2))
+    await store.save_job(done("cache-hit", from_cache=True))
+    await store.save_job(done("failed", state=JobState.FAILED))
+    await store.save_job(done("too-old", finished_at=50.0))
+    assert await store.count_images_by_user_since(100.0) == {(1, 10): 5, (1, 11): 2, (2, 10): 2}
+    assert await store.count_images_by_user_since(300.0) == {}
+
+    assert await store.all_guild_settings() == {}
+    await store.set_guild_settings(1, {"daily_images": 5})
+    await store.set_guild_settings(2, {"nsfw": "never"})
+    await store._query(
+        "INSERT INTO guild_settings (guild_id, settings, updated_at) VALUES (3, 'not json', 0)"
+    )
+    assert await store.all_guild_settings() == {1: {"daily_images": 5}, 2: {"nsfw": "never"}}
