@@ -13,11 +13,13 @@ from collections.abc import Callable
 import discord
 import yarl
 from discord import app_commands
+from discord.backoff import ExponentialBackoff
 from discord.ext import commands
 
 from bot.delivery import JobMessenger
 from bot.engine.policy import GuildPolicy
 from bot.metrics import Metrics
+from bot.recovery import recover_unfinished_jobs
 from bot.runtime import Engine
 from bot.web import Health, WebServer
 
@@ -92,6 +94,8 @@ class ImagineBot(commands.Bot):
         self.policy.install()
         for extension in EXTENSIONS:
             await self.load_extension(extension)
+        # Jobs a dead process left behind: resume the queued ones, report the interrupted ones.
+        await recover_unfinished_jobs(self)
         if self.sync_commands:
             await self.sync_if_changed()
         if self.web is not None:  # last: /healthz answers (503 until READY) once everything above is set up
@@ -111,6 +115,24 @@ class ImagineBot(commands.Bot):
 
     async def on_disconnect(self) -> None:
         self.health.gateway_down()
+
+    async def connect(self, *, reconnect: bool = True) -> None:
+        """Keep retrying when the gateway is unreachable at start-up.
+
+        discord.py 2.7 retries a lost connection, but a *first* connection that fails ends in an AttributeError
+        (its retry path reads ``self.ws``, still None), killing the bot. Retry that case with backoff too.
+        """
+        backoff = ExponentialBackoff()
+        while not self.is_closed():
+            try:
+                await super().connect(reconnect=reconnect)
+                return
+            except AttributeError:
+                if self.ws is not None or not reconnect or self.is_closed():
+                    raise
+                delay = backoff.delay()
+                log.warning("gateway unreachable at start-up; retrying", extra={"retry_s": round(delay, 1)})
+                await asyncio.sleep(delay)
 
     # -- command sync -----------------------------------------------------------------------------------
     def _sync_target(self) -> discord.Object | None:

@@ -6,34 +6,19 @@ import asyncio
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import discord
-import pytest
 
 from bot.check import invite_url, required_permissions, run_check
 from bot.settings import load_settings
-from tests.fakes.discord import FakeDiscord
-from tests.fakes.openai_api import FakeOpenAI
+from tests.conftest import TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "check-token-abcdef123456"
+
 #: View Channel (1<<10) + Send Messages (1<<11) + Embed Links (1<<14) + Attach Files (1<<15)
 #: + Read Message History (1<<16), written out so a change to required_permissions() shows up here.
 PERMISSIONS = 1024 + 2048 + 16384 + 32768 + 65536
-
-
-@pytest.fixture
-async def fake_discord() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord(token=TOKEN) as fake:
-        yield fake
-
-
-@pytest.fixture
-async def fake_openai() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as fake:
-        yield fake
 
 
 def closed_port() -> int:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
-import discord
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -15,9 +12,7 @@ from bot.engine.errors import FailureReason
 from bot.engine.manager import JobEvent
 from bot.engine.models import ImageRequest, Job, JobState
 from bot.metrics import DISCORD_STATUS_BUCKETS, Metrics, discord_status_bucket, failure_reason_label
-from tests.bot.conftest import TOKEN, embed_author, is_done, running_bot
-from tests.fakes.discord import FakeDiscord
-from tests.fakes.openai_api import FakeOpenAI
+from tests.bot.conftest import embed_author, is_done, running_bot
 
 REFUSED = (
     400,
@@ -36,25 +31,6 @@ ALLOWED_LABELS = {
     "status": set(DISCORD_STATUS_BUCKETS),
     "le": None,  # histogram buckets: numbers
 }
-
-
-@pytest.fixture(autouse=True)
-def restore_discord_endpoints() -> Any:
-    base, gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
-    yield
-    discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
-
-
-@pytest.fixture
-async def fake_discord() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord(token=TOKEN) as fake:
-        yield fake
-
-
-@pytest.fixture
-async def fake_openai() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as fake:
-        yield fake
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -9,36 +9,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import discord
 import pytest
 
 from bot.client import ImagineBot, point_discord_at
 from bot.runtime import open_engine
 from bot.web import Health, WebServer
 from tests.bot.conftest import TOKEN, bot_settings, is_done, running_bot
-from tests.fakes.discord import FakeDiscord
-from tests.fakes.openai_api import FakeOpenAI
-
-# -- fixtures (the ones in tests/bot/conftest.py are not visible from here) ------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def restore_discord_endpoints() -> Any:
-    base, gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
-    yield
-    discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
-
-
-@pytest.fixture
-async def fake_discord() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord(token=TOKEN) as fake:
-        yield fake
-
-
-@pytest.fixture
-async def fake_openai() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as fake:
-        yield fake
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import discord
@@ -245,66 +246,47 @@ def _cog(interaction: discord.Interaction) -> ImagineCog:
     return cog
 
 
-class CancelButton(discord.ui.DynamicItem[discord.ui.Button], template=re.escape(CANCEL_ID) + JOB_ID):
-    """Custom ids carry the job id, so buttons are matched again after a restart (no stored view needed)."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(discord.ui.Button(custom_id=CANCEL_ID + job_id))
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item, match: re.Match[str], /
-    ):
-        return cls(match["job_id"])
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await _cog(interaction).press_cancel(interaction, self.job_id)
+ButtonHandler = Callable[[ImagineCog, discord.Interaction, str], Awaitable[None]]
 
 
-class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=re.escape(REROLL_ID) + JOB_ID):
-    def __init__(self, job_id: str) -> None:
-        super().__init__(discord.ui.Button(custom_id=REROLL_ID + job_id))
-        self.job_id = job_id
+def _job_button(
+    name: str, prefix: str, press: ButtonHandler
+) -> type[discord.ui.DynamicItem[discord.ui.Button]]:
+    """A button class whose custom id carries the job id, so a click is understood after a restart too.
 
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item, match: re.Match[str], /
-    ):
-        return cls(match["job_id"])
+    DynamicItems are matched by custom id alone: no view has to be stored or re-registered per message.
+    """
 
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await _cog(interaction).press_reroll(interaction, self.job_id, variations=False)
+    class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=re.escape(prefix) + JOB_ID):
+        def __init__(self, job_id: str) -> None:
+            super().__init__(discord.ui.Button(custom_id=prefix + job_id))
+            self.job_id = job_id
 
+        @classmethod
+        async def from_custom_id(
+            cls, interaction: discord.Interaction, item: discord.ui.Item, match: re.Match[str], /
+        ) -> JobButton:
+            return cls(match["job_id"])
 
-class VariationsButton(discord.ui.DynamicItem[discord.ui.Button], template=re.escape(VARIATIONS_ID) + JOB_ID):
-    def __init__(self, job_id: str) -> None:
-        super().__init__(discord.ui.Button(custom_id=VARIATIONS_ID + job_id))
-        self.job_id = job_id
+        async def callback(self, interaction: discord.Interaction) -> None:
+            await press(_cog(interaction), interaction, self.job_id)
 
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item, match: re.Match[str], /
-    ):
-        return cls(match["job_id"])
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await _cog(interaction).press_reroll(interaction, self.job_id, variations=True)
+    JobButton.__name__ = JobButton.__qualname__ = name
+    return JobButton
 
 
-class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=re.escape(DELETE_ID) + JOB_ID):
-    def __init__(self, job_id: str) -> None:
-        super().__init__(discord.ui.Button(custom_id=DELETE_ID + job_id))
-        self.job_id = job_id
+async def _press_reroll(cog: ImagineCog, interaction: discord.Interaction, job_id: str) -> None:
+    await cog.press_reroll(interaction, job_id, variations=False)
 
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item, match: re.Match[str], /
-    ):
-        return cls(match["job_id"])
 
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await _cog(interaction).press_delete(interaction, self.job_id)
+async def _press_variations(cog: ImagineCog, interaction: discord.Interaction, job_id: str) -> None:
+    await cog.press_reroll(interaction, job_id, variations=True)
+
+
+CancelButton = _job_button("CancelButton", CANCEL_ID, ImagineCog.press_cancel)
+RerollButton = _job_button("RerollButton", REROLL_ID, _press_reroll)
+VariationsButton = _job_button("VariationsButton", VARIATIONS_ID, _press_variations)
+DeleteButton = _job_button("DeleteButton", DELETE_ID, ImagineCog.press_delete)
 
 
 async def setup(bot: ImagineBot) -> None:

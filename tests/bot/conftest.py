@@ -9,17 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import discord
-import pytest
-
 from bot.client import ImagineBot, point_discord_at
 from bot.runtime import open_engine
 from bot.settings import load_settings
-from tests.fakes.a1111 import FakeA1111
+from tests.conftest import TOKEN
 from tests.fakes.discord import FakeDiscord, FakeGuild
-from tests.fakes.openai_api import FakeOpenAI
-
-TOKEN = "test-token-abcdef123456"
 
 
 @dataclass
@@ -40,31 +34,6 @@ class Harness:
         return await self.fake.invoke_command(
             guild.id, guild.channels[0].id, user_id, "imagine", {"prompt": prompt, **options}
         )
-
-
-@pytest.fixture(autouse=True)
-def restore_discord_endpoints() -> Any:
-    base, gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
-    yield
-    discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
-
-
-@pytest.fixture
-async def fake_discord() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord(token=TOKEN) as fake:
-        yield fake
-
-
-@pytest.fixture
-async def fake_openai() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as fake:
-        yield fake
-
-
-@pytest.fixture
-async def fake_a1111() -> AsyncIterator[FakeA1111]:
-    async with FakeA1111() as fake:
-        yield fake
 
 
 def bot_settings(fake: FakeDiscord, data_dir: Path, backend: str, backend_url: str, **overrides: Any):

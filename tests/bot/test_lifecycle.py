@@ -133,3 +133,26 @@ async def test_429_on_an_edit_is_survived(tmp_path) -> None:
             assert len(limited) == 2
             assert await bot.terminate() == 0
         assert_clean(bot.text)
+
+
+async def test_gateway_down_at_start_up_is_retried(tmp_path) -> None:
+    """discord.py alone dies if the very first gateway connection fails; the bot keeps trying instead."""
+    async with FakeDiscord(token=TOKEN) as fake, FakeOpenAI() as backend:
+        guild = fake.add_guild(name="G")
+        fake.set_gateway_available(False)
+
+        async def outage_ends() -> None:
+            await wait_for(lambda: fake.refused_connections >= 1, timeout=20)
+            fake.set_gateway_available(True)
+
+        ending = asyncio.create_task(outage_ends())
+        async with bot_process(fake, tmp_path, image_backend="openai", image_backend_url=backend.url) as bot:
+            await ending
+            user = fake.add_member(guild.id)
+            inter = await fake.invoke_command(
+                guild.id, guild.channels[0].id, user.id, "imagine", {"prompt": "late start"}
+            )
+            await inter.wait_until(is_done, timeout=15)
+            assert await bot.terminate() == 0
+        assert "gateway unreachable at start-up; retrying" in bot.text
+        assert fake.refused_connections >= 1
