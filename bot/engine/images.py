@@ -34,7 +34,9 @@ def inspect_image_sync(data: bytes) -> ImageInfo:
             fmt = image.format or "PNG"
             width, height = image.size
             if width * height > MAX_PIXELS:
-                raise GenerationError(FailureReason.INVALID_IMAGE, "The backend returned an image far too large.")
+                raise GenerationError(
+                    FailureReason.INVALID_IMAGE, "The backend returned an image far too large."
+                )
             image.load()
     except GenerationError:
         raise

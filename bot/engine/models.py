@@ -73,7 +73,9 @@ def validate_request(
     if not prompt:
         raise RequestRejected("The prompt is empty.")
     if len(request.prompt) > MAX_PROMPT_CHARS:
-        raise RequestRejected(f"The prompt is {len(request.prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
+        raise RequestRejected(
+            f"The prompt is {len(request.prompt)} characters; the limit is {MAX_PROMPT_CHARS}."
+        )
     if len(request.negative_prompt) > MAX_NEGATIVE_CHARS:
         raise RequestRejected(
             f"The negative prompt is {len(request.negative_prompt)} characters; the limit is {MAX_NEGATIVE_CHARS}."
@@ -87,7 +89,9 @@ def validate_request(
         allowed = ", ".join(f"{w}x{h}" for w, h in sizes)
         raise RequestRejected(f"Size {request.size} is not available here; choose one of {allowed}.")
     if request.model is not None and models and request.model not in models:
-        raise RequestRejected(f"Model {request.model!r} is not offered here; choose one of {', '.join(models)}.")
+        raise RequestRejected(
+            f"Model {request.model!r} is not offered here; choose one of {', '.join(models)}."
+        )
 
 
 class JobState(StrEnum):
