@@ -1,0 +1,572 @@
+"""Discord benchmark: acknowledgement latency and CPU per job of the real bot under a burst of /imagine.
+
+    python -m bench.discord_bench [--jobs 200] [--guilds 10] [--backend-delay 2] [--repeats 1]
+
+1. The real bot (``python -m bot``, a subprocess) against an in-process fake Discord (REST + gateway) and a fake
+   OpenAI images API that takes ``--backend-delay`` seconds per image, so most jobs are queued or running while
+   the acknowledgements are measured. A burst of N ``/imagine`` (distinct prompts, distinct members, spread over
+   G guilds) is dispatched at once; then ``--probes`` more, spread over the run, measure acks while the queue is
+   full and results are being uploaded. Every job must end with an image, or the benchmark fails (exit 1).
+2. The same burst against ``bench/bare_bot.py``: a bare discord.py bot whose /imagine only answers "ok".
+
+Ack latency: real seconds from the fake sending INTERACTION_CREATE to the bot's callback reaching the fake
+(``FakeInteraction.ack_latency``); the fake's 3 s deadline stays on, so a late ack is a failure, not a number.
+CPU: the bot process's user+system time (``/proc/<pid>/stat``, threads included) from just before the burst
+until the last job's final message, divided by the jobs. Wall: burst start to the last final message (bot) or
+the last ack (bare). The fake Discord runs in this process and shares the machine: both bots pay for it alike.
+``--profile FILE`` runs the bot under cProfile (slower; the figures are then not comparable) and prints the top
+functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import pstats
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from tests.fakes.discord import FakeDiscord, FakeGuild, FakeInteraction, FakeMessage, FakeUser
+from tests.fakes.openai_api import FakeOpenAI
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "bench-token-0123456789abcdef"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: Settings the bench sets itself; any of these in the caller's environment would skew the run.
+_OURS = ("DISCORD_", "IMAGE_", "GUILD_", "CACHE_", "BACKEND_", "USER_", "QUEUE_", "JOB_", "SHUTDOWN_", "LOG_")
+_OURS_EXACT = {"DEV_GUILD_ID", "DATA_DIR", "HTTP_PORT"}
+
+
+class BenchError(Exception):
+    """The run did not measure what it should (a missed ack, a job without an image, a dead process)."""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+class CountingOpenAI(FakeOpenAI):
+    """The fake image API, counting generations in flight: that is how many jobs the bot is running."""
+
+    def __init__(self, **knobs: Any) -> None:
+        super().__init__(**knobs)
+        self.in_flight = 0
+
+    async def generate(self, request: web.Request) -> web.Response:
+        self.in_flight += 1
+        try:
+            return await super().generate(request)
+        finally:
+            self.in_flight -= 1
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its reaped children (all threads), from /proc."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(v) for v in fields[11:15])  # fields 14-17 of proc(5)
+    return (utime + stime + cutime + cstime) / CLK_TCK
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (no interpolation: p99 of 200 samples is the 198th)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def _author(message: FakeMessage | None) -> str:
+    if message is None or not message.embeds:
+        return ""
+    return str((message.embeds[0].get("author") or {}).get("name", ""))
+
+
+def _has_image(attachments: list[Any]) -> bool:
+    names = [a["filename"] if isinstance(a, dict) else a.filename for a in attachments]
+    return any(n.rsplit(".", 1)[-1] in {"png", "jpg", "jpeg", "webp"} for n in names)
+
+
+def job_state(inter: FakeInteraction) -> str:
+    """'unacked', 'refused', 'pending', 'done' or 'failed' (a final message without an image)."""
+    if not inter.callbacks:
+        return "unacked"
+    if inter.ephemeral:
+        return "refused"
+    message = inter.original
+    author = _author(message)
+    if message is None or message.loading or author.startswith(("Queued", "Generating")):
+        return "pending"
+    if author.startswith("Done") and _has_image(message.attachments):
+        return "done"
+    return "failed"
+
+
+def done_at(inter: FakeInteraction) -> float | None:
+    """Fake-clock time of the edit that showed the image."""
+    for revision in inter.original.history if inter.original else []:
+        embeds = revision.embeds
+        author = str((embeds[0].get("author") or {}).get("name", "")) if embeds else ""
+        if author.startswith("Done") and _has_image(revision.attachments):
+            return revision.time
+    return None
+
+
+def bot_env(fake: FakeDiscord, data_dir: Path, **settings: object) -> dict[str, str]:
+    # Any non-empty PYTHONASYNCIODEBUG (even "0") turns asyncio's debug mode on, and with it slow-callback
+    # checks on every step: drop it, and PYTHONDEVMODE, so the bots run as they do in production.
+    dropped = {"PYTHONASYNCIODEBUG", "PYTHONDEVMODE", "PYTHONTRACEMALLOC", *_OURS_EXACT}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_OURS) and k not in dropped}
+    env.update(
+        {
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "DISCORD_TOKEN": fake.token,
+            "DISCORD_API_BASE": fake.api_base,
+            "DISCORD_GATEWAY_URL": fake.gateway_url,
+            "DATA_DIR": str(data_dir),
+            "HTTP_PORT": "0",
+            "LOG_LEVEL": "WARNING",
+        }
+    )
+    env.update({key.upper(): str(value) for key, value in settings.items()})
+    return env
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no output)"
+    return "\n".join(text[-lines:]) or "(no output)"
+
+
+@dataclass
+class Process:
+    proc: asyncio.subprocess.Process
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def check_alive(self, what: str) -> None:
+        if self.proc.returncode is not None:
+            raise BenchError(f"{what}: process exited ({self.proc.returncode}):\n{tail(self.log_path)}")
+
+    async def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (the bot drains and exits; cProfile writes its file), then SIGKILL after ``timeout``."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+
+
+def _open_log(path: Path) -> Any:
+    return open(path, "wb")  # the child writes to it; we only read it back at the end
+
+
+@contextlib.asynccontextmanager
+async def child(args: list[str], env: dict[str, str], cwd: Path):
+    log_path = cwd / "process.log"
+    with _open_log(log_path) as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, *args, cwd=str(cwd), env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT
+        )
+    running = Process(proc, log_path)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def wait_until_connected(fake: FakeDiscord, process: Process, timeout: float = 30.0) -> None:
+    """READY sent, gateway still up, and /imagine synced (both bots sync in setup_hook, before the gateway)."""
+    deadline = time.monotonic() + timeout
+    while not (fake.ready_count and fake.connected_sessions and "imagine" in fake.commands.get(None, {})):
+        process.check_alive("starting")
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"not connected after {timeout:.0f}s (ready={fake.ready_count}, "
+                f"commands={sorted(fake.commands.get(None, {}))}):\n{tail(process.log_path)}"
+            )
+        await asyncio.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Result:
+    label: str
+    jobs: int
+    acks: list[float]
+    cpu_s: float
+    wall_s: float
+    fake_cpu_s: float
+    probe_acks: list[float] = field(default_factory=list)
+    peak_running: int | None = None
+    peak_queued: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    dispatch_s: float = 0.0  # how long the fake took to send the whole burst
+    edits: int = 0  # PATCH @original (progress and result)
+    rest_calls: int = 0  # every REST call the bot made during the burst
+
+    @property
+    def cpu_ms_per_job(self) -> float:
+        return self.cpu_s * 1000 / self.jobs
+
+
+@dataclass
+class World:
+    fake: FakeDiscord
+    burst: list[tuple[FakeGuild, FakeUser]]
+    probes: list[tuple[FakeGuild, FakeUser]]
+    warmup: tuple[FakeGuild, FakeUser]
+
+
+def make_world(fake: FakeDiscord, jobs: int, guilds: int, probes: int) -> World:
+    all_guilds = [fake.add_guild(name=f"bench-{g}") for g in range(guilds)]
+
+    def members(count: int) -> list[tuple[FakeGuild, FakeUser]]:
+        return [(g, fake.add_member(g.id)) for g in (all_guilds[i % guilds] for i in range(count))]
+
+    return World(fake, members(jobs), members(probes), members(1)[0])
+
+
+async def invoke(world: World, who: tuple[FakeGuild, FakeUser], prompt: str) -> FakeInteraction:
+    guild, user = who
+    return await world.fake.invoke_command(
+        guild.id, guild.channels[0].id, user.id, "imagine", {"prompt": prompt}
+    )
+
+
+async def warm_up(world: World, process: Process, *, until_done: bool, timeout: float) -> None:
+    """One interaction first: it proves the bot answers, and first-call costs stay out of the figures."""
+    inter = await invoke(world, world.warmup, "warm-up: a lighthouse at dusk")
+    try:
+        await inter.wait_for_callback(timeout=5)
+        if until_done:
+            await world.fake.wait_for_state(
+                lambda: job_state(inter) in {"done", "failed"}, timeout, "warm-up"
+            )
+    except TimeoutError:
+        process.check_alive("warm-up")
+        raise BenchError(
+            f"warm-up interaction not answered ({job_state(inter)}):\n{tail(process.log_path)}"
+        ) from None
+    failed = job_state(inter) != "done" if until_done else inter.ephemeral
+    if failed:
+        raise BenchError(f"warm-up failed ({job_state(inter)}: {_author(inter.original)!r})")
+    await asyncio.sleep(0.5)  # let the job's last writes settle before the CPU baseline
+
+
+def _describe_unfinished(inters: list[FakeInteraction]) -> str:
+    counts: dict[str, int] = {}
+    examples: dict[str, str] = {}
+    for inter in inters:
+        state = job_state(inter)
+        counts[state] = counts.get(state, 0) + 1
+        if state != "done" and state not in examples:
+            detail = (inter.callback.data.get("content") if inter.callback else None) or _author(
+                inter.original
+            )
+            examples[state] = f"{state}: {detail!r}"
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) + "".join(
+        f"\n  e.g. {e}" for e in examples.values()
+    )
+
+
+async def bot_burst(options: argparse.Namespace, tag: str) -> Result:
+    jobs, probes, delay = options.jobs, options.probes, options.backend_delay
+    concurrency = options.backend_concurrency
+    expected = math.ceil((jobs + probes) / concurrency) * delay
+    budget = expected * 2 + 30
+    with tempfile.TemporaryDirectory(prefix="discord-bench-") as tmp:
+        data_dir = Path(tmp)
+        async with FakeDiscord(token=TOKEN) as fake, CountingOpenAI(delay=delay) as backend:
+            world = make_world(fake, jobs, options.guilds, probes)
+            env = bot_env(
+                fake,
+                data_dir,
+                image_backend="openai",
+                image_backend_url=backend.url,
+                backend_concurrency=concurrency,
+                guild_concurrency=options.guild_concurrency,
+                guild_concurrency_max=max(8, options.guild_concurrency),
+                user_max_jobs=5,
+                queue_timeout_s=min(840, budget + 60),
+                shutdown_grace_s=5,
+            )
+            args = ["-m", "bot"]
+            if options.profile:
+                args = ["-m", "cProfile", "-o", options.profile, *args]
+            async with child(args, env, data_dir) as process:
+                await wait_until_connected(fake, process)
+                await warm_up(world, process, until_done=True, timeout=delay + 30)
+
+                cpu0, fake_cpu0 = cpu_seconds(process.pid), time.process_time()
+                started, clock0, requests0 = time.monotonic(), fake.clock(), len(fake.requests)
+                inters = [
+                    await invoke(world, who, f"bench {tag} job {i}: a fox")
+                    for i, who in enumerate(world.burst)
+                ]
+                dispatch_s = time.monotonic() - started
+                probe_inters: list[FakeInteraction] = []
+                probe_every = expected / (probes + 1) if probes else math.inf
+                peak_running = peak_queued = 0
+                deadline = started + budget
+                while True:
+                    now = time.monotonic()
+                    if len(probe_inters) < probes and now - started >= probe_every * (len(probe_inters) + 1):
+                        who = world.probes[len(probe_inters)]
+                        probe_inters.append(
+                            await invoke(world, who, f"bench {tag} probe {len(probe_inters)}")
+                        )
+                    everything = inters + probe_inters
+                    states = [job_state(i) for i in everything]
+                    running = backend.in_flight
+                    active = states.count("pending")
+                    peak_running = max(peak_running, running)
+                    if running:  # before the first generation starts, "queued" is only "not yet admitted"
+                        peak_queued = max(peak_queued, active - running)
+                    stuck = [
+                        i
+                        for i, s in zip(everything, states, strict=True)
+                        if s == "unacked" and now - i.dispatched_monotonic > (fake.ack_deadline_s or 3) + 2
+                    ]
+                    if stuck or "refused" in states or "failed" in states:
+                        raise BenchError(f"bot burst failed: {_describe_unfinished(everything)}")
+                    if len(probe_inters) == probes and all(s == "done" for s in states):
+                        cpu1, fake_cpu1 = cpu_seconds(process.pid), time.process_time()
+                        break
+                    process.check_alive("bot burst")
+                    if now > deadline:
+                        raise BenchError(
+                            f"bot burst not finished after {budget:.0f}s: {_describe_unfinished(everything)}"
+                        )
+                    await asyncio.sleep(0.05)
+                finished = [t for t in (done_at(i) for i in everything) if t is not None]
+                result = Result(
+                    "bot",
+                    jobs + probes,
+                    acks=[i.ack_latency for i in inters if i.ack_latency is not None],
+                    probe_acks=[i.ack_latency for i in probe_inters if i.ack_latency is not None],
+                    cpu_s=cpu1 - cpu0,
+                    wall_s=max(finished) - clock0,
+                    fake_cpu_s=fake_cpu1 - fake_cpu0,
+                    peak_running=peak_running,
+                    peak_queued=peak_queued,
+                    dispatch_s=dispatch_s,
+                    edits=sum(
+                        1
+                        for r in fake.requests[requests0:]
+                        if r.method == "PATCH" and r.path.endswith("/messages/@original")
+                    ),
+                    rest_calls=len(fake.requests) - requests0,
+                )
+            output = process.log_path.read_text(errors="replace")
+            result.warnings = [line for line in output.splitlines() if "WARNING" in line or "ERROR" in line]
+            if "Traceback" in output:
+                raise BenchError(f"the bot logged a traceback:\n{tail(process.log_path, 60)}")
+    return result
+
+
+async def bare_burst(options: argparse.Namespace, tag: str) -> Result:
+    jobs = options.jobs
+    with tempfile.TemporaryDirectory(prefix="discord-bench-bare-") as tmp:
+        async with FakeDiscord(token=TOKEN) as fake:
+            world = make_world(fake, jobs, options.guilds, 0)
+            env = bot_env(fake, Path(tmp))
+            async with child(["-m", "bench.bare_bot"], env, Path(tmp)) as process:
+                await wait_until_connected(fake, process)
+                await warm_up(world, process, until_done=False, timeout=5)
+                cpu0, fake_cpu0 = cpu_seconds(process.pid), time.process_time()
+                started = time.monotonic()
+                inters = [
+                    await invoke(world, who, f"bench {tag} job {i}: a fox")
+                    for i, who in enumerate(world.burst)
+                ]
+                dispatch_s = time.monotonic() - started
+                try:
+                    await fake.wait_for_state(
+                        lambda: all(i.callbacks for i in inters), (fake.ack_deadline_s or 3) + 5, "bare acks"
+                    )
+                except TimeoutError:
+                    process.check_alive("bare burst")
+                    missing = sum(1 for i in inters if not i.callbacks)
+                    raise BenchError(f"bare bot: {missing} of {jobs} interactions not acknowledged") from None
+                cpu1, fake_cpu1 = cpu_seconds(process.pid), time.process_time()
+                return Result(
+                    "bare",
+                    jobs,
+                    acks=[i.ack_latency for i in inters if i.ack_latency is not None],
+                    cpu_s=cpu1 - cpu0,
+                    wall_s=max(i.callbacks[0].monotonic for i in inters) - started,
+                    fake_cpu_s=fake_cpu1 - fake_cpu0,
+                    dispatch_s=dispatch_s,
+                )
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def summarise(results: list[Result]) -> dict[str, float]:
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    return {
+        "p50": med([statistics.median(r.acks) for r in results]),
+        "p99": med([percentile(r.acks, 99) for r in results]),
+        "max": med([max(r.acks) for r in results]),
+        "cpu": med([r.cpu_ms_per_job for r in results]),
+        "wall": med([r.wall_s for r in results]),
+        "fake": med([r.fake_cpu_s * 1000 / r.jobs for r in results]),
+        "probe_p50": med([statistics.median(r.probe_acks) for r in results]) if results[0].probe_acks else 0,
+        "probe_max": med([max(r.probe_acks) for r in results]) if results[0].probe_acks else 0,
+    }
+
+
+def report(options: argparse.Namespace, bots: list[Result], bares: list[Result]) -> None:
+    runs = f"median of {len(bots)} runs" if len(bots) > 1 else "1 run"
+    print(
+        f"\n/imagine burst: {options.jobs} jobs over {options.guilds} guilds, backend {options.backend_delay:g} s "
+        f"per image, BACKEND_CONCURRENCY={options.backend_concurrency}, "
+        f"GUILD_CONCURRENCY={options.guild_concurrency} ({runs})"
+    )
+    header = (
+        f"{'':6} {'p50 ack ms':>10} {'p99 ack ms':>10} {'max ack ms':>10} {'CPU ms/job':>10} {'wall s':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for label, results in (("bot", bots), ("bare", bares)):
+        if not results:
+            continue
+        s = summarise(results)
+        print(
+            f"{label:6} {_ms(s['p50']):>10} {_ms(s['p99']):>10} {_ms(s['max']):>10} "
+            f"{s['cpu']:>10.2f} {s['wall']:>7.1f}"
+        )
+    b = summarise(bots)
+    if bots[0].probe_acks:
+        print(
+            f"probes: {len(bots[0].probe_acks)} /imagine spread over the bot's run, acked in "
+            f"p50 {_ms(b['probe_p50'])} ms, max {_ms(b['probe_max'])} ms"
+        )
+    print(
+        f"bot peak: {max(r.peak_running or 0 for r in bots)} running, {max(r.peak_queued or 0 for r in bots)} "
+        f"queued; CPU/job includes the {options.probes} probes"
+    )
+    calls = statistics.median(r.rest_calls / r.jobs for r in bots)
+    edits = statistics.median(r.edits / r.jobs for r in bots)
+    print(
+        f"bot REST calls to Discord: {calls:.1f}/job, of which {edits:.1f} message edits (progress + result)"
+    )
+    warnings = [line.split(" ", 1)[-1][:200] for r in bots for line in r.warnings]
+    if warnings:
+        print(f"bot log: {len(warnings)} warning/error lines:")
+        for line in list(dict.fromkeys(warnings))[:3]:
+            print(f"  {line}")
+    fake_note = f"fake Discord + driver (this process): {b['fake']:.2f} ms CPU/job with the bot"
+    if bares:
+        fake_note += f", {summarise(bares)['fake']:.2f} with the bare bot"
+    print(fake_note)
+
+
+def print_profile(path: str, limit: int = 25) -> None:
+    stats = pstats.Stats(path)
+    stats.strip_dirs()
+    for key in ("tottime", "cumulative"):
+        print(f"\n--- bot profile (whole process life, start-up included), top {limit} by {key} ---")
+        stats.sort_stats(key).print_stats(limit)
+
+
+async def main(options: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.ERROR)  # the fakes' INFO/WARNING chatter is not the result
+    bots: list[Result] = []
+    bares: list[Result] = []
+    try:
+        for run in range(options.repeats):
+            tag = f"{os.getpid()}-{run}"
+            bot = await bot_burst(options, tag)
+            bots.append(bot)
+            print(
+                f"run {run + 1}: bot  p50 {_ms(statistics.median(bot.acks))} ms, p99 "
+                f"{_ms(percentile(bot.acks, 99))} ms, {bot.cpu_ms_per_job:.2f} CPU ms/job, {bot.wall_s:.1f} s",
+                flush=True,
+            )
+            if not options.skip_bare:
+                bare = await bare_burst(options, tag)
+                bares.append(bare)
+                print(
+                    f"run {run + 1}: bare p50 {_ms(statistics.median(bare.acks))} ms, p99 "
+                    f"{_ms(percentile(bare.acks, 99))} ms, {bare.cpu_ms_per_job:.2f} CPU ms/interaction, "
+                    f"{bare.wall_s:.2f} s",
+                    flush=True,
+                )
+    except BenchError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    report(options, bots, bares)
+    if options.profile:
+        print_profile(options.profile)
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.discord_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--jobs", type=int, default=200, help="interactions in the burst (default 200)")
+    parser.add_argument("--guilds", type=int, default=10, help="guilds the burst is spread over (default 10)")
+    parser.add_argument(
+        "--backend-delay",
+        type=float,
+        default=2.0,
+        help="seconds the fake backend takes per image (default 2)",
+    )
+    parser.add_argument("--backend-concurrency", type=int, default=8, help="BACKEND_CONCURRENCY (default 8)")
+    parser.add_argument("--guild-concurrency", type=int, default=2, help="GUILD_CONCURRENCY (default 2)")
+    parser.add_argument(
+        "--probes",
+        type=int,
+        default=10,
+        help="extra /imagine sent one by one during the bot's run (default 10)",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="runs; the table shows medians (default 1)")
+    parser.add_argument("--skip-bare", action="store_true", help="only run the real bot")
+    parser.add_argument(
+        "--profile", metavar="FILE", help="run the bot under cProfile, write FILE, print the top"
+    )
+    options = parser.parse_args(argv)
+    if options.jobs < 1 or options.guilds < 1 or options.repeats < 1 or options.probes < 0:
+        parser.error("--jobs, --guilds and --repeats must be >= 1, --probes >= 0")
+    if options.profile and options.repeats != 1:
+        parser.error("--profile takes one run (--repeats 1)")
+    if options.profile:
+        options.profile = str(Path(options.profile).resolve())  # the bot runs in another directory
+    return options
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(parse_args())))
