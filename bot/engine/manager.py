@@ -108,6 +108,8 @@ class _Tracked:
     task: asyncio.Task[None] | None = None
     flight: _Flight | None = None
     cancel_reason: str | None = None
+    #: Set by the task's first step: a task cancelled before it ever ran would skip all its bookkeeping.
+    started: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -159,6 +161,9 @@ class JobManager:
         self._active_per_user: Counter[tuple[int, int]] = Counter()
         self._listeners: list[Listener] = []
         self._accepting = True
+        self._submitting = 0  # submits past admission, still writing their first record
+        self._no_submits = asyncio.Event()
+        self._no_submits.set()
         self.completed = Counter[JobState]()
 
     @classmethod
@@ -338,13 +343,20 @@ class JobManager:
         tracked = _Tracked(job)
         self._tracked[job.id] = tracked
         self._active_per_user[(guild_id, user_id)] += 1
+        self._submitting += 1
+        self._no_submits.clear()
         try:
             await self._persist(job)
         except BaseException:
             self._forget(tracked)
             raise
-        tracked.task = asyncio.create_task(self._run_job(tracked), name=f"job-{job.id}")
-        tracked.task.add_done_callback(self._job_task_done)
+        else:
+            tracked.task = asyncio.create_task(self._run_job(tracked), name=f"job-{job.id}")
+            tracked.task.add_done_callback(self._job_task_done)
+        finally:
+            self._submitting -= 1
+            if not self._submitting:
+                self._no_submits.set()
         log.info("job queued", extra={"job": job.id, "guild": guild_id, "user": user_id})
         self._emit(job, JobEvent.QUEUED)
         return job
@@ -376,14 +388,21 @@ class JobManager:
         Returns False when the job is unknown here or already finished.
         """
         tracked = self._tracked.get(job_id)
-        if tracked is None or tracked.job.state.is_terminal or tracked.task is None:
+        if tracked is None or tracked.job.state.is_terminal:
             return False
-        if tracked.cancel_reason is None:
-            tracked.cancel_reason = reason
-            tracked.job.cancelled_by = by
-            tracked.task.cancel()
+        self._request_cancel(tracked, reason, by)
         await tracked.done.wait()
         return tracked.job.state is JobState.CANCELLED
+
+    @staticmethod
+    def _request_cancel(tracked: _Tracked, reason: str, by: str | None) -> None:
+        """Cancel once. A job still being submitted, or whose task has not run yet, sees the reason at its start."""
+        if tracked.cancel_reason is not None:
+            return
+        tracked.cancel_reason = reason
+        tracked.job.cancelled_by = by
+        if tracked.started and tracked.task is not None:
+            tracked.task.cancel()
 
     async def wait(self, job_id: str) -> Job | None:
         """Wait until a job has finished (delivery included); None when it is not tracked here."""
@@ -402,13 +421,10 @@ class JobManager:
         log.info("draining jobs", extra={"jobs": len(pending), "grace_s": grace})
         if pending and grace > 0:
             await asyncio.wait(pending, timeout=grace)
+        await self._wait_for_submits()
         leftovers = [t for t in self._tracked.values() if t.task is not None and not t.task.done()]
         for tracked in leftovers:
-            if tracked.cancel_reason is None:
-                tracked.cancel_reason = "shutdown"
-                tracked.job.cancelled_by = None
-                assert tracked.task is not None
-                tracked.task.cancel()
+            self._request_cancel(tracked, "shutdown", None)
         pending = self._pending_tasks()
         if pending:
             log.info("cancelled unfinished jobs", extra={"jobs": len(leftovers)})
@@ -428,6 +444,12 @@ class JobManager:
             self._position_flush = None
         log.info("job manager stopped")
 
+    async def _wait_for_submits(self, limit_s: float = 5.0) -> None:
+        """Submits admitted before shutdown began may still be writing their first record: let them start."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit_s):
+                await self._no_submits.wait()
+
     def _pending_tasks(self) -> set[asyncio.Task[object]]:
         tasks: set[asyncio.Task[object]] = {
             t.task for t in self._tracked.values() if t.task is not None and not t.task.done()
@@ -437,9 +459,12 @@ class JobManager:
 
     # -- the job task -----------------------------------------------------------------------------------------
     async def _run_job(self, tracked: _Tracked) -> None:
+        tracked.started = True
         job = tracked.job
         try:
             try:
+                if tracked.cancel_reason is not None:
+                    raise asyncio.CancelledError  # cancelled while it was being submitted
                 result = await self._obtain(tracked)
             except asyncio.CancelledError:
                 self._uncancel()
@@ -698,6 +723,12 @@ class JobManager:
     def _job_task_done(self, task: asyncio.Task[None]) -> None:
         job_id = task.get_name().removeprefix("job-")
         tracked = self._tracked.get(job_id)
+        if tracked is not None and not tracked.done.is_set():
+            # Cancelled before its first step (only a shutdown's hard stop can do that): settle the books.
+            if not tracked.job.state.is_terminal:
+                tracked.job.state = JobState.CANCELLED
+                self._release_user(tracked.job)
+            tracked.done.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("job task crashed", exc_info=task.exception(), extra={"job": job_id})
         if tracked is not None and tracked.task is task:

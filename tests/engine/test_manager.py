@@ -418,3 +418,63 @@ async def test_listeners_hear_progress_and_errors_in_listeners_are_contained(clo
     await manager.wait(job.id)
     assert job.state is JobState.SUCCEEDED
     assert events == [JobEvent.QUEUED, JobEvent.STARTED, JobEvent.PROGRESS, JobEvent.FINISHED]
+
+
+class SlowStore:
+    """A store whose writes take a while, like a busy disk: the window where a job is being submitted."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[str, JobState]] = []
+        self.gate = asyncio.Event()
+
+    async def save_job(self, job: Job) -> None:
+        if not self.saved:
+            await self.gate.wait()
+        self.saved.append((job.id, job.state))
+
+
+async def test_cancel_while_the_job_is_still_being_submitted(closing) -> None:
+    backend = ControlledBackend(auto_release=True)
+    store = SlowStore()
+    manager = make_manager(backend, store=store)
+    closing(manager)
+    submitting = asyncio.create_task(manager.submit(req("g1:slow disk"), guild_id=1, user_id=1))
+    await until(lambda: manager.active_jobs() != [])
+    (job,) = manager.active_jobs()
+    cancelling = asyncio.create_task(manager.cancel(job.id, by="an admin"))
+    await asyncio.sleep(0.05)
+    store.gate.set()
+    await submitting
+    assert await cancelling is True
+    assert job.state is JobState.CANCELLED
+    assert backend.calls == []
+    assert manager.active_count(1, 1) == 0
+    assert store.saved[-1] == (job.id, JobState.CANCELLED)
+
+
+async def test_cancel_right_after_submit_does_not_hang(closing) -> None:
+    backend = ControlledBackend(auto_release=True)
+    manager = make_manager(backend)
+    closing(manager)
+    job = await manager.submit(req("g1:instant cancel"), guild_id=1, user_id=1)
+    async with asyncio.timeout(2):
+        assert await manager.cancel(job.id) is True
+    assert job.state is JobState.CANCELLED
+    assert backend.calls == []
+    assert manager.task_count() == 0 or await manager.wait(job.id) is not None
+
+
+async def test_shutdown_waits_for_a_submit_in_progress() -> None:
+    baseline = asyncio.all_tasks()
+    backend = ControlledBackend()  # never finishes by itself
+    store = SlowStore()
+    manager = make_manager(backend, store=store)
+    submitting = asyncio.create_task(manager.submit(req("g1:late"), guild_id=1, user_id=1))
+    await until(lambda: manager.active_jobs() != [])
+    shutting = asyncio.create_task(manager.shutdown(grace=0))
+    await asyncio.sleep(0.05)
+    store.gate.set()
+    job = await submitting
+    await shutting
+    assert job.state is JobState.CANCELLED
+    assert asyncio.all_tasks() == baseline
