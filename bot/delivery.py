@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -61,6 +62,7 @@ class _Tracker:
     closed: bool = False
     token_dead: bool = False
     last_edit: float = 0.0
+    last_signature: tuple[str, int] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     task: asyncio.Task[None] | None = None
 
@@ -139,11 +141,17 @@ class JobMessenger:
                     files = []
                     embed = job_embed(job)
                     preview = job.progress.preview if job.progress and job.state is JobState.RUNNING else None
+                    # Nothing a user would see changed (a queue moving far behind them): no edit, no traffic.
+                    signature = (json.dumps(embed.to_dict(), sort_keys=True), hash(preview))
+                    if signature == tracker.last_signature:
+                        continue
+                    tracker.last_signature = signature
                     if preview:
                         files.append(discord.File(io.BytesIO(preview), filename="preview.png"))
                         embed.set_image(url="attachment://preview.png")
                     await self._edit_original(job, embed=embed, view=job_view(job), files=files)
                 except discord.HTTPException as exc:
+                    tracker.last_signature = None  # not shown: the same state is worth another try
                     self.bot.metrics.discord_error(exc)  # imagine_discord_api_errors_total{status}
                     if exc.code in DEAD_TOKEN_CODES:
                         tracker.token_dead = True

@@ -48,6 +48,11 @@ def excerpt(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _rough_position(position: int) -> str:
+    """Exact near the front; in tens further back, so a long queue does not re-edit every message per step."""
+    return str(position) if position <= 10 else f"{position // 10 * 10}+"
+
+
 def _progress_bar(fraction: float, width: int = 16) -> str:
     filled = max(0, min(width, round(fraction * width)))
     return "█" * filled + "░" * (width - filled)
@@ -56,7 +61,7 @@ def _progress_bar(fraction: float, width: int = 16) -> str:
 def status_line(job: Job) -> str:
     if job.state is JobState.QUEUED:
         if job.queue_position:
-            return f"Queued — position {job.queue_position} in this server's queue"
+            return f"Queued — position {_rough_position(job.queue_position)} in this server's queue"
         return "Queued"
     if job.state is JobState.RUNNING:
         progress = job.progress
