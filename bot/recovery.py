@@ -1,7 +1,9 @@
 """After a crash: find the jobs a dead process left unfinished, resume what can be, and tell the rest.
 
 - Queued jobs whose interaction token is still usable are resumed under their own id and message.
-- Jobs that were running (their generation died with the process), and queued jobs whose token has expired,
+- Running jobs whose generation lives on at the backend under its own id (AI Horde) are followed up by that
+  id: nothing is submitted twice, and the result still reaches the requester (in the channel, past the token).
+- Other running jobs (their generation died with the process), and queued jobs whose token has expired,
   are marked ``interrupted``; their message says so with a Reroll button, or, past the token, a reply in the
   channel tells the requester.
 """
@@ -13,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from bot.backends.base import ResumableBackend
 from bot.engine.errors import RequestRejected
 from bot.engine.models import Job, JobState
 
@@ -33,6 +36,18 @@ async def recover_unfinished_jobs(bot: ImagineBot) -> RecoveryReport:
     store, manager = bot.engine.store, bot.manager
     report = RecoveryReport()
     for job in await store.unfinished_jobs():
+        if (
+            job.state is JobState.RUNNING
+            and job.backend_ref
+            and isinstance(manager.backend, ResumableBackend)
+        ):
+            try:
+                await manager.adopt(job, follow_backend_ref=True)
+                report.resumed.append(job.id)
+                log.info("following up a running job after restart", extra={"job": job.id})
+                continue
+            except RequestRejected:
+                pass
         if job.state is JobState.QUEUED and bot.messenger.token_usable(job):
             try:
                 await manager.adopt(job)

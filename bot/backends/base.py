@@ -8,12 +8,14 @@ re-raising. A backend never submits the same generation twice.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bot.engine.models import GeneratedImage, ImageRequest, Progress
 
 ProgressCallback = Callable[[Progress], None]
+#: Told the backend's own id for a generation once it is submitted (may be a coroutine function).
+SubmittedCallback = Callable[[str], Awaitable[None] | None]
 
 
 def _noop_progress(_: Progress) -> None:
@@ -62,3 +64,26 @@ class Backend(abc.ABC):
     def default_model(self) -> str | None:
         """The model used when a request names none (``None``: the backend decides)."""
         return None
+
+
+class ResumableBackend(Backend):
+    """A backend whose generations run remotely under an id of their own (AI Horde).
+
+    The id is handed to ``on_submitted`` so the job layer can store it; after a restart, :meth:`resume` follows
+    the same generation instead of submitting it again.
+    """
+
+    @abc.abstractmethod
+    async def generate(
+        self,
+        request: ImageRequest,
+        on_progress: ProgressCallback = _noop_progress,
+        *,
+        on_submitted: SubmittedCallback | None = None,
+    ) -> list[GeneratedImage]: ...
+
+    @abc.abstractmethod
+    async def resume(
+        self, ref: str, on_progress: ProgressCallback = _noop_progress, *, count: int | None = None
+    ) -> list[GeneratedImage]:
+        """Keep following a generation submitted earlier, by its backend id; nothing is submitted again."""

@@ -12,14 +12,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
 from bot.backends import http
-from bot.backends.base import Backend, Capabilities, ProgressCallback, _noop_progress
+from bot.backends.base import (
+    Capabilities,
+    ProgressCallback,
+    ResumableBackend,
+    SubmittedCallback,
+    _noop_progress,
+)
 from bot.engine.errors import FailureReason, GenerationError
 from bot.engine.images import verify_image
 from bot.engine.models import GeneratedImage, ImageRequest, Progress
@@ -34,7 +39,6 @@ MAX_STEPS = 30
 SIZES: tuple[tuple[int, int], ...] = ((512, 512), (768, 768), (512, 768), (768, 512), (640, 640))
 
 #: Called with the Horde request id right after submission (may be sync or async).
-SubmittedCallback = Callable[[str], Any]
 
 
 def normalise_url(url: str | None) -> str:
@@ -87,7 +91,7 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-class HordeBackend(Backend):
+class HordeBackend(ResumableBackend):
     """``IMAGE_BACKEND=horde`` (the default)."""
 
     name = "horde"

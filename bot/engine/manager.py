@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from bot.backends.base import Backend
+from bot.backends.base import Backend, ResumableBackend
 from bot.engine.cache import cache_key
 from bot.engine.errors import FailureReason, GenerationError, RequestRejected, ShuttingDown
 from bot.engine.models import (
+    GeneratedImage,
     GenerationResult,
     ImageRequest,
     Job,
@@ -100,6 +101,8 @@ class _Flight:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[GenerationResult] | None = None
     progress: Progress | None = None
+    #: Follow this already-submitted backend generation instead of submitting (after a restart).
+    resume_ref: str | None = None
 
 
 @dataclass(eq=False)
@@ -108,6 +111,7 @@ class _Tracked:
     task: asyncio.Task[None] | None = None
     flight: _Flight | None = None
     cancel_reason: str | None = None
+    resume_ref: str | None = None
     #: Set by the task's first step: a task cancelled before it ever ran would skip all its bookkeeping.
     started: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -361,12 +365,18 @@ class JobManager:
         self._emit(job, JobEvent.QUEUED)
         return job
 
-    async def adopt(self, job: Job) -> Job:
-        """Resume a job found queued in the store by a new process (same id, same record)."""
+    async def adopt(self, job: Job, *, follow_backend_ref: bool = False) -> Job:
+        """Take over a job a dead process left unfinished (same id, same record).
+
+        With ``follow_backend_ref`` the generation it had already submitted (``job.backend_ref``, on a
+        :class:`ResumableBackend`) is followed up instead of submitted again.
+        """
         if not self._accepting:
             raise ShuttingDown()
+        if follow_backend_ref and not (job.backend_ref and isinstance(self.backend, ResumableBackend)):
+            raise ValueError("this job has no generation the backend can resume")
         job.state = JobState.QUEUED
-        tracked = _Tracked(job)
+        tracked = _Tracked(job, resume_ref=job.backend_ref if follow_backend_ref else None)
         self._tracked[job.id] = tracked
         self._active_per_user[(job.guild_id, job.user_id)] += 1
         await self._persist(job)
@@ -548,12 +558,14 @@ class JobManager:
     # -- flights ----------------------------------------------------------------------------------------------
     def _join_flight(self, tracked: _Tracked, key: str) -> _Flight:
         job = tracked.job
-        flight = None if job.request.fresh else self._flights.get(key)
+        private = job.request.fresh or tracked.resume_ref is not None
+        flight = None if private else self._flights.get(key)
         if flight is None:
             flight = _Flight(
-                key=key if not job.request.fresh else f"{key}:{job.id}",
+                key=f"{key}:{job.id}" if private else key,
                 request=job.request,
                 ticket=self._scheduler.new_ticket(job.guild_id, job.user_id),
+                resume_ref=tracked.resume_ref,
             )
             self._flights[flight.key] = flight
             self._ticket_flights[flight.ticket] = flight
@@ -591,9 +603,7 @@ class JobManager:
                 started = time.monotonic()
                 try:
                     async with asyncio.timeout(self.job_timeout_s):
-                        images = await self.backend.generate(
-                            flight.request, lambda p: self._on_progress(flight, p)
-                        )
+                        images = await self._call_backend(flight)
                 except TimeoutError:
                     raise GenerationError(
                         FailureReason.TIMEOUT,
@@ -611,6 +621,26 @@ class JobManager:
             self._ticket_flights.pop(flight.ticket, None)
             if self._flights.get(flight.key) is flight:
                 del self._flights[flight.key]
+
+    async def _call_backend(self, flight: _Flight) -> list[GeneratedImage]:
+        def on_progress(progress: Progress) -> None:
+            self._on_progress(flight, progress)
+
+        backend = self.backend
+        if not isinstance(backend, ResumableBackend):
+            return await backend.generate(flight.request, on_progress)
+        if flight.resume_ref is not None:
+            return await backend.resume(flight.resume_ref, on_progress, count=flight.request.count)
+
+        async def remember(ref: str) -> None:
+            # Stored before the wait begins, so a restart can follow this generation instead of losing it.
+            for job_id in list(flight.jobs):
+                tracked = self._tracked.get(job_id)
+                if tracked is not None:
+                    tracked.job.backend_ref = ref
+                    await self._persist(tracked.job)
+
+        return await backend.generate(flight.request, on_progress, on_submitted=remember)
 
     def _on_progress(self, flight: _Flight, progress: Progress) -> None:
         flight.progress = progress

@@ -174,6 +174,8 @@ class Job:
     error_reason: str | None = None
     error_message: str | None = None
     cancelled_by: str | None = None
+    #: The backend's own id for the submitted generation (AI Horde), to follow it up after a restart.
+    backend_ref: str | None = None
     #: Not persisted: live only for this process.
     result: GenerationResult | None = None
     queue_position: int | None = None

@@ -62,6 +62,8 @@ MIGRATIONS: list[Sequence[str]] = [
         """,
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
+    # v2: the backend's own id for a submitted generation (AI Horde), so a restart can follow it up.
+    ("ALTER TABLE jobs ADD COLUMN backend_ref TEXT",),
 ]
 
 _JOB_COLUMNS = (
@@ -83,6 +85,7 @@ _JOB_COLUMNS = (
     "error_reason",
     "error_message",
     "cancelled_by",
+    "backend_ref",
 )
 _SELECT_JOBS = f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs"
 # One statement, the same text every time: sqlite3's statement cache prepares it once per connection.
@@ -210,6 +213,7 @@ def _job_params(job: Job) -> tuple[Any, ...]:
         job.error_reason,
         job.error_message,
         job.cancelled_by,
+        job.backend_ref,
     )
 
 
@@ -236,6 +240,7 @@ def _job_from_row(row: Sequence[Any]) -> Job | None:
             error_reason=values["error_reason"],
             error_message=values["error_message"],
             cancelled_by=values["cancelled_by"],
+            backend_ref=values["backend_ref"],
         )
     except (ValueError, TypeError, KeyError) as exc:
         log.warning("skipping unreadable job row %r: %s", values.get("id"), exc)

@@ -9,6 +9,7 @@ from bot.engine.store import JobStore
 from tests.bot.conftest import TOKEN, embed_author, image_attachments, is_done, running_bot
 from tests.bot.process import assert_clean, bot_process
 from tests.fakes.discord import FakeDiscord
+from tests.fakes.horde import FakeHorde
 from tests.fakes.openai_api import FakeOpenAI
 
 
@@ -95,3 +96,29 @@ async def test_queued_job_past_its_token_is_reported_in_the_channel(
         job = await h.bot.engine.store.get_job("0123456789ab")
         assert job is not None and job.state is JobState.INTERRUPTED
     assert fake_openai.state.generations == 0  # nothing was resumed past its token
+
+
+async def test_running_horde_job_is_followed_up_by_its_id_after_sigkill(tmp_path) -> None:
+    """AI Horde keeps generating while the bot is dead: the new process polls the same request, never resubmits."""
+    async with FakeDiscord(token=TOKEN) as fake, FakeHorde(checks_until_done=10_000) as horde:
+        guild = fake.add_guild(name="G")
+        settings = {"image_backend": "horde", "image_backend_url": horde.url}
+        user = fake.add_member(guild.id)
+        async with bot_process(fake, tmp_path, **settings) as doomed:
+            inter = await fake.invoke_command(
+                guild.id, guild.channels[0].id, user.id, "imagine", {"prompt": "far away"}
+            )
+            await wait_for(
+                lambda: horde.state.checks >= 1
+            )  # submitted, and its id stored before polling began
+            doomed.kill()
+            await doomed.wait(10)
+        assert horde.state.submits == 1
+        horde.configure(checks_until_done=0)
+        async with bot_process(fake, tmp_path, **settings) as restarted:
+            message = await inter.wait_until(is_done, timeout=20)
+            assert image_attachments(message)
+            assert await restarted.terminate() == 0
+        assert horde.state.submits == 1  # followed up, not submitted again
+        assert horde.state.status_calls == 1
+        assert_clean(restarted.text)

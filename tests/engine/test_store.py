@@ -75,6 +75,7 @@ def full_job() -> Job:
         error_reason="timeout",
         error_message="The backend took too long.",
         cancelled_by="user:42",
+        backend_ref="horde-0f1e2d",
     )
 
 
@@ -97,6 +98,7 @@ PERSISTED = [
     "error_reason",
     "error_message",
     "cancelled_by",
+    "backend_ref",
 ]
 
 
@@ -277,7 +279,7 @@ async def test_empty_v0_file_is_migrated_and_the_setup_is_applied(
     path.touch()
     store = await open_store(path)
     await store.save_job(make_job("j"))
-    assert user_version(path) == len(store_module.MIGRATIONS) == 1
+    assert user_version(path) == len(store_module.MIGRATIONS) == 2
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
@@ -295,9 +297,29 @@ async def test_older_schema_is_migrated_forward(
     monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, v2])
     store = await open_store(path)
     assert await store.get_job("kept") is not None
-    assert user_version(path) == 2
+    assert user_version(path) == 3
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT note FROM jobs").fetchall() == [("migrated",)]
+
+
+async def test_a_version_1_database_gains_backend_ref(tmp_path: Path, open_store: OpenStore) -> None:
+    """A file written by the first release: its jobs survive the upgrade, with no backend reference."""
+    path = tmp_path / "bot.sqlite3"
+    with sqlite3.connect(path) as db:
+        for statement in store_module.MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute(
+            "INSERT INTO jobs (id, request, guild_id, user_id, state, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            ("old", '{"prompt": "from v1"}', 1, 2, "queued", 10.0),
+        )
+        db.execute("PRAGMA user_version = 1")
+    store = await open_store(path)
+    job = await store.get_job("old")
+    assert job is not None and job.request.prompt == "from v1" and job.backend_ref is None
+    job.backend_ref = "abc"
+    await store.save_job(job)
+    assert (await store.get_job("old")).backend_ref == "abc"  # type: ignore[union-attr]
+    assert user_version(path) == 2
 
 
 async def test_a_failing_migration_rolls_back(
@@ -309,7 +331,7 @@ async def test_a_failing_migration_rolls_back(
     monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, broken])
     with pytest.raises(StoreError):
         await JobStore(path).open()
-    assert user_version(path) == 1
+    assert user_version(path) == 2
     with sqlite3.connect(path) as db:
         columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
     assert "note" not in columns
@@ -320,7 +342,7 @@ async def test_a_newer_schema_refuses_to_open(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA user_version = 99")
     store = JobStore(path)
-    with pytest.raises(StoreError, match=r"schema version 99, newer than this bot understands \(1\)") as info:
+    with pytest.raises(StoreError, match=r"schema version 99, newer than this bot understands \(2\)") as info:
         await store.open()
     assert type(info.value) is StoreError
     assert "\n" not in info.value.message
