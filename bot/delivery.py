@@ -125,7 +125,9 @@ class JobMessenger:
     # -- progress -----------------------------------------------------------------------------------------
     async def _pump(self, tracker: _Tracker) -> None:
         while tracker.dirty and not tracker.closed:
-            wait = tracker.last_edit + self.min_interval - time.monotonic()
+            # A queue position matters less than progress: while queued, edit a third as often.
+            interval = self.min_interval * (3 if tracker.job.state is JobState.QUEUED else 1)
+            wait = tracker.last_edit + interval - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue
