@@ -103,3 +103,19 @@ async def test_failures_exit_non_zero_with_one_clear_line(tmp_path: Path) -> Non
     )
     assert status == 2
     assert err.strip().splitlines() == ["error: Size 'big' is not WIDTHxHEIGHT, for example 512x512."]
+
+
+async def test_a_corrupt_database_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "bot.sqlite3").write_bytes(b"this is not a database" * 100)
+    async with FakeA1111() as backend:
+        status, _, err = await run_cli(tmp_path, backend.url, "anything", "--out", str(tmp_path / "x.png"))
+        assert backend.state.txt2img_calls == 0
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "bot.sqlite3" in lines[0], err
+    assert "Traceback" not in err
+    moved = [p.name for p in data.iterdir() if p.name.startswith("bot.sqlite3.corrupt-")]
+    assert len(moved) == 1  # renamed aside, never deleted
+    assert (data / moved[0]).read_bytes() == b"this is not a database" * 100

@@ -337,7 +337,7 @@ class JobStore:
             f"The database {self.path} is corrupt ({detail}); it was moved to {moved_to} and a new one "
             "will be created on the next start."
         )
-        log.error("%s", message)
+        # Not logged here: the caller reports it, once, as the one line start-up stops with.
         return StoreCorrupt(message, path=self.path, moved_to=moved_to)
 
     def _translate(self, exc: sqlite3.Error, action: str) -> StoreError:

@@ -159,3 +159,18 @@ async def test_job_state_is_stored(fake_discord: FakeDiscord, fake_openai, tmp_p
         jobs = await h.bot.engine.store.list_jobs(guild_id=int(h.guild.id))
         assert [j.state for j in jobs] == [JobState.SUCCEEDED]
         assert jobs[0].message_ref is not None and jobs[0].message_ref["interaction_id"] == int(inter.id)
+
+
+async def test_progress_and_a_live_preview_are_shown_while_generating(
+    fake_discord, fake_a1111, tmp_path
+) -> None:
+    fake_a1111.configure(delay=2.5)
+    async with running_bot(fake_discord, tmp_path, backend="a1111", backend_url=fake_a1111.url) as h:
+        user = fake_discord.add_member(h.guild.id)
+        inter = await h.imagine(user.id, "a slow painting")
+        await inter.wait_until(is_done, timeout=15)
+        revisions = inter.original.history
+        generating = [r for r in revisions if json.dumps(r.embeds).count("Generating")]
+        assert any("%" in json.dumps(r.embeds) for r in generating)  # a progress figure was shown
+        assert any(a["filename"] == "preview.png" for r in generating for a in r.attachments)
+        assert [a["filename"] for a in revisions[-1].attachments if a["filename"] == "preview.png"] == []

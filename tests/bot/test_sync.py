@@ -83,3 +83,14 @@ async def test_sync_with_a_bad_token_says_so(tmp_path) -> None:
         assert "DISCORD_TOKEN" in out
         assert "Traceback" not in out
         assert "wrong-token-123456" not in out
+
+
+async def test_guild_only_commands_and_only_the_guilds_intent(tmp_path) -> None:
+    async with FakeDiscord(token=TOKEN) as fake, FakeOpenAI() as backend:
+        fake.add_guild(name="G")
+        async with running_bot(fake, tmp_path, backend_url=backend.url):
+            (session,) = fake.sessions.values()
+            assert session.identify["intents"] == 1  # GUILDS only: no message content, no members
+        for command in fake.commands[None].values():
+            assert command.get("contexts") == [0], command["name"]  # servers only, not DMs
+            assert command.get("integration_types") == [0], command["name"]  # installed to servers, not users
