@@ -18,6 +18,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.cogs.options import model_choices
 from bot.engine.models import Job, JobState
 from bot.engine.policy import (
     MAX_BLOCKED_WORDS,
@@ -351,12 +352,7 @@ class AdminCog(commands.Cog, name="Admin"):
     async def model_autocomplete(
         self, interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:
-        needle = current.casefold()
-        return [
-            app_commands.Choice(name=m[:100], value=m[:100])
-            for m in self.manager.models
-            if needle in m.casefold()
-        ][:25]
+        return model_choices(self.manager.models, current)
 
     def describe(self, guild_id: int) -> str:
         s = self.policy.settings_for(guild_id)

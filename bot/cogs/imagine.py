@@ -16,6 +16,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.cogs.options import model_choices
 from bot.delivery import message_ref_for
 from bot.engine.errors import RequestRejected
 from bot.engine.manager import random_seed
@@ -104,12 +105,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
     async def model_autocomplete(
         self, interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:
-        needle = current.casefold()
-        return [
-            app_commands.Choice(name=m[:100], value=m[:100])
-            for m in self.manager.models
-            if needle in m.casefold()
-        ][:25]
+        return model_choices(self.manager.models, current)
 
     async def imagine(
         self,

@@ -174,3 +174,19 @@ async def test_progress_and_a_live_preview_are_shown_while_generating(
         assert any("%" in json.dumps(r.embeds) for r in generating)  # a progress figure was shown
         assert any(a["filename"] == "preview.png" for r in generating for a in r.attachments)
         assert [a["filename"] for a in revisions[-1].attachments if a["filename"] == "preview.png"] == []
+
+
+async def test_model_autocomplete_offers_the_operators_models(fake_discord, fake_openai, tmp_path) -> None:
+    async with running_bot(
+        fake_discord, tmp_path, backend_url=fake_openai.url, image_models=["flux-dev", "flux-schnell", "sdxl"]
+    ) as h:
+        user = fake_discord.add_member(h.guild.id)
+        inter = await fake_discord.autocomplete(
+            h.guild.id, h.channel_id, user.id, "imagine", {"prompt": "x", "model": "FLUX"}, "model"
+        )
+        callback = await inter.wait_for_callback()
+        assert callback.type == 8
+        assert [c["value"] for c in callback.data["choices"]] == ["flux-dev", "flux-schnell"]
+        refused = await h.imagine(user.id, "x", model="midjourney")
+        answer = await refused.wait_for_callback()
+        assert answer.ephemeral and "midjourney" in answer.data["content"]
