@@ -61,7 +61,6 @@ def bot_env(fake: FakeDiscord, data_dir: Path, **settings: object) -> dict[str, 
         {
             "PYTHONPATH": str(ROOT),
             "PYTHONUNBUFFERED": "1",
-            "PYTHONASYNCIODEBUG": "0",
             "DISCORD_TOKEN": fake.token,
             "DISCORD_API_BASE": fake.api_base,
             "DISCORD_GATEWAY_URL": fake.gateway_url,
@@ -75,9 +74,7 @@ def bot_env(fake: FakeDiscord, data_dir: Path, **settings: object) -> dict[str, 
 
 
 @contextlib.asynccontextmanager
-async def bot_process(
-    fake: FakeDiscord, data_dir: Path, *, ready_count: int | None = None, **settings: object
-) -> AsyncIterator[BotProcess]:
+async def bot_process(fake: FakeDiscord, data_dir: Path, **settings: object) -> AsyncIterator[BotProcess]:
     """Start the bot; wait until it has identified and is ready; always reap it."""
     before = fake.ready_count
     proc = await asyncio.create_subprocess_exec(
