@@ -103,6 +103,9 @@ class _Flight:
     progress: Progress | None = None
     #: Follow this already-submitted backend generation instead of submitting (after a restart).
     resume_ref: str | None = None
+    #: The request's cache key (``key`` differs for private flights) and, once stored, the images' refs.
+    cache_key: str = ""
+    image_refs: list[str] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -547,9 +550,7 @@ class JobManager:
         assert flight.task is not None
         result = await asyncio.shield(flight.task)
         self._leave(tracked)
-        if self.cache is not None:
-            job.image_refs = await self.cache.put(key, result)
-        # Without a cache there is nowhere to fetch images back from later: no references to keep.
+        job.image_refs = list(flight.image_refs)
         return result
 
     def _key(self, request: ImageRequest) -> str:
@@ -566,6 +567,7 @@ class JobManager:
                 request=job.request,
                 ticket=self._scheduler.new_ticket(job.guild_id, job.user_id),
                 resume_ref=tracked.resume_ref,
+                cache_key=key,
             )
             self._flights[flight.key] = flight
             self._ticket_flights[flight.ticket] = flight
@@ -609,7 +611,7 @@ class JobManager:
                         FailureReason.TIMEOUT,
                         f"The image took longer than {self.job_timeout_s:.0f} s and was stopped.",
                     ) from None
-                return GenerationResult(
+                result = GenerationResult(
                     images=tuple(images),
                     backend=self.backend.name,
                     model=flight.request.model,
@@ -617,6 +619,11 @@ class JobManager:
                 )
             finally:
                 self._scheduler.release(flight.ticket)
+            # Stored once per generation, however many jobs share it (without a cache there is nowhere to
+            # fetch images back from later, so no references are kept).
+            if self.cache is not None:
+                flight.image_refs = await self.cache.put(flight.cache_key, result)
+            return result
         finally:
             self._ticket_flights.pop(flight.ticket, None)
             if self._flights.get(flight.key) is flight:

@@ -478,3 +478,31 @@ async def test_shutdown_waits_for_a_submit_in_progress() -> None:
     await shutting
     assert job.state is JobState.CANCELLED
     assert asyncio.all_tasks() == baseline
+
+
+class RecordingCache:
+    """A cache that always misses and records what is stored (a collaborator of the unit under test)."""
+
+    def __init__(self) -> None:
+        self.puts: list[str] = []
+
+    async def get(self, key: str):
+        return None
+
+    async def put(self, key: str, result) -> list[str]:
+        self.puts.append(key)
+        return [f"ref-{len(self.puts)}"]
+
+
+async def test_a_shared_generation_is_stored_once_and_every_job_gets_its_refs(closing) -> None:
+    backend = ControlledBackend()
+    cache = RecordingCache()
+    manager = make_manager(backend, cache=cache)
+    closing(manager)
+    jobs = [await manager.submit(req("g1:same"), guild_id=1, user_id=u) for u in range(3)]
+    await backend.wait_calls(1)
+    backend.release_all()
+    await asyncio.gather(*(manager.wait(j.id) for j in jobs))
+    assert len(backend.calls) == 1
+    assert len(cache.puts) == 1
+    assert [j.image_refs for j in jobs] == [["ref-1"]] * 3
