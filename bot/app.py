@@ -62,8 +62,9 @@ async def run_sync(settings: Settings, *, clear: bool) -> int:
     token = settings.token()
     point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
     async with open_engine(settings) as engine:
-        bot = ImagineBot(engine, sync_commands=False)
-        bot.web = None  # a one-off sync serves no /healthz and must not take HTTP_PORT from a running bot
+        # A one-off sync beside a running bot: it must not touch that bot's jobs, nor take its HTTP_PORT.
+        bot = ImagineBot(engine, sync_commands=False, recover_jobs=False)
+        bot.web = None
         async with bot:
             try:
                 await bot.login(token)

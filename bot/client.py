@@ -51,6 +51,7 @@ class ImagineBot(commands.Bot):
         *,
         clock: Callable[[], float] = time.time,
         sync_commands: bool = True,
+        recover_jobs: bool = True,
         progress_interval: float = 1.5,
         **options: object,
     ) -> None:
@@ -71,6 +72,7 @@ class ImagineBot(commands.Bot):
         self.settings = engine.settings
         self.clock = clock
         self.sync_commands = sync_commands
+        self.recover_jobs = recover_jobs
         self.messenger = JobMessenger(self, clock=clock, min_interval=progress_interval)
         self.draining = False
         self.ready_once = asyncio.Event()
@@ -95,7 +97,8 @@ class ImagineBot(commands.Bot):
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         # Jobs a dead process left behind: resume the queued ones, report the interrupted ones.
-        await recover_unfinished_jobs(self)
+        if self.recover_jobs:
+            await recover_unfinished_jobs(self)
         if self.sync_commands:
             await self.sync_if_changed()
         if self.web is not None:  # last: /healthz answers (503 until READY) once everything above is set up

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 
-from tests.bot.conftest import TOKEN, running_bot
-from tests.bot.process import ROOT, bot_env
+from tests.bot.conftest import TOKEN, embed_author, is_done, running_bot
+from tests.bot.process import ROOT, bot_env, bot_process
 from tests.fakes.discord import FakeDiscord
 from tests.fakes.openai_api import FakeOpenAI
 
@@ -94,3 +95,20 @@ async def test_guild_only_commands_and_only_the_guilds_intent(tmp_path) -> None:
         for command in fake.commands[None].values():
             assert command.get("contexts") == [0], command["name"]  # servers only, not DMs
             assert command.get("integration_types") == [0], command["name"]  # installed to servers, not users
+
+
+async def test_sync_beside_a_running_bot_leaves_its_jobs_alone(tmp_path) -> None:
+    async with FakeDiscord(token=TOKEN) as fake, FakeOpenAI(delay=2) as backend:
+        guild = fake.add_guild(name="G")
+        settings = {"image_backend": "openai", "image_backend_url": backend.url}
+        async with bot_process(fake, tmp_path, **settings) as bot:
+            user = fake.add_member(guild.id)
+            inter = await fake.invoke_command(
+                guild.id, guild.channels[0].id, user.id, "imagine", {"prompt": "busy"}
+            )
+            await inter.wait_until(lambda m: "Generating" in embed_author(m), timeout=10)
+            status, out = await run_sync(fake, tmp_path, **settings)
+            assert status == 0, out
+            message = await inter.wait_until(is_done, timeout=10)
+            assert "Interrupted" not in json.dumps([r.embeds for r in message.history])
+            assert await bot.terminate() == 0
