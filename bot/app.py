@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import signal
+from pathlib import Path
 
 import discord
 
 from bot.client import ImagineBot, point_discord_at
 from bot.runtime import open_engine
-from bot.settings import Settings
+from bot.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,34 @@ def install_signal_handlers(bot: ImagineBot) -> list[signal.Signals]:
     return installed
 
 
+def _lock_data_dir_sync(data_dir: Path) -> int:
+    """Hold ``DATA_DIR/bot.lock`` for the process's life: two bots on one DATA_DIR would each take the
+    other's running jobs for a crashed process's leftovers."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / "bot.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as exc:
+        raise SettingsError(f"DATA_DIR: cannot write to {data_dir} ({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SettingsError(
+            f"DATA_DIR: {data_dir} is in use by another running copy of the bot; give each bot its own"
+        ) from None
+    return fd
+
+
 async def run_bot(settings: Settings) -> int:
     token = settings.token()
+    lock = await asyncio.to_thread(_lock_data_dir_sync, settings.data_dir)
+    try:
+        return await _serve(settings, token)
+    finally:
+        os.close(lock)
+
+
+async def _serve(settings: Settings, token: str) -> int:
     point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
     async with open_engine(settings) as engine:
         bot = ImagineBot(engine)

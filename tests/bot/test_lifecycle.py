@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 from tests.bot.conftest import TOKEN, embed_author, image_attachments, is_done
-from tests.bot.process import assert_clean, bot_process
+from tests.bot.process import assert_clean, bot_env, bot_process
 from tests.fakes.discord import FakeDiscord
 from tests.fakes.openai_api import FakeOpenAI
 
@@ -156,3 +157,28 @@ async def test_gateway_down_at_start_up_is_retried(tmp_path) -> None:
             assert await bot.terminate() == 0
         assert "gateway unreachable at start-up; retrying" in bot.text
         assert fake.refused_connections >= 1
+
+
+async def test_a_second_bot_on_the_same_data_dir_is_refused(tmp_path) -> None:
+    async with FakeDiscord(token=TOKEN) as fake, FakeOpenAI() as backend:
+        fake.add_guild(name="G")
+        settings = {"image_backend": "openai", "image_backend_url": backend.url}
+        async with bot_process(fake, tmp_path, **settings) as first:
+            second = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bot",
+                cwd=str(tmp_path),
+                env=bot_env(fake, tmp_path, **settings),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            async with asyncio.timeout(30):
+                out, _ = await second.communicate()
+            assert second.returncode == 2
+            lines = out.decode().strip().splitlines()
+            assert lines == [
+                f"error: DATA_DIR: {tmp_path} is in use by another running copy of the bot; give each bot its own"
+            ]
+            assert await first.terminate() == 0
+        assert fake.ready_count == 1  # the second never connected
