@@ -5,12 +5,17 @@ Modules log through ``logging.getLogger(__name__)`` and pass fields as ``extra={
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 import time
 from collections.abc import Iterable
 from typing import Any
+
+#: The job a task works for. Set in each job's task; tasks it starts (its generation, backend polls) inherit
+#: it, so their log lines carry the job id too without every function passing it along.
+current_job: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_job", default=None)
 
 #: Attributes every LogRecord has; anything else on a record came from ``extra=`` and is a field.
 _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -57,6 +62,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=False)
 
 
+class JobContextFilter(logging.Filter):
+    """Adds ``job=<id>`` to lines logged on behalf of a job that did not name it themselves."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        job_id = current_job.get()
+        if job_id is not None and not hasattr(record, "job"):
+            record.job = job_id
+        return True
+
+
 class RedactingFilter(logging.Filter):
     """Replaces secrets wherever they would appear: message, arguments, fields, tracebacks."""
 
@@ -89,6 +104,7 @@ class RedactingFilter(logging.Filter):
 def configure_logging(level: str = "INFO", fmt: str = "text", secrets: Iterable[str] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    handler.addFilter(JobContextFilter())
     handler.addFilter(RedactingFilter(secrets))
     root = logging.getLogger()
     for existing in list(root.handlers):

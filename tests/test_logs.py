@@ -68,3 +68,27 @@ def test_json_is_one_object_per_line(stderr) -> None:
 def test_access_logs_stay_quiet(stderr) -> None:
     configure_logging("INFO", "text", [])
     assert not logging.getLogger("aiohttp.access").isEnabledFor(logging.INFO)
+
+
+async def test_lines_logged_for_a_job_carry_its_id(stderr) -> None:
+    """A backend logging inside a job's generation names the job without being told it."""
+    import asyncio
+
+    from bot.engine.manager import JobManager
+    from bot.engine.models import ImageRequest
+    from tests.helpers import ControlledBackend
+
+    configure_logging("INFO", "text")
+
+    class ChattyBackend(ControlledBackend):
+        async def generate(self, request, on_progress=lambda _: None):
+            logging.getLogger("bot.backends.chatty").info("talking to the backend")
+            return await super().generate(request, on_progress)
+
+    manager = JobManager(ChattyBackend(auto_release=True))
+    job = await manager.submit(ImageRequest(prompt="g1:x"), guild_id=1, user_id=1)
+    await manager.wait(job.id)
+    await manager.shutdown(0)
+    await asyncio.sleep(0)
+    (line,) = [line for line in stderr().splitlines() if "talking to the backend" in line]
+    assert line.endswith(f"job={job.id}")

@@ -45,6 +45,7 @@ from bot.engine.models import (
     validate_request,
 )
 from bot.engine.scheduler import FairScheduler, Ticket
+from bot.logs import current_job
 
 if TYPE_CHECKING:
     from bot.engine.cache import ResultCache
@@ -474,6 +475,7 @@ class JobManager:
     async def _run_job(self, tracked: _Tracked) -> None:
         tracked.started = True
         job = tracked.job
+        current_job.set(job.id)  # this task's context only: its log lines (and its flight's) carry the id
         try:
             try:
                 if tracked.cancel_reason is not None:
