@@ -11,9 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import warnings
 from collections.abc import Sequence
 
 from bot.settings import Settings, SettingsError, load_settings
+
+# discord.py (imported later, lazily) imports audioop for voice, which this bot never uses: don't warn about it.
+warnings.filterwarnings("ignore", message="'audioop' is deprecated", category=DeprecationWarning)
 
 EXIT_CONFIG = 2
 

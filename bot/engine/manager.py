@@ -429,7 +429,12 @@ class JobManager:
 
     # -- shutdown ---------------------------------------------------------------------------------------------
     async def shutdown(self, grace: float) -> None:
-        """Stop accepting, let work finish for ``grace`` seconds, cancel the rest, and await every task."""
+        """Stop accepting, let work finish for ``grace`` seconds, cancel the rest, and await every task.
+
+        Idempotent: a second call (the bot drained, then the engine closes) finds nothing to do.
+        """
+        if not self._accepting and not self._pending_tasks():
+            return
         self._accepting = False
         pending = self._pending_tasks()
         log.info("draining jobs", extra={"jobs": len(pending), "grace_s": grace})
