@@ -112,12 +112,29 @@ def same_origin(a: str, b: str) -> bool:
     return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
 
 
+TRACEBACK_MARKER = "Traceback (most recent call last)"
+
+
+def drop_traceback(text: str) -> str:
+    """Python servers (gpt4free, SD.Next) answer a crash with its traceback: users get only its last line.
+
+    A traceback already flattened onto one line has no clean last line, so all of it goes.
+    """
+    head, marker, tail = text.partition(TRACEBACK_MARKER)
+    if not marker:
+        return text
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    last = lines[-1] if len(lines) > 1 else ""
+    head = head.strip().rstrip(":").strip()
+    return ": ".join(part for part in (head, last) if part) or "The image backend crashed."
+
+
 def scrub(text: str, secrets: Iterable[str | None]) -> str:
-    """Remove secrets from text that may reach a user or a log, and bound its length."""
+    """Remove secrets (and tracebacks) from text that may reach a user or a log, and bound its length."""
     for secret in secrets:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
-    text = " ".join(text.split())
+    text = " ".join(drop_traceback(text).split())
     if len(text) > MAX_MESSAGE_CHARS:
         text = text[: MAX_MESSAGE_CHARS - 1] + "…"
     return text
