@@ -240,7 +240,7 @@ class A1111Backend(Backend):
             poller.cancel()
             await asyncio.gather(poller, return_exceptions=True)
             self.inflight -= 1
-        data = reply.json_object()
+        data = await asyncio.to_thread(reply.json_object)
         encoded = data.get("images")
         if not isinstance(encoded, list) or not encoded:
             raise GenerationError(
@@ -252,7 +252,9 @@ class A1111Backend(Backend):
         seeds = _seeds(data.get("info"), len(encoded))
         images = []
         for text, seed in zip(encoded, seeds, strict=True):
-            images.append(await verify_image(http.decode_base64_image(text), seed=seed))
+            images.append(
+                await verify_image(await asyncio.to_thread(http.decode_base64_image, text), seed=seed)
+            )
         return images
 
     async def _poll_progress(self, task_id: str, on_progress: ProgressCallback) -> None:

@@ -336,7 +336,7 @@ class HordeBackend(ResumableBackend):
         if not isinstance(img, str) or not img:
             raise GenerationError(FailureReason.INVALID_IMAGE, "AI Horde sent a generation without an image.")
         if not img.startswith(("http://", "https://")):
-            return http.decode_base64_image(img)
+            return await asyncio.to_thread(http.decode_base64_image, img)
         reply = await http.request(
             self._session,
             "GET",

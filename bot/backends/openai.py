@@ -157,7 +157,7 @@ class OpenAIBackend(Backend):
             json=self.payload(request),
             headers=self._headers(),
         )
-        entries = reply.json_object().get("data")
+        entries = (await asyncio.to_thread(reply.json_object)).get("data")
         if not isinstance(entries, list) or not entries:
             raise GenerationError(
                 FailureReason.INVALID_IMAGE, "The image service answered without any image."
@@ -170,7 +170,7 @@ class OpenAIBackend(Backend):
                     FailureReason.INVALID_IMAGE, "The image service sent a malformed reply."
                 )
             if entry.get("b64_json"):
-                data = http.decode_base64_image(entry["b64_json"])
+                data = await asyncio.to_thread(http.decode_base64_image, entry["b64_json"])
             elif isinstance(entry.get("url"), str) and entry["url"]:
                 data = await self._download(entry["url"])
             else:
@@ -183,7 +183,7 @@ class OpenAIBackend(Backend):
     async def _download(self, url: str) -> bytes:
         """Fetch an image link; relative links (gpt4free's ``/media/...``) live on the server itself."""
         if url.startswith("data:"):
-            return http.decode_base64_image(url)
+            return await asyncio.to_thread(http.decode_base64_image, url)
         absolute = urljoin(self._root + "/", url)
         if urlsplit(absolute).scheme not in ("http", "https"):
             raise GenerationError(

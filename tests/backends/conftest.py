@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -46,3 +47,32 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 3.0) -> Non
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.005)
+
+
+class OnLoopRecorder:
+    """Records, for each call of the wrapped functions, whether it ran on the event loop's (main) thread."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+
+    def wrap(self, name: str, fn: Callable[..., object]) -> Callable[..., object]:
+        def wrapper(*args: object, **kwargs: object) -> object:
+            self.calls.append((name, threading.current_thread() is threading.main_thread()))
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    @property
+    def on_loop(self) -> list[str]:
+        return [name for name, on_loop in self.calls if on_loop]
+
+
+@pytest.fixture
+def image_decoding(monkeypatch: pytest.MonkeyPatch) -> OnLoopRecorder:
+    """Where the backends parse image-carrying JSON and decode base64: never on the event loop."""
+    from bot.backends import http
+
+    recorder = OnLoopRecorder()
+    monkeypatch.setattr(http, "decode_base64_image", recorder.wrap("base64", http.decode_base64_image))
+    monkeypatch.setattr(http.HttpReply, "json_object", recorder.wrap("json", http.HttpReply.json_object))
+    return recorder

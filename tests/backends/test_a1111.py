@@ -233,3 +233,14 @@ async def test_connection_refused_before_send_is_retried(session) -> None:
     assert len(images) == 1
     assert len(sleeps.calls) == 1
     assert fake.state.txt2img_calls == 1
+
+
+async def test_reply_parsing_and_base64_decoding_run_off_the_event_loop(
+    session, sleeps, image_decoding
+) -> None:
+    async with FakeA1111() as fake:
+        # No progress polls: only the txt2img reply is parsed and decoded.
+        images = await make(session, fake.url, sleeps, poll_interval_s=60).generate(REQ.replace(count=2))
+    assert len(images) == 2
+    assert {name for name, _ in image_decoding.calls} == {"json", "base64"}
+    assert image_decoding.on_loop == []

@@ -228,3 +228,10 @@ async def test_cancel_during_submit_still_deletes_the_request(session, sleeps) -
         assert fake.state.deletes == 1
         assert fake.state.deleted_ids == fake.state.submitted_ids
         assert fake.state.checks == 0
+
+
+async def test_base64_images_are_decoded_off_the_event_loop(session, sleeps, image_decoding) -> None:
+    backend = HordeBackend(session, "http://127.0.0.1:9", retry=FAST_RETRY, sleep=sleeps)
+    data = make_image(1, 64, 64)
+    assert await backend._image_bytes(b64(data)) == data  # what the Horde sends with r2 off
+    assert image_decoding.calls and image_decoding.on_loop == []

@@ -180,3 +180,13 @@ async def test_unreachable_server_is_unavailable_after_bounded_retries(session, 
         await make(session, url, sleeps).generate(REQ)
     assert caught.value.reason is FailureReason.UNAVAILABLE
     assert len(sleeps.calls) == FAST_RETRY.attempts - 1
+
+
+async def test_reply_parsing_and_base64_decoding_run_off_the_event_loop(
+    session, sleeps, image_decoding
+) -> None:
+    async with FakeOpenAI(reply_format="b64_json") as fake:
+        images = await make(session, fake.url, sleeps).generate(REQ.replace(count=2))
+    assert len(images) == 2
+    assert {name for name, _ in image_decoding.calls} == {"json", "base64"}
+    assert image_decoding.on_loop == []
