@@ -154,3 +154,21 @@ async def test_the_queue_takes_turns_between_members(fake_discord, tmp_path) -> 
         inters.append(await h.imagine(polite.id, "polite"))
         await asyncio.gather(*(i.wait_until(is_done, timeout=15) for i in inters))
         assert started.index("polite") <= 1, started
+
+
+async def test_a_failing_command_answers_with_a_sentence_not_endless_thinking(
+    fake_discord, fake_openai, tmp_path, monkeypatch
+) -> None:
+    from bot.engine.store import StoreError
+
+    async with running_bot(fake_discord, tmp_path, backend_url=fake_openai.url) as h:
+        me = fake_discord.add_member(h.guild.id)
+
+        async def broken(**_: object) -> list[Job]:
+            raise StoreError("The job store is not open.")
+
+        monkeypatch.setattr(h.bot.engine.store, "list_jobs", broken)
+        inter = await fake_discord.invoke_command(h.guild.id, h.channel_id, me.id, "history")
+        ephemeral, text = await answer(inter, timeout=5)
+        assert ephemeral and text == "Something went wrong on the bot's side; try again in a moment."
+        assert "Traceback" not in text and "store" not in text
