@@ -7,6 +7,7 @@ only an admitted job is deferred (Discord fixes a reply's visibility at the defe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -227,7 +228,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
             )
             return
         await interaction.response.defer()
-        await interaction.delete_original_response()
+        # A second press (or another manager) may have deleted it first: what was asked is done either way.
+        with contextlib.suppress(discord.NotFound):
+            await interaction.delete_original_response()
 
 
 def _channel_is_nsfw(interaction: discord.Interaction) -> bool:
