@@ -113,4 +113,6 @@ def configure_logging(level: str = "INFO", fmt: str = "text", secrets: Iterable[
     root.setLevel(level)
     # discord.py's gateway chatter is useful at DEBUG only.
     logging.getLogger("discord").setLevel(max(logging.INFO, logging.getLevelName(level)))
+    # aiosqlite logs every statement with its parameters at DEBUG: prompts and live interaction tokens.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLevelName(level)))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
