@@ -98,6 +98,9 @@ class AdminCog(commands.Cog, name="Admin"):
         self.store = bot.engine.store
         self.jobs_group = self._build_jobs_group()
         self.settings_group = self._build_settings_group()
+        # Built at run time, so not bound to the cog: the cog's own error hook would never see them.
+        self.jobs_group.error(self.on_group_error)
+        self.settings_group.error(self.on_group_error)
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.jobs_group)
@@ -106,6 +109,17 @@ class AdminCog(commands.Cog, name="Admin"):
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self.jobs_group.name)
         self.bot.tree.remove_command(self.settings_group.name)
+
+    async def on_group_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        """A failure (the store not answering) is a plain sentence, never endless "thinking"."""
+        name = interaction.command.qualified_name if interaction.command else "?"
+        log.error("/%s failed", name, exc_info=error, extra={"user": interaction.user.id})
+        try:
+            await reply(interaction, "Something went wrong on the bot's side; try again in a moment.")
+        except discord.HTTPException as exc:
+            log.info("could not tell the admin /%s failed: %s", name, exc)
 
     # -- who may act ----------------------------------------------------------------------------------------
     async def is_owner(self, interaction: discord.Interaction) -> bool:

@@ -241,3 +241,21 @@ async def test_nsfw_policy_never_overrides_an_age_restricted_channel(fake_openai
             jobs = {j.request.prompt: j for j in await h.bot.engine.store.list_jobs(guild_id=int(guild.id))}
             assert jobs["before"].request.nsfw_allowed is True
             assert jobs["after"].request.nsfw_allowed is False
+
+
+async def test_a_failing_admin_command_answers_with_a_sentence_not_endless_thinking(
+    fake_discord, fake_openai, tmp_path, monkeypatch
+) -> None:
+    from bot.engine.store import StoreError
+
+    async with running_bot(fake_discord, tmp_path, backend_url=fake_openai.url) as h:
+        admin = fake_discord.add_member(h.guild.id, permissions=MANAGE_GUILD)
+
+        async def broken(**_: object) -> list:
+            raise StoreError("The job store is not open.")
+
+        monkeypatch.setattr(h.bot.engine.store, "list_jobs", broken)
+        ephemeral, text = await answer(
+            await command(fake_discord, h.guild, admin, "jobs", "list", state="recent")
+        )
+        assert ephemeral and text == "Something went wrong on the bot's side; try again in a moment."
