@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,8 @@ class ImagineCog(commands.Cog, name="Imagine"):
         self.bot = bot
         self.manager = bot.manager
         self.imagine_command = self._build_imagine_command()
+        #: Admitted requests per (guild, user) whose defer is in flight, not yet submitted to the manager.
+        self._deferring: Counter[tuple[int, int]] = Counter()
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.imagine_command)
@@ -144,14 +147,28 @@ class ImagineCog(commands.Cog, name="Imagine"):
             await self.refuse(interaction, "Use this in a server.")
             return None
         channel_nsfw = _channel_is_nsfw(interaction)
+        key = (guild_id, user_id)
         try:
             request = self.manager.check_admission(
-                request, guild_id, user_id, channel_id=interaction.channel_id, channel_nsfw=channel_nsfw
+                request,
+                guild_id,
+                user_id,
+                channel_id=interaction.channel_id,
+                channel_nsfw=channel_nsfw,
+                pending=self._deferring[key],
             )
         except RequestRejected as refusal:
             await self.refuse(interaction, refusal.message)
             return None
-        await interaction.response.defer(thinking=True)
+        # Until submit() counts this job, a burst of /imagine from one member would all pass the check above and
+        # be refused only after the (public) defer: count it while the defer is on the wire.
+        self._deferring[key] += 1
+        try:
+            await interaction.response.defer(thinking=True)
+        finally:
+            self._deferring[key] -= 1
+            if not self._deferring[key]:
+                del self._deferring[key]
         try:
             job = await self.manager.submit(
                 request,

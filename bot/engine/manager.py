@@ -296,11 +296,13 @@ class JobManager:
         *,
         channel_id: int | None = None,
         channel_nsfw: bool = False,
+        pending: int = 0,
     ) -> ImageRequest:
         """The one admission path: in-memory checks only, so callers can answer Discord within its deadline.
 
         Order: shutting down? -> per-guild defaults -> backend defaults -> validation -> the user's active-job
         limit -> per-guild checks. Returns the request to run or raises :class:`RequestRejected`.
+        ``pending``: this user's requests the caller admitted but has not submitted yet (they count too).
         """
         if not self._accepting:
             raise ShuttingDown()
@@ -313,7 +315,7 @@ class JobManager:
         if request.negative_prompt and not caps.negative_prompt:
             raise RequestRejected(f"The {self.backend.name} backend does not take a negative prompt.")
         limit = self.user_limit(guild_id)
-        if self._active_per_user[(guild_id, user_id)] >= limit:
+        if self._active_per_user[(guild_id, user_id)] + pending >= limit:
             raise RequestRejected(
                 f"You already have {limit} image job{'s' if limit != 1 else ''} queued or running here; "
                 "wait for one to finish or cancel one.",
