@@ -16,6 +16,7 @@ from discord import app_commands
 from discord.backoff import ExponentialBackoff
 from discord.ext import commands
 
+from bot.cogs.common import tell_failure
 from bot.delivery import JobMessenger
 from bot.engine.policy import GuildPolicy
 from bot.metrics import Metrics
@@ -44,6 +45,15 @@ def point_discord_at(api_base: str | None, gateway_url: str | None) -> None:
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
 
 
+class ImagineTree(app_commands.CommandTree):
+    """One place where a failing command becomes a plain sentence (never endless "thinking…")."""
+
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        command = interaction.command.qualified_name if interaction.command else "?"
+        log.error("/%s failed", command, exc_info=error, extra={"user": interaction.user.id})
+        await tell_failure(interaction)
+
+
 class ImagineBot(commands.Bot):
     def __init__(
         self,
@@ -61,6 +71,7 @@ class ImagineBot(commands.Bot):
             command_prefix=commands.when_mentioned,
             intents=intents,
             help_command=None,
+            tree_cls=ImagineTree,
             allowed_mentions=discord.AllowedMentions.none(),
             allowed_contexts=app_commands.AppCommandContext(
                 guild=True, dm_channel=False, private_channel=False

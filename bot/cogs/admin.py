@@ -18,7 +18,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.options import model_choices
+from bot.cogs.common import is_manager, model_choices
 from bot.engine.models import Job, JobState
 from bot.engine.policy import (
     MAX_BLOCKED_WORDS,
@@ -98,9 +98,6 @@ class AdminCog(commands.Cog, name="Admin"):
         self.store = bot.engine.store
         self.jobs_group = self._build_jobs_group()
         self.settings_group = self._build_settings_group()
-        # Built at run time, so not bound to the cog: the cog's own error hook would never see them.
-        self.jobs_group.error(self.on_group_error)
-        self.settings_group.error(self.on_group_error)
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.jobs_group)
@@ -109,17 +106,6 @@ class AdminCog(commands.Cog, name="Admin"):
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self.jobs_group.name)
         self.bot.tree.remove_command(self.settings_group.name)
-
-    async def on_group_error(
-        self, interaction: discord.Interaction, error: app_commands.AppCommandError
-    ) -> None:
-        """A failure (the store not answering) is a plain sentence, never endless "thinking"."""
-        name = interaction.command.qualified_name if interaction.command else "?"
-        log.error("/%s failed", name, exc_info=error, extra={"user": interaction.user.id})
-        try:
-            await reply(interaction, "Something went wrong on the bot's side; try again in a moment.")
-        except discord.HTTPException as exc:
-            log.info("could not tell the admin /%s failed: %s", name, exc)
 
     # -- who may act ----------------------------------------------------------------------------------------
     async def is_owner(self, interaction: discord.Interaction) -> bool:
@@ -130,8 +116,7 @@ class AdminCog(commands.Cog, name="Admin"):
 
     async def authorise(self, interaction: discord.Interaction) -> bool:
         """Manage Server here, or the application owner; otherwise refuse (ephemerally) and return False."""
-        permissions = interaction.permissions
-        if interaction.guild_id is not None and (permissions.manage_guild or permissions.administrator):
+        if interaction.guild_id is not None and is_manager(interaction):
             return True
         if await self.is_owner(interaction):
             return interaction.guild_id is not None

@@ -18,7 +18,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.options import model_choices
+from bot.cogs.common import is_manager, model_choices, tell_failure
 from bot.delivery import message_ref_for
 from bot.engine.errors import RequestRejected
 from bot.engine.manager import random_seed
@@ -37,17 +37,17 @@ def _user_label(user: discord.abc.User) -> str:
     return discord.utils.escape_markdown(user.display_name)
 
 
-def may_manage(interaction: discord.Interaction, job: Job) -> bool:
-    """The job's owner, or a member with Manage Server in the job's own guild."""
+async def may_manage(interaction: discord.Interaction, job: Job) -> bool:
+    """The job's owner, a member with Manage Server in the job's own guild, or the application's owner
+    (who may act everywhere, as with /jobs)."""
     if interaction.user.id == job.user_id:
         return True
-    return interaction.guild_id == job.guild_id and is_manager(interaction)
-
-
-def is_manager(interaction: discord.Interaction) -> bool:
-    """Manage Server, checked by the bot itself (a server can override a command's default permissions)."""
-    permissions = interaction.permissions
-    return bool(permissions.manage_guild or permissions.administrator)
+    if interaction.guild_id == job.guild_id and is_manager(interaction):
+        return True
+    try:
+        return await interaction.client.is_owner(interaction.user)  # type: ignore[attr-defined]
+    except discord.HTTPException:
+        return False
 
 
 class ImagineCog(commands.Cog, name="Imagine"):
@@ -184,6 +184,14 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 content=refusal.message, allowed_mentions=discord.AllowedMentions.none()
             )
             return None
+        except Exception:
+            # The job could not even be recorded (the store failing): the deferred reply must not think forever.
+            log.exception("could not start a job", extra={"guild": guild_id, "user": user_id})
+            await interaction.edit_original_response(
+                content="Something went wrong on the bot's side; nothing was started. Try again in a moment.",
+                allowed_mentions=discord.AllowedMentions.none(),
+            )
+            return None
         return job
 
     @staticmethod
@@ -209,7 +217,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         job = await self.find_job(interaction, job_id)
         if job is None:
             return
-        if not may_manage(interaction, job):
+        if not await may_manage(interaction, job):
             await self.refuse(
                 interaction, "That job is not yours; only its owner or a server manager can cancel it."
             )
@@ -239,7 +247,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         job = await self.find_job(interaction, job_id)
         if job is None:
             return
-        if not may_manage(interaction, job):
+        if not await may_manage(interaction, job):
             await self.refuse(
                 interaction, "That image is not yours; only its owner or a server manager can delete it."
             )
@@ -285,7 +293,11 @@ def _job_button(
             return cls(match["job_id"])
 
         async def callback(self, interaction: discord.Interaction) -> None:
-            await press(_cog(interaction), interaction, self.job_id)
+            try:
+                await press(_cog(interaction), interaction, self.job_id)
+            except Exception:
+                log.exception("%s button failed", name, extra={"job": self.job_id})
+                await tell_failure(interaction)
 
     JobButton.__name__ = JobButton.__qualname__ = name
     return JobButton

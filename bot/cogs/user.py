@@ -59,17 +59,6 @@ class UserCog(commands.Cog, name="User"):
         self.store = bot.engine.store
         self.cache = bot.engine.cache
 
-    async def cog_app_command_error(
-        self, interaction: discord.Interaction, error: app_commands.AppCommandError
-    ) -> None:
-        """A failure (the store not answering, an upload refused) is a plain sentence, never endless "thinking"."""
-        name = interaction.command.name if interaction.command else "?"
-        log.error("/%s failed", name, exc_info=error, extra={"user": interaction.user.id})
-        try:
-            await _reply(interaction, "Something went wrong on the bot's side; try again in a moment.")
-        except discord.HTTPException as exc:
-            log.info("could not tell the user /%s failed: %s", name, exc)
-
     # -- /quota -------------------------------------------------------------------------------------------
     @app_commands.command(name="quota", description="How many images you have left today")
     @app_commands.guild_only()

@@ -150,3 +150,18 @@ async def test_admin_flag_alone_counts_as_manager(fake_discord, fake_openai, tmp
         await press.wait_for_callback()
         final = await job.wait_until(lambda m: "Cancelled by" in embed_author(m))
         assert "Cancelled by" in json.dumps(final.embeds)
+
+
+async def test_the_application_owner_may_cancel_anywhere(fake_discord, fake_openai, tmp_path) -> None:
+    fake_openai.configure(delay=3)
+    async with running_bot(fake_discord, tmp_path, backend_url=fake_openai.url) as h:
+        member = fake_discord.add_member(h.guild.id)
+        operator = fake_discord.add_member(h.guild.id, permissions=DEFAULT_MEMBER_PERMISSIONS)
+        h.bot.owner_id = int(operator.id)  # the bot's operator, not a manager of this server
+        job = await h.imagine(member.id, "operator stops it")
+        message = await job.wait_until(is_running)
+        press = await fake_discord.click_button(
+            message, fake_discord.find_component(message, label="Cancel"), operator.id
+        )
+        await press.wait_for_callback()
+        await job.wait_until(lambda m: "Cancelled by" in embed_author(m))

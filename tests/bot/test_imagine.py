@@ -190,3 +190,24 @@ async def test_model_autocomplete_offers_the_operators_models(fake_discord, fake
         refused = await h.imagine(user.id, "x", model="midjourney")
         answer = await refused.wait_for_callback()
         assert answer.ephemeral and "midjourney" in answer.data["content"]
+
+
+async def test_a_store_failure_at_submit_is_told_not_left_thinking(
+    fake_discord, fake_openai, tmp_path
+) -> None:
+    async with running_bot(fake_discord, tmp_path, backend_url=fake_openai.url) as h:
+        user = fake_discord.add_member(h.guild.id)
+
+        async def broken_save(job) -> None:
+            raise OSError("disk full")
+
+        original = h.bot.engine.store.save_job
+        h.bot.engine.store.save_job = broken_save  # type: ignore[method-assign]
+        try:
+            inter = await h.imagine(user.id, "nowhere to write")
+            message = await inter.wait_until(lambda m: "nothing was started" in m.content)
+        finally:
+            h.bot.engine.store.save_job = original  # type: ignore[method-assign]
+        assert not message.loading
+        assert fake_openai.state.generations == 0
+        assert h.bot.manager.active_count(int(h.guild.id), int(user.id)) == 0  # the slot was given back
