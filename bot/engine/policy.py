@@ -477,7 +477,8 @@ class GuildPolicy:
         if event is JobEvent.FINISHED:
             self._pending.pop(job.id, None)
             if job.state is JobState.SUCCEEDED and not job.from_cache:
-                self.quota.add(job.guild_id, job.user_id, len(job.image_refs) or job.request.count)
+                # Seeds, one per image, exist with or without a cache: the count a restart reloads is the same.
+                self.quota.add(job.guild_id, job.user_id, len(job.seeds) or job.request.count)
         elif job.is_active and job.id not in self._pending:
             self._pending[job.id] = (job.guild_id, job.user_id, job.request.count)
 

@@ -460,7 +460,7 @@ class JobStore:
     async def count_images_since(self, *, guild_id: int, user_id: int, since: float) -> int:
         """Images a user really generated (not served from cache) since ``since``: the daily-quota count."""
         rows = await self._query(
-            "SELECT COALESCE(SUM(json_array_length(image_refs)), 0) FROM jobs "
+            "SELECT COALESCE(SUM(json_array_length(seeds)), 0) FROM jobs "
             "WHERE guild_id = ? AND user_id = ? AND state = ? AND from_cache = 0 AND finished_at >= ?",
             (guild_id, user_id, JobState.SUCCEEDED.value, since),
         )
@@ -469,7 +469,7 @@ class JobStore:
     async def count_images_by_user_since(self, since: float) -> dict[tuple[int, int], int]:
         """``count_images_since`` for every (guild, user) at once: loads today's quotas at start-up."""
         rows = await self._query(
-            "SELECT guild_id, user_id, COALESCE(SUM(json_array_length(image_refs)), 0) FROM jobs "
+            "SELECT guild_id, user_id, COALESCE(SUM(json_array_length(seeds)), 0) FROM jobs "
             "WHERE state = ? AND from_cache = 0 AND finished_at >= ? GROUP BY guild_id, user_id",
             (JobState.SUCCEEDED.value, since),
         )

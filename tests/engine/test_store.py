@@ -222,15 +222,16 @@ async def test_list_jobs_filters_and_orders_newest_first(open_store: OpenStore) 
 
 async def test_count_images_since_counts_only_fresh_successes_in_range(open_store: OpenStore) -> None:
     store = await open_store()
-    two, three = ["x"] * 2, ["y"] * 3
+    # Images are counted by their seeds (one per image, None when unknown): image refs exist only with a cache.
+    two, three = [1, None], [5, 6, 7]
 
     def done(job_id: str, **fields: object) -> Job:
-        values: dict[str, object] = {"state": JobState.SUCCEEDED, "finished_at": 200.0, "image_refs": two}
+        values: dict[str, object] = {"state": JobState.SUCCEEDED, "finished_at": 200.0, "seeds": two}
         values.update(fields)
         return make_job(job_id, **values)
 
     await store.save_job(done("counted-2"))
-    await store.save_job(done("counted-3", image_refs=three, finished_at=100.0))  # exactly at `since`
+    await store.save_job(done("counted-3", seeds=three, finished_at=100.0))  # exactly at `since`
     await store.save_job(done("cache-hit", from_cache=True))
     await store.save_job(done("failed", state=JobState.FAILED))
     await store.save_job(done("too-old", finished_at=99.0))
@@ -428,13 +429,13 @@ async def test_grouped_image_counts_and_all_guild_settings_for_start_up(open_sto
         values: dict[str, object] = {
             "state": JobState.SUCCEEDED,
             "finished_at": 200.0,
-            "image_refs": ["x"] * 2,
+            "seeds": [None] * 2,
         }
         values.update(fields)
         return make_job(job_id, **values)
 
     await store.save_job(done("a"))
-    await store.save_job(done("b", image_refs=["y"] * 3))
+    await store.save_job(done("b", seeds=[1, 2, 3]))
     await store.save_job(done("other-user", user_id=11))
     await store.save_job(done("other-guild", guild_id=2))
     await store.save_job(done("cache-hit", from_cache=True))
