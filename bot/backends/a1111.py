@@ -238,7 +238,9 @@ class A1111Backend(Backend):
                 raise
         finally:
             poller.cancel()
-            await asyncio.gather(poller, return_exceptions=True)
+            (outcome,) = await asyncio.gather(poller, return_exceptions=True)
+            if isinstance(outcome, Exception):  # progress is best effort, but a bug in it must not go unseen
+                log.warning("progress polling stopped: %r", outcome)
             self.inflight -= 1
         data = await asyncio.to_thread(reply.json_object)
         encoded = data.get("images")
