@@ -22,7 +22,7 @@ from bot.cogs.common import is_manager, model_choices, tell_failure
 from bot.delivery import message_ref_for
 from bot.engine.errors import RequestRejected
 from bot.engine.manager import random_seed
-from bot.engine.models import MAX_NEGATIVE_CHARS, MAX_PROMPT_CHARS, MAX_SEED, ImageRequest, Job
+from bot.engine.models import MAX_NEGATIVE_CHARS, MAX_PROMPT_CHARS, MAX_SEED, ImageRequest, Job, JobState
 from bot.messages import CANCEL_ID, DELETE_ID, REROLL_ID, VARIATIONS_ID
 
 if TYPE_CHECKING:
@@ -223,12 +223,12 @@ class ImagineCog(commands.Cog, name="Imagine"):
             )
             return
         if not job.is_active:
-            await self.refuse(interaction, "That job has already finished.")
+            await self.refuse(interaction, _already_over(job))
             return
         await interaction.response.defer()
         cancelled = await self.manager.cancel(job.id, reason="cancelled", by=_user_label(interaction.user))
         if not cancelled:
-            await interaction.followup.send("That job had already finished.", ephemeral=True)
+            await interaction.followup.send(_already_over(job), ephemeral=True)
 
     async def press_reroll(self, interaction: discord.Interaction, job_id: str, *, variations: bool) -> None:
         job = await self.find_job(interaction, job_id)
@@ -256,6 +256,19 @@ class ImagineCog(commands.Cog, name="Imagine"):
         # A second press (or another manager) may have deleted it first: what was asked is done either way.
         with contextlib.suppress(discord.NotFound):
             await interaction.delete_original_response()
+        if job.image_refs:  # deleted means deleted: /show must not post it again
+            job.image_refs = []
+            job.result = None
+            await self.bot.engine.store.save_job(job)
+        log.info("result deleted", extra={"job": job.id, "by": interaction.user.id})
+
+
+def _already_over(job: Job) -> str:
+    return (
+        "That job was already cancelled."
+        if job.state is JobState.CANCELLED
+        else "That job has already finished."
+    )
 
 
 def _channel_is_nsfw(interaction: discord.Interaction) -> bool:

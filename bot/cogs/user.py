@@ -127,7 +127,7 @@ class UserCog(commands.Cog, name="User"):
         if not images:
             await _reply(
                 interaction,
-                f"The images of job `{job.id}` have expired from the cache; press Reroll to redo it.",
+                f"The images of job `{job.id}` are no longer kept (expired from the cache, or deleted).",
             )
             return
         await interaction.response.defer(thinking=True)

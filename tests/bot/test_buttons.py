@@ -165,3 +165,14 @@ async def test_the_application_owner_may_cancel_anywhere(fake_discord, fake_open
         )
         await press.wait_for_callback()
         await job.wait_until(lambda m: "Cancelled by" in embed_author(m))
+
+
+def test_a_late_press_says_what_became_of_the_job() -> None:
+    from bot.cogs.imagine import _already_over
+    from bot.engine.models import ImageRequest, Job, JobState
+
+    job = Job(id="0123456789ab", request=ImageRequest(prompt="x"), guild_id=1, user_id=2)
+    job.state = JobState.CANCELLED
+    assert _already_over(job) == "That job was already cancelled."
+    job.state = JobState.SUCCEEDED
+    assert _already_over(job) == "That job has already finished."

@@ -450,7 +450,7 @@ async def test_cancel_pressed_twice_cancels_once_and_answers_both(
         await reroll.wait_until(is_done, timeout=10)
 
 
-async def test_delete_pressed_twice_is_quiet_and_the_job_stays_showable(
+async def test_delete_pressed_twice_is_quiet_and_the_images_stay_deleted(
     fake_discord, fake_openai, tmp_path, caplog
 ) -> None:
     async with running_bot(fake_discord, tmp_path, backend_url=fake_openai.url) as h:
@@ -468,14 +468,15 @@ async def test_delete_pressed_twice_is_quiet_and_the_job_stays_showable(
             await asyncio.sleep(0.3)
         crashes = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert not crashes, [r.getMessage() for r in crashes]
-        # The deleted message's job is still known: /show answers clearly instead of failing.
+        # The job is still known, but what its owner deleted is not posted again: /show says so, privately.
         job_id = message.embeds[0]["footer"]["text"].removeprefix("Job ")
         shown = await fake_discord.invoke_command(
             h.guild.id, h.channel_id, owner.id, "show", {"job_id": job_id}
         )
-        await shown.wait_for_callback()
-        reposted = await shown.wait_until(lambda m: bool(image_attachments(m)), timeout=10)
-        assert not reposted.deleted
+        callback = await shown.wait_for_callback()
+        assert callback.ephemeral
+        assert "no longer kept" in callback.data["content"]
+        assert not [m for m in shown.messages() if image_attachments(m)]
 
 
 async def test_the_token_never_reaches_the_log_even_when_discord_answers_401(tmp_path) -> None:
