@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -72,6 +73,10 @@ class JobContextFilter(logging.Filter):
         return True
 
 
+#: Discord interaction tokens start with base64("interaction:").
+_INTERACTION_TOKEN = re.compile(r"aW50ZXJhY3Rpb246[A-Za-z0-9_\-.=]+")
+
+
 class RedactingFilter(logging.Filter):
     """Replaces secrets wherever they would appear: message, arguments, fields, tracebacks."""
 
@@ -82,11 +87,10 @@ class RedactingFilter(logging.Filter):
     def _scrub(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, "[redacted]")
-        return text
+        # Interaction tokens (15-minute credentials for a job's message) are not known up front: match them.
+        return _INTERACTION_TOKEN.sub("[redacted]", text)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self.secrets:
-            return True
         record.msg = self._scrub(record.getMessage())
         record.args = None
         for key, value in _fields(record).items():

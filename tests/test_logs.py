@@ -92,3 +92,12 @@ async def test_lines_logged_for_a_job_carry_its_id(stderr) -> None:
     await asyncio.sleep(0)
     (line,) = [line for line in stderr().splitlines() if "talking to the backend" in line]
     assert line.endswith(f"job={job.id}")
+
+
+def test_interaction_tokens_are_redacted_too(stderr) -> None:
+    configure_logging("INFO", "text")  # no secrets known up front
+    token = "aW50ZXJhY3Rpb246MTIzNDU2Nzg5MDpzZWNyZXQ.abc_DEF-123"
+    logging.getLogger("bot.test").warning("PATCH /webhooks/1/%s/messages/@original failed", token)
+    out = stderr()
+    assert token not in out and "aW50ZXJhY3Rpb246" not in out
+    assert "/webhooks/1/[redacted]/messages/@original" in out
