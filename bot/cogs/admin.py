@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from typing import TYPE_CHECKING
 
@@ -18,7 +17,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.common import is_manager, model_choices
+from bot.cogs.common import JOB_ID_RE, age, is_manager, model_choices, reply, user_label
 from bot.engine.models import Job, JobState
 from bot.engine.policy import (
     MAX_BLOCKED_WORDS,
@@ -36,27 +35,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NO_MENTIONS = discord.AllowedMentions.none()
 MANAGE_GUILD = discord.Permissions(manage_guild=True)
-JOB_ID_RE = re.compile(r"[0-9a-f]{12}")
 LIST_LIMIT = 20
 #: /jobs list state filter: "active" (the default) is queued + running; "recent" is every state.
 STATE_FILTERS = ("active", "queued", "running", "succeeded", "failed", "cancelled", "timed_out", "recent")
-
-
-def user_label(user: discord.abc.User) -> str:
-    return discord.utils.escape_markdown(user.display_name)
-
-
-def age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min"
-    if seconds < 86400:
-        return f"{seconds // 3600} h"
-    return f"{seconds // 86400} d"
 
 
 def job_line(job: Job, now: float) -> str:
@@ -80,14 +62,6 @@ def truncate_lines(lines: list[str], limit: int = 1900) -> str:
         out.append(line)
         size += len(line) + 1
     return "\n".join(out)
-
-
-async def reply(interaction: discord.Interaction, content: str) -> None:
-    """Ephemeral, never pinging; works whether or not the interaction was deferred."""
-    if interaction.response.is_done():
-        await interaction.followup.send(content, ephemeral=True, allowed_mentions=NO_MENTIONS)
-    else:
-        await interaction.response.send_message(content, ephemeral=True, allowed_mentions=NO_MENTIONS)
 
 
 class AdminCog(commands.Cog, name="Admin"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 
 import discord
@@ -10,6 +11,37 @@ from discord import app_commands
 
 log = logging.getLogger(__name__)
 NO_MENTIONS = discord.AllowedMentions.none()
+#: Job ids as the engine makes them (bot.engine.models.new_job_id).
+JOB_ID_RE = re.compile(r"[0-9a-f]{12}")
+
+
+def user_label(user: discord.abc.User) -> str:
+    """A member's name as shown in messages ("Cancelled by …"), markdown escaped."""
+    return discord.utils.escape_markdown(user.display_name)
+
+
+def age(seconds: float) -> str:
+    """``42 s``, ``5 min``, ``3 h``, ``2 d``: rough and short, for lists."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
+
+
+def channel_is_nsfw(interaction: discord.Interaction) -> bool:
+    """Age-restricted channel? (Threads and DMs have no such flag: no.)"""
+    is_nsfw = getattr(interaction.channel, "is_nsfw", None)
+    return bool(is_nsfw()) if callable(is_nsfw) else False
+
+
+async def reply(interaction: discord.Interaction, content: str) -> None:
+    """Ephemeral, never pinging; works whether or not the interaction was acknowledged already."""
+    if interaction.response.is_done():
+        await interaction.followup.send(content, ephemeral=True, allowed_mentions=NO_MENTIONS)
+    else:
+        await interaction.response.send_message(content, ephemeral=True, allowed_mentions=NO_MENTIONS)
+
 
 MAX_CHOICES = 25  # Discord's limit for choices and autocomplete answers
 
@@ -31,11 +63,7 @@ def is_manager(interaction: discord.Interaction) -> bool:
 
 async def tell_failure(interaction: discord.Interaction) -> None:
     """Say privately that something went wrong, however far the interaction got; never raises."""
-    text = "Something went wrong on the bot's side; try again in a moment."
     try:
-        if interaction.response.is_done():
-            await interaction.followup.send(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
-        else:
-            await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
+        await reply(interaction, "Something went wrong on the bot's side; try again in a moment.")
     except discord.HTTPException as exc:
         log.info("could not tell the user a command failed", extra={"status": exc.status, "code": exc.code})

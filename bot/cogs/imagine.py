@@ -18,7 +18,15 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.common import is_manager, model_choices, tell_failure
+from bot.cogs.common import (
+    JOB_ID_RE,
+    channel_is_nsfw,
+    is_manager,
+    model_choices,
+    reply,
+    tell_failure,
+    user_label,
+)
 from bot.delivery import message_ref_for
 from bot.engine.errors import RequestRejected
 from bot.engine.manager import random_seed
@@ -30,11 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-JOB_ID = r"(?P<job_id>[0-9a-f]{12})"
-
-
-def _user_label(user: discord.abc.User) -> str:
-    return discord.utils.escape_markdown(user.display_name)
+JOB_ID = rf"(?P<job_id>{JOB_ID_RE.pattern})"
 
 
 async def may_manage(interaction: discord.Interaction, job: Job) -> bool:
@@ -125,7 +129,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         if size:
             match = re.fullmatch(r"(\d+)x(\d+)", size)
             if match is None:
-                await self.refuse(interaction, f"Size {size!r} is not WIDTHxHEIGHT.")
+                await reply(interaction, f"Size {size!r} is not WIDTHxHEIGHT.")
                 return
             width, height = int(match[1]), int(match[2])
         request = ImageRequest(
@@ -136,7 +140,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
             count=count,
             seed=seed,
             model=model or None,
-            nsfw_allowed=_channel_is_nsfw(interaction),
+            nsfw_allowed=channel_is_nsfw(interaction),
         )
         await self.start_job(interaction, request)
 
@@ -144,9 +148,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
     async def start_job(self, interaction: discord.Interaction, request: ImageRequest) -> Job | None:
         guild_id, user_id = interaction.guild_id, interaction.user.id
         if guild_id is None:
-            await self.refuse(interaction, "Use this in a server.")
+            await reply(interaction, "Use this in a server.")
             return None
-        channel_nsfw = _channel_is_nsfw(interaction)
+        channel_nsfw = channel_is_nsfw(interaction)
         key = (guild_id, user_id)
         try:
             request = self.manager.check_admission(
@@ -158,7 +162,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 pending=self._deferring[key],
             )
         except RequestRejected as refusal:
-            await self.refuse(interaction, refusal.message)
+            await reply(interaction, refusal.message)
             return None
         # Until submit() counts this job, a burst of /imagine from one member would all pass the check above and
         # be refused only after the (public) defer: count it while the defer is on the wire.
@@ -194,22 +198,11 @@ class ImagineCog(commands.Cog, name="Imagine"):
             return None
         return job
 
-    @staticmethod
-    async def refuse(interaction: discord.Interaction, message: str) -> None:
-        if interaction.response.is_done():
-            await interaction.followup.send(
-                message, ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
-            )
-        else:
-            await interaction.response.send_message(
-                message, ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
-            )
-
     # -- buttons ------------------------------------------------------------------------------------------
     async def find_job(self, interaction: discord.Interaction, job_id: str) -> Job | None:
         job = self.manager.get(job_id) or await self.bot.engine.store.get_job(job_id)
         if job is None or job.guild_id != interaction.guild_id:
-            await self.refuse(interaction, "That job is not known any more.")
+            await reply(interaction, "That job is not known any more.")
             return None
         return job
 
@@ -218,15 +211,15 @@ class ImagineCog(commands.Cog, name="Imagine"):
         if job is None:
             return
         if not await may_manage(interaction, job):
-            await self.refuse(
+            await reply(
                 interaction, "That job is not yours; only its owner or a server manager can cancel it."
             )
             return
         if not job.is_active:
-            await self.refuse(interaction, _already_over(job))
+            await reply(interaction, _already_over(job))
             return
         await interaction.response.defer()
-        cancelled = await self.manager.cancel(job.id, reason="cancelled", by=_user_label(interaction.user))
+        cancelled = await self.manager.cancel(job.id, reason="cancelled", by=user_label(interaction.user))
         if not cancelled:
             await interaction.followup.send(_already_over(job), ephemeral=True)
 
@@ -240,7 +233,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         else:
             request = original.replace(seed=random_seed(), fresh=True)
         # The channel decides NSFW, not the original job: a reroll in a safe channel stays safe.
-        request = request.replace(nsfw_allowed=_channel_is_nsfw(interaction))
+        request = request.replace(nsfw_allowed=channel_is_nsfw(interaction))
         await self.start_job(interaction, request)
 
     async def press_delete(self, interaction: discord.Interaction, job_id: str) -> None:
@@ -248,7 +241,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         if job is None:
             return
         if not await may_manage(interaction, job):
-            await self.refuse(
+            await reply(
                 interaction, "That image is not yours; only its owner or a server manager can delete it."
             )
             return
@@ -269,12 +262,6 @@ def _already_over(job: Job) -> str:
         if job.state is JobState.CANCELLED
         else "That job has already finished."
     )
-
-
-def _channel_is_nsfw(interaction: discord.Interaction) -> bool:
-    channel = interaction.channel
-    is_nsfw = getattr(channel, "is_nsfw", None)
-    return bool(is_nsfw()) if callable(is_nsfw) else False
 
 
 def _cog(interaction: discord.Interaction) -> ImagineCog:

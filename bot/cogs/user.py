@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 import time
 from typing import TYPE_CHECKING
 
@@ -17,6 +16,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.cogs.common import JOB_ID_RE, NO_MENTIONS, age, channel_is_nsfw, reply
 from bot.delivery import DEFAULT_UPLOAD_LIMIT, prepare_uploads
 from bot.engine.models import Job, JobState
 from bot.messages import escape, excerpt, job_embed
@@ -26,29 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NO_MENTIONS = discord.AllowedMentions.none()
-JOB_ID_RE = re.compile(r"[0-9a-f]{12}")
 HISTORY_LIMIT = 10
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds // size} {unit}"
-    return f"{seconds} s"
-
-
-async def _reply(interaction: discord.Interaction, content: str) -> None:
-    if interaction.response.is_done():
-        await interaction.followup.send(content, ephemeral=True, allowed_mentions=NO_MENTIONS)
-    else:
-        await interaction.response.send_message(content, ephemeral=True, allowed_mentions=NO_MENTIONS)
-
-
-def _channel_is_nsfw(interaction: discord.Interaction) -> bool:
-    is_nsfw = getattr(interaction.channel, "is_nsfw", None)
-    return bool(is_nsfw()) if callable(is_nsfw) else False
 
 
 class UserCog(commands.Cog, name="User"):
@@ -77,7 +55,7 @@ class UserCog(commands.Cog, name="User"):
                 f"{status.used} made so far. The quota resets at 00:00 UTC (<t:{int(status.resets_at)}:R>). "
                 + jobs
             )
-        await _reply(interaction, text)
+        await reply(interaction, text)
 
     # -- /history ---------------------------------------------------------------------------------------------
     @app_commands.command(name="history", description="Your last image jobs in this server")
@@ -88,17 +66,17 @@ class UserCog(commands.Cog, name="User"):
         await interaction.response.defer(ephemeral=True, thinking=True)
         jobs = await self.store.list_jobs(guild_id=guild_id, user_id=interaction.user.id, limit=HISTORY_LIMIT)
         if not jobs:
-            await _reply(interaction, "You have no image jobs in this server yet.")
+            await reply(interaction, "You have no image jobs in this server yet.")
             return
         now = time.time()
         lines = ["**Your last jobs here** (use `/show job_id` to see a result again)"]
         for stored in jobs:
             job = self.manager.get(stored.id) or stored
             lines.append(
-                f"`{job.id}` · {job.state.value} · {_age(now - job.created_at)} ago · "
+                f"`{job.id}` · {job.state.value} · {age(now - job.created_at)} ago · "
                 f"{escape(excerpt(job.request.prompt, 60))}"
             )
-        await _reply(interaction, "\n".join(lines)[:1990])
+        await reply(interaction, "\n".join(lines)[:1990])
 
     # -- /show ----------------------------------------------------------------------------------------------
     @app_commands.command(name="show", description="Post a past result of this server again")
@@ -110,13 +88,13 @@ class UserCog(commands.Cog, name="User"):
         if JOB_ID_RE.fullmatch(job_id):
             job = self.manager.get(job_id) or await self.store.get_job(job_id)
         if job is None or job.guild_id != interaction.guild_id:
-            await _reply(interaction, f"No job `{escape(job_id[:20])}` in this server.")
+            await reply(interaction, f"No job `{escape(job_id[:20])}` in this server.")
             return
         if job.state is not JobState.SUCCEEDED:
-            await _reply(interaction, f"Job `{job.id}` has no images ({job.state.value.replace('_', ' ')}).")
+            await reply(interaction, f"Job `{job.id}` has no images ({job.state.value.replace('_', ' ')}).")
             return
-        if job.request.nsfw_allowed and not _channel_is_nsfw(interaction):
-            await _reply(
+        if job.request.nsfw_allowed and not channel_is_nsfw(interaction):
+            await reply(
                 interaction,
                 f"Job `{job.id}` was made where NSFW images were allowed; show it in an age-restricted channel.",
             )
@@ -125,7 +103,7 @@ class UserCog(commands.Cog, name="User"):
         if images is None and job.image_refs:
             images = await self.cache.get_images(job.image_refs)
         if not images:
-            await _reply(
+            await reply(
                 interaction,
                 f"The images of job `{job.id}` are no longer kept (expired from the cache, or deleted).",
             )
