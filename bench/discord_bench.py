@@ -38,6 +38,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.bot.process import bot_env as test_bot_env
 from tests.fakes.discord import FakeDiscord, FakeGuild, FakeInteraction, FakeMessage, FakeUser
 from tests.fakes.openai_api import FakeOpenAI
 
@@ -45,8 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token-0123456789abcdef"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: Settings the bench sets itself; any of these in the caller's environment would skew the run.
-_OURS = ("DISCORD_", "IMAGE_", "GUILD_", "CACHE_", "BACKEND_", "USER_", "QUEUE_", "JOB_", "SHUTDOWN_", "LOG_")
-_OURS_EXACT = {"DEV_GUILD_ID", "DATA_DIR", "HTTP_PORT"}
 
 
 class BenchError(Exception):
@@ -122,24 +121,8 @@ def done_at(inter: FakeInteraction) -> float | None:
 
 
 def bot_env(fake: FakeDiscord, data_dir: Path, **settings: object) -> dict[str, str]:
-    # Any non-empty PYTHONASYNCIODEBUG (even "0") turns asyncio's debug mode on, and with it slow-callback
-    # checks on every step: drop it, and PYTHONDEVMODE, so the bots run as they do in production.
-    dropped = {"PYTHONASYNCIODEBUG", "PYTHONDEVMODE", "PYTHONTRACEMALLOC", *_OURS_EXACT}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_OURS) and k not in dropped}
-    env.update(
-        {
-            "PYTHONPATH": str(ROOT),
-            "PYTHONUNBUFFERED": "1",
-            "DISCORD_TOKEN": fake.token,
-            "DISCORD_API_BASE": fake.api_base,
-            "DISCORD_GATEWAY_URL": fake.gateway_url,
-            "DATA_DIR": str(data_dir),
-            "HTTP_PORT": "0",
-            "LOG_LEVEL": "WARNING",
-        }
-    )
-    env.update({key.upper(): str(value) for key, value in settings.items()})
-    return env
+    """The tests' environment for ``python -m bot``, with warnings-only logs as in a quiet production run."""
+    return test_bot_env(fake, data_dir, **{"log_level": "WARNING", **settings})
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -53,10 +53,28 @@ class BotProcess:
             self.proc.kill()
 
 
+#: Settings the bot reads: a developer's own environment must not leak into a test's bot.
+_SETTING_PREFIXES = (
+    "DISCORD_",
+    "IMAGE_",
+    "GUILD_",
+    "CACHE_",
+    "BACKEND_",
+    "USER_",
+    "QUEUE_",
+    "JOB_",
+    "SHUTDOWN_",
+    "LOG_",
+)
+_SETTING_NAMES = {"DEV_GUILD_ID", "DATA_DIR", "HTTP_PORT"}
+#: Any non-empty PYTHONASYNCIODEBUG (even "0") turns asyncio's debug mode on: runs choose it explicitly.
+_DEBUG_KNOBS = {"PYTHONASYNCIODEBUG", "PYTHONDEVMODE", "PYTHONTRACEMALLOC"}
+
+
 def bot_env(fake: FakeDiscord, data_dir: Path, **settings: object) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("DISCORD_", "IMAGE_", "GUILD_", "CACHE_"))
-    }
+    """The environment for ``python -m bot`` against ``fake``; ``settings`` become upper-cased variables."""
+    dropped = _SETTING_NAMES | _DEBUG_KNOBS
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SETTING_PREFIXES) and k not in dropped}
     env.update(
         {
             "PYTHONPATH": str(ROOT),
