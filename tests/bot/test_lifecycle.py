@@ -182,3 +182,25 @@ async def test_a_second_bot_on_the_same_data_dir_is_refused(tmp_path) -> None:
             ]
             assert await first.terminate() == 0
         assert fake.ready_count == 1  # the second never connected
+
+
+async def test_an_unwritable_data_dir_stops_start_up_with_one_line(tmp_path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where DATA_DIR's parent should be")
+    data_dir = blocker / "data"
+    async with FakeDiscord(token=TOKEN) as fake, FakeOpenAI() as backend:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bot",
+            cwd=str(tmp_path),
+            env=bot_env(fake, data_dir, image_backend="openai", image_backend_url=backend.url),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        async with asyncio.timeout(30):
+            out, _ = await proc.communicate()
+    assert proc.returncode == 2
+    lines = out.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: DATA_DIR: cannot write to {data_dir}"), lines
+    assert fake.identify_count == 0
