@@ -61,6 +61,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         self.imagine_command = self._build_imagine_command()
         #: Admitted requests per (guild, user) whose defer is in flight, not yet submitted to the manager.
         self._deferring: Counter[tuple[int, int]] = Counter()
+        self._deferring_images: Counter[tuple[int, int]] = Counter()
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.imagine_command)
@@ -160,6 +161,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 channel_id=interaction.channel_id,
                 channel_nsfw=channel_nsfw,
                 pending=self._deferring[key],
+                pending_images=self._deferring_images[key],
             )
         except RequestRejected as refusal:
             await reply(interaction, refusal.message)
@@ -167,12 +169,15 @@ class ImagineCog(commands.Cog, name="Imagine"):
         # Until submit() counts this job, a burst of /imagine from one member would all pass the check above and
         # be refused only after the (public) defer: count it while the defer is on the wire.
         self._deferring[key] += 1
+        self._deferring_images[key] += request.count
         try:
             await interaction.response.defer(thinking=True)
         finally:
             self._deferring[key] -= 1
+            self._deferring_images[key] -= request.count
             if not self._deferring[key]:
                 del self._deferring[key]
+                del self._deferring_images[key]
         try:
             job = await self.manager.submit(
                 request,

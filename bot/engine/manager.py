@@ -83,6 +83,8 @@ class AdmissionContext:
     user_id: int
     channel_id: int | None = None
     channel_nsfw: bool = False
+    #: Images of this user's requests admitted a moment ago but not submitted yet (quotas count them too).
+    pending_images: int = 0
 
 
 #: Fills in per-guild defaults (size, model) or adjusts the request (NSFW policy) before validation.
@@ -297,16 +299,18 @@ class JobManager:
         channel_id: int | None = None,
         channel_nsfw: bool = False,
         pending: int = 0,
+        pending_images: int = 0,
     ) -> ImageRequest:
         """The one admission path: in-memory checks only, so callers can answer Discord within its deadline.
 
         Order: shutting down? -> per-guild defaults -> backend defaults -> validation -> the user's active-job
         limit -> per-guild checks. Returns the request to run or raises :class:`RequestRejected`.
-        ``pending``: this user's requests the caller admitted but has not submitted yet (they count too).
+        ``pending`` / ``pending_images``: this user's requests (and their images) the caller admitted but has
+        not submitted yet; they count against the limits too.
         """
         if not self._accepting:
             raise ShuttingDown()
-        context = AdmissionContext(guild_id, user_id, channel_id, channel_nsfw)
+        context = AdmissionContext(guild_id, user_id, channel_id, channel_nsfw, pending_images)
         for apply_defaults in self.request_defaults:
             request = apply_defaults(request, context)
         request = self.normalise(request)

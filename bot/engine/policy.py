@@ -519,7 +519,7 @@ class GuildPolicy:
         limit = settings.daily_images
         if limit > 0:
             status = self.quota_status(context.guild_id, context.user_id)
-            left = status.remaining or 0
+            left = max(0, (status.remaining or 0) - context.pending_images)
             if request.count > left:
                 reset = f"at 00:00 UTC (<t:{int(status.resets_at)}:R>)"
                 pending = f" ({status.in_flight} still in progress)" if status.in_flight else ""

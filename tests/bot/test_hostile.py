@@ -501,3 +501,21 @@ async def test_the_token_never_reaches_the_log_even_when_discord_answers_401(tmp
         assert TOKEN.split("-")[-1] not in bot.text
         assert inter.token not in bot.text, "an interaction token (a 15-minute credential) was logged"
         assert_clean(bot.text)
+
+
+async def test_a_burst_at_the_daily_quota_admits_exactly_the_quota(
+    fake_discord, fake_openai, tmp_path
+) -> None:
+    fake_openai.configure(delay=0.5)
+    async with running_bot(fake_discord, tmp_path, backend_url=fake_openai.url, user_max_jobs=10) as h:
+        await h.bot.policy.update(int(h.guild.id), daily_images=2)
+        spammer = fake_discord.add_member(h.guild.id)
+        burst = await asyncio.gather(*(h.imagine(spammer.id, f"quota {n}") for n in range(5)))
+        await asyncio.gather(*(i.wait_for_callback() for i in burst))
+        refused = [i for i in burst if i.callback.ephemeral]
+        accepted = [i for i in burst if not i.callback.ephemeral]
+        assert len(accepted) == 2 and len(refused) == 3
+        for inter in refused:  # privately, and saying why
+            assert "images for today" in inter.callback.data["content"]
+        await asyncio.gather(*(i.wait_until(is_done, timeout=10) for i in accepted))
+        assert fake_openai.state.generations == 2
