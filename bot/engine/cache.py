@@ -139,6 +139,7 @@ class _Entry:
     result: GenerationResult  # as generated (from_cache False)
     created_at: float
     size: int
+    refs: list[str]  # each image's content ref, in order
 
 
 class ResultCache:
@@ -223,6 +224,11 @@ class ResultCache:
 
     async def get(self, key: str) -> GenerationResult | None:
         """The cached result for ``key`` (``from_cache=True``), or None on a miss, expiry or damage."""
+        hit = await self.get_with_refs(key)
+        return hit[0] if hit is not None else None
+
+    async def get_with_refs(self, key: str) -> tuple[GenerationResult, list[str]] | None:
+        """Like :meth:`get`, with each image's content ref (known already: no need to hash the bytes again)."""
         if not self.enabled:
             self.misses += 1
             return None
@@ -238,14 +244,14 @@ class ResultCache:
             # Keep the disk LRU order honest for entries served from memory.
             await asyncio.to_thread(self._guarded, self._touch_sync, key, now)
             self.hits += 1
-            return replace(entry.result, from_cache=True)
+            return replace(entry.result, from_cache=True), list(entry.refs)
         entry = await asyncio.to_thread(self._guarded, self._load_sync, key, now)
         if entry is None:
             self.misses += 1
             return None
         self._remember(key, entry)
         self.hits += 1
-        return replace(entry.result, from_cache=True)
+        return replace(entry.result, from_cache=True), list(entry.refs)
 
     async def put(self, key: str, result: GenerationResult) -> list[str]:
         """Store ``result`` under ``key``; return each image's content ref (sha256 hex), in order."""
@@ -262,7 +268,7 @@ class ResultCache:
             self._forget(gone)
         if stored:
             size = sum(len(image.data) for image in result.images)
-            self._remember(key, _Entry(result, now, size))
+            self._remember(key, _Entry(result, now, size, refs))
         return refs
 
     async def get_images(self, refs: Sequence[str]) -> list[GeneratedImage] | None:
@@ -475,11 +481,13 @@ class ResultCache:
             self._remove_sync([key], True)
             return None
         images: list[GeneratedImage] = []
+        refs: list[str] = []
         try:
             for item in json.loads(images_json):
                 ref, fmt = item["ref"], item["format"]
                 data = self._read_blob_sync(ref, _extension(fmt))
                 images.append(GeneratedImage(data, fmt, item["width"], item["height"], item.get("seed")))
+                refs.append(ref)
         except _BadBlob as bad:
             self._drop_blob_sync(bad)
             return None
@@ -489,7 +497,7 @@ class ResultCache:
             return None
         self._touch_sync(key, now)
         result = GenerationResult(tuple(images), backend, model, elapsed_s)
-        return _Entry(result, created_at, sum(len(image.data) for image in images))
+        return _Entry(result, created_at, sum(len(image.data) for image in images), refs)
 
     def _store_sync(
         self, key: str, result: GenerationResult, refs: list[str], now: float

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import random
 import time
@@ -544,9 +543,9 @@ class JobManager:
         key = self._key(request)
         job.cache_key = key
         if self.cache is not None and not request.fresh:
-            cached = await self.cache.get(key)
-            if cached is not None:
-                job.image_refs = await asyncio.to_thread(_content_refs, cached)
+            hit = await self.cache.get_with_refs(key)
+            if hit is not None:
+                cached, job.image_refs = hit
                 log.info("job served from cache", extra={"job": job.id})
                 return cached
         flight = self._join_flight(tracked, key)
@@ -802,10 +801,6 @@ def _cancel_message(reason: str, by: str | None) -> str:
     if reason == "shutdown":
         return "Stopped by a restart."
     return f"Cancelled by {by}." if by else "Cancelled."
-
-
-def _content_refs(result: GenerationResult) -> list[str]:
-    return [hashlib.sha256(image.data).hexdigest() for image in result.images]
 
 
 def random_seed() -> int:

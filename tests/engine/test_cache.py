@@ -411,3 +411,20 @@ async def test_concurrent_puts_and_gets_stay_consistent(open_cache: OpenCache) -
     hits = await asyncio.gather(*(cache.get(f"k{i}") for i in range(8)))
     assert all(hit is not None and hit.images[0].data == imgs[i].data for i, hit in enumerate(hits))
     assert cache.stats()["entries"] == 8 and len(blob_files(cache)) == 8
+
+
+async def test_a_hit_returns_the_refs_put_returned(tmp_path) -> None:
+    """The refs are known when stored: a hit hands them back instead of hashing the images again."""
+    from bot.engine.cache import ResultCache
+    from bot.engine.images import make_test_png
+    from bot.engine.models import GeneratedImage, GenerationResult
+
+    images = tuple(GeneratedImage(make_test_png(8, 8, (i, 0, 0)), "PNG", 8, 8, seed=i) for i in range(2))
+    result = GenerationResult(images, backend="b", model=None, elapsed_s=1.0)
+    async with ResultCache(tmp_path / "c", ttl_s=60, max_bytes=10**7) as cache:
+        refs = await cache.put("k", result)
+        hit = await cache.get_with_refs("k")
+        assert hit is not None and hit[1] == refs and hit[0].from_cache
+    async with ResultCache(tmp_path / "c", ttl_s=60, max_bytes=10**7) as reopened:  # from disk, not memory
+        hit = await reopened.get_with_refs("k")
+        assert hit is not None and hit[1] == refs

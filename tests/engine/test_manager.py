@@ -486,7 +486,7 @@ class RecordingCache:
     def __init__(self) -> None:
         self.puts: list[str] = []
 
-    async def get(self, key: str):
+    async def get_with_refs(self, key: str):
         return None
 
     async def put(self, key: str, result) -> list[str]:
