@@ -55,7 +55,7 @@ EXPOSE 8080
 # compose's stop_grace_period at least that plus 10 s.
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-m", "bot.healthcheck"]
+    CMD ["python", "-m", "bot.service.healthcheck"]
 
 ENTRYPOINT ["python", "-m", "bot"]
 CMD []

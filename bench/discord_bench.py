@@ -38,9 +38,9 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.bot.process import bot_env as test_bot_env
 from tests.fakes.discord import FakeDiscord, FakeGuild, FakeInteraction, FakeMessage, FakeUser
 from tests.fakes.openai_api import FakeOpenAI
+from tests.frontend.process import bot_env as test_bot_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token-0123456789abcdef"

@@ -19,7 +19,7 @@ import time
 
 from PIL import Image
 
-from bot.backends.base import Backend, Capabilities, ProgressCallback
+from bot.engine.backend import Backend, Capabilities, ProgressCallback
 from bot.engine.images import verify_image
 from bot.engine.manager import JobManager
 from bot.engine.models import GeneratedImage, ImageRequest

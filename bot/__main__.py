@@ -25,7 +25,7 @@ EXIT_CONFIG = 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bot", description="Self-hosted /imagine Discord bot.")
     commands = parser.add_subparsers(dest="command")
-    from bot.cli import add_imagine_arguments
+    from bot.service.cli import add_imagine_arguments
 
     add_imagine_arguments(commands.add_parser("imagine", help="generate images from the command line"))
     sync = commands.add_parser("sync", help="sync the slash commands with Discord now")
@@ -60,18 +60,18 @@ async def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         if args.command == "imagine":
-            from bot.cli import run_imagine
+            from bot.service.cli import run_imagine
 
             return await run_imagine(settings, args)
         if args.command == "check":
-            from bot.check import run_check
+            from bot.service.check import run_check
 
             return await run_check(settings)
         if args.command == "sync":
-            from bot.app import run_sync
+            from bot.service.app import run_sync
 
             return await run_sync(settings, clear=args.clear)
-        from bot.app import run_bot
+        from bot.service.app import run_bot
 
         return await run_bot(settings)
     except SettingsError as exc:

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bot.backends.base import Backend, Capabilities, ProgressCallback
+from bot.engine.backend import Backend, Capabilities, ProgressCallback
 from bot.engine.errors import GenerationError
 from bot.engine.images import make_test_png, verify_image
 from bot.engine.models import GeneratedImage, ImageRequest, Progress

@@ -7,8 +7,8 @@ import time
 
 import aiohttp
 
-from bot.backends.base import Backend, Capabilities, ProgressCallback
 from bot.backends.http import Clock, RetryPolicy, Sleep
+from bot.engine.backend import Backend, Capabilities, ProgressCallback
 from bot.settings import Settings
 
 __all__ = ["Backend", "Capabilities", "ProgressCallback", "create_backend"]

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from bot.backends import http
-from bot.backends.base import Backend, Capabilities, ProgressCallback, _noop_progress
+from bot.engine.backend import Backend, Capabilities, ProgressCallback, _noop_progress
 from bot.engine.errors import FailureReason, GenerationError
 from bot.engine.images import verify_image
 from bot.engine.models import GeneratedImage, ImageRequest, Progress

@@ -18,7 +18,7 @@ from urllib.parse import quote
 import aiohttp
 
 from bot.backends import http
-from bot.backends.base import (
+from bot.engine.backend import (
     Capabilities,
     ProgressCallback,
     ResumableBackend,

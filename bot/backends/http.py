@@ -31,7 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from bot.backends.base import ProgressCallback
+from bot.engine.backend import ProgressCallback
 from bot.engine.errors import FailureReason, GenerationError
 from bot.engine.models import Progress
 

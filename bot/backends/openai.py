@@ -14,7 +14,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 
 from bot.backends import http
-from bot.backends.base import Backend, Capabilities, ProgressCallback, _noop_progress
+from bot.engine.backend import Backend, Capabilities, ProgressCallback, _noop_progress
 from bot.engine.errors import FailureReason, GenerationError
 from bot.engine.images import verify_image
 from bot.engine.models import GeneratedImage, ImageRequest

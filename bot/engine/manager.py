@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from bot.backends.base import Backend, ResumableBackend
+from bot.engine.backend import Backend, ResumableBackend
 from bot.engine.cache import cache_key
 from bot.engine.errors import FailureReason, GenerationError, RequestRejected, ShuttingDown
 from bot.engine.models import (

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from bot.backends.base import Backend, Capabilities
+from bot.engine.backend import Backend, Capabilities
 from bot.engine.errors import RequestRejected
 from bot.engine.manager import AdmissionContext, JobEvent, JobManager
 from bot.engine.models import ImageRequest, Job, JobState

@@ -1,0 +1,96 @@
+"""After a crash: find the jobs a dead process left unfinished, decide what becomes of each, and tell the rest.
+
+- Queued jobs whose reply can still be posted (``can_reply``) are resumed under their own id and message.
+- Running jobs whose generation lives on at the backend under its own id (AI Horde) are followed up by that
+  id: nothing is submitted twice, and the result still reaches the requester (in the channel, past the token).
+- Other running jobs (their generation died with the process), and queued jobs that can no longer be answered,
+  are marked ``interrupted``: recorded first, then ``report`` tells the requester (a Reroll button, or a reply
+  in the channel past the token).
+
+The decisions are the engine's; how a job is reported is the frontend's, passed in as callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from bot.engine.backend import ResumableBackend
+from bot.engine.errors import RequestRejected
+from bot.engine.models import Job, JobState
+
+if TYPE_CHECKING:
+    from bot.engine.manager import JobManager
+    from bot.engine.store import JobStore
+
+log = logging.getLogger(__name__)
+
+#: How long telling the requester about one interrupted job may take.
+REPORT_TIMEOUT_S = 30.0
+
+
+@dataclass
+class RecoveryReport:
+    resumed: list[str] = field(default_factory=list)
+    interrupted: list[str] = field(default_factory=list)
+
+
+async def recover_unfinished_jobs(
+    store: JobStore,
+    manager: JobManager,
+    *,
+    can_reply: Callable[[Job], bool],
+    report: Callable[[Job], Awaitable[None]],
+    clock: Callable[[], float],
+) -> RecoveryReport:
+    """Run once at start-up, before new work is admitted."""
+    outcome = RecoveryReport()
+    for job in await store.unfinished_jobs():
+        if (
+            job.state is JobState.RUNNING
+            and job.backend_ref
+            and isinstance(manager.backend, ResumableBackend)
+        ):
+            try:
+                await manager.adopt(job, follow_backend_ref=True)
+                outcome.resumed.append(job.id)
+                log.info("following up a running job after restart", extra={"job": job.id})
+                continue
+            except RequestRejected:
+                pass
+        if job.state is JobState.QUEUED and can_reply(job):
+            try:
+                await manager.adopt(job)
+                outcome.resumed.append(job.id)
+                log.info("resumed queued job after restart", extra={"job": job.id})
+                continue
+            except RequestRejected:
+                pass  # shutting down already: fall through and record it as interrupted
+        await _mark_interrupted(store, job, report=report, clock=clock)
+        outcome.interrupted.append(job.id)
+    if outcome.resumed or outcome.interrupted:
+        log.info(
+            "recovered unfinished jobs",
+            extra={"resumed": len(outcome.resumed), "interrupted": len(outcome.interrupted)},
+        )
+    return outcome
+
+
+async def _mark_interrupted(
+    store: JobStore, job: Job, *, report: Callable[[Job], Awaitable[None]], clock: Callable[[], float]
+) -> None:
+    was = job.state
+    job.state = JobState.INTERRUPTED
+    job.finished_at = clock()
+    job.error_reason = "interrupted"
+    job.error_message = "Interrupted by a restart."
+    await store.save_job(job)  # recorded before anyone is told
+    log.info("job interrupted by a restart", extra={"job": job.id, "was": was.value})
+    try:
+        async with asyncio.timeout(REPORT_TIMEOUT_S):
+            await report(job)
+    except Exception:
+        log.exception("could not tell about an interrupted job", extra={"job": job.id})

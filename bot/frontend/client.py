@@ -1,0 +1,229 @@
+"""The Discord client: receives its settings and engine from ``main()``, starts in ``setup_hook``, drains in
+``close()`` before discord.py closes the gateway and the HTTP session."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import discord
+import yarl
+from discord import app_commands
+from discord.backoff import ExponentialBackoff
+from discord.ext import commands
+
+from bot.engine import Engine
+from bot.engine.policy import GuildPolicy
+from bot.engine.recovery import recover_unfinished_jobs
+from bot.frontend.interactions import tell_failure
+from bot.frontend.messenger import DiscordErrorSink, JobMessenger
+
+log = logging.getLogger(__name__)
+
+# The bot never joins voice: don't warn about missing voice libraries on every start.
+discord.VoiceClient.warn_nacl = False
+discord.VoiceClient.warn_dave = False
+
+EXTENSIONS = ("bot.frontend.cogs.imagine", "bot.frontend.cogs.admin", "bot.frontend.cogs.user")
+
+
+class GatewayWatcher(Protocol):
+    """Told about the client's life (the service's /healthz keeps it)."""
+
+    def mark_ready(self) -> None: ...
+    def gateway_up(self) -> None: ...
+    def gateway_down(self) -> None: ...
+    def mark_draining(self) -> None: ...
+
+
+class _NoWatcher:
+    def mark_ready(self) -> None:
+        pass
+
+    def gateway_up(self) -> None:
+        pass
+
+    def gateway_down(self) -> None:
+        pass
+
+    def mark_draining(self) -> None:
+        pass
+
+
+def point_discord_at(api_base: str | None, gateway_url: str | None) -> None:
+    """Send REST and the gateway somewhere else (a rate-limit proxy, or a local fake Discord).
+
+    discord.py reads ``Route.BASE`` for every REST call (webhooks and interaction callbacks included) and
+    ``DiscordWebSocket.DEFAULT_GATEWAY`` for a plain (unsharded) client.
+    """
+    if api_base:
+        discord.http.Route.BASE = api_base.rstrip("/")
+    if gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+
+
+class ImagineTree(app_commands.CommandTree):
+    """One place where a failing command becomes a plain sentence (never endless "thinking…")."""
+
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        command = interaction.command.qualified_name if interaction.command else "?"
+        log.error("/%s failed", command, exc_info=error, extra={"user": interaction.user.id})
+        await tell_failure(interaction)
+
+
+class ImagineBot(commands.Bot):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        health: GatewayWatcher | None = None,
+        discord_errors: DiscordErrorSink | None = None,
+        clock: Callable[[], float] = time.time,
+        sync_commands: bool = True,
+        recover_jobs: bool = True,
+        progress_interval: float = 1.5,
+        **options: object,
+    ) -> None:
+        intents = discord.Intents.none()
+        intents.guilds = True
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            help_command=None,
+            tree_cls=ImagineTree,
+            allowed_mentions=discord.AllowedMentions.none(),
+            allowed_contexts=app_commands.AppCommandContext(
+                guild=True, dm_channel=False, private_channel=False
+            ),
+            allowed_installs=app_commands.AppInstallationType(guild=True, user=False),
+            **options,  # type: ignore[arg-type]
+        )
+        self.engine = engine
+        self.settings = engine.settings
+        self.clock = clock
+        self.sync_commands = sync_commands
+        self.recover_jobs = recover_jobs
+        self.messenger = JobMessenger(
+            self, cache=engine.cache, errors=discord_errors, clock=clock, min_interval=progress_interval
+        )
+        self.health: GatewayWatcher = health or _NoWatcher()
+        self.draining = False
+        self.ready_once = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
+
+    @property
+    def manager(self):
+        return self.engine.manager
+
+    async def setup_hook(self) -> None:
+        self.manager.deliver = self.messenger.deliver
+        self.manager.add_listener(self.messenger.on_job_event)
+        # Per-guild settings and quotas: loaded and hooked into admission before any command can run.
+        self.policy = GuildPolicy(self.manager, store=self.engine.store, clock=self.clock)
+        await self.policy.load()
+        self.policy.install()
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
+        # Jobs a dead process left behind: resume the queued ones, report the interrupted ones.
+        if self.recover_jobs:
+            await recover_unfinished_jobs(
+                self.engine.store,
+                self.manager,
+                can_reply=self.messenger.token_usable,
+                report=self.messenger.post_final,
+                clock=self.clock,
+            )
+        if self.sync_commands:
+            await self.sync_if_changed()
+
+    async def on_ready(self) -> None:
+        self.ready_once.set()
+        self.health.mark_ready()  # /healthz: start-up is over, gateway up
+        log.info("connected", extra={"user": str(self.user), "guilds": len(self.guilds)})
+
+    # -- gateway state for /healthz (bot/service/web.py): a reconnect shorter than the grace period stays healthy --
+    async def on_connect(self) -> None:
+        self.health.gateway_up()
+
+    async def on_resumed(self) -> None:
+        self.health.gateway_up()
+
+    async def on_disconnect(self) -> None:
+        self.health.gateway_down()
+
+    async def connect(self, *, reconnect: bool = True) -> None:
+        """Keep retrying when the gateway is unreachable at start-up.
+
+        discord.py 2.7 retries a lost connection, but a *first* connection that fails ends in an AttributeError
+        (its retry path reads ``self.ws``, still None), killing the bot. Retry that case with backoff too.
+        """
+        backoff = ExponentialBackoff()
+        while not self.is_closed():
+            try:
+                await super().connect(reconnect=reconnect)
+                return
+            except AttributeError:
+                if self.ws is not None or not reconnect or self.is_closed():
+                    raise
+                delay = backoff.delay()
+                log.warning("gateway unreachable at start-up; retrying", extra={"retry_s": round(delay, 1)})
+                await asyncio.sleep(delay)
+
+    # -- command sync -----------------------------------------------------------------------------------
+    def _sync_target(self) -> discord.Object | None:
+        guild_id = self.settings.dev_guild_id
+        return discord.Object(guild_id) if guild_id else None
+
+    def command_signature(self) -> str:
+        guild = self._sync_target()
+        payload = [command.to_dict(self.tree) for command in self.tree.get_commands()]
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(f"{guild.id if guild else 'global'}|{text}".encode()).hexdigest()
+
+    async def sync_if_changed(self) -> bool:
+        """Sync only when the command set (or the application, or the target) changed since last time."""
+        assert self.application_id is not None
+        key = f"commands:{self.application_id}"
+        signature = self.command_signature()
+        if await self.engine.store.get_meta(key) == signature:
+            log.info("commands unchanged; not syncing")
+            return False
+        await self.sync_now()
+        await self.engine.store.set_meta(key, signature)
+        return True
+
+    async def sync_now(self, *, clear: bool = False) -> None:
+        guild = self._sync_target()
+        if guild is not None:
+            self.tree.clear_commands(guild=guild)
+            if not clear:
+                self.tree.copy_global_to(guild=guild)
+            synced = await self.tree.sync(guild=guild)
+        else:
+            if clear:
+                self.tree.clear_commands(guild=None)
+            synced = await self.tree.sync()
+        log.info("commands synced", extra={"count": len(synced), "guild": guild.id if guild else "global"})
+
+    # -- shutdown -----------------------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Drain our own work first: refuse new jobs, let running ones finish and post, then log out."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain(), name="drain")
+        await asyncio.shield(self._drain_task)
+        await super().close()
+
+    async def _drain(self) -> None:
+        self.health.mark_draining()  # first: /healthz turns 503 before anything else happens
+        self.draining = True
+        grace = self.settings.shutdown_grace_s
+        log.info("shutting down", extra={"grace_s": grace, "active_jobs": len(self.manager.active_jobs())})
+        try:
+            await self.manager.shutdown(grace)
+        finally:
+            await self.messenger.close()

@@ -1,0 +1,323 @@
+"""Keeps each job's Discord message in step with the job, then posts the result.
+
+- Progress edits are coalesced: the latest state wins, one edit in flight per job, at most one per interval.
+- Edits go through the interaction's webhook (application id + token from the job's ``message_ref``), so the
+  same code works for a job started by this process or found in the store after a restart.
+- From ~14 minutes after the interaction (or when Discord says the token is dead) the token is not used: the
+  result is posted in the channel when the bot may, pinging only the requester; otherwise it stays recorded.
+- Images within the upload limit are posted byte-for-byte; larger ones are re-encoded off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import discord
+
+from bot.engine.images import shrink_to_fit
+from bot.engine.manager import JobEvent
+from bot.engine.models import GeneratedImage, Job, JobState
+from bot.frontend.render import job_embed, job_view
+
+if TYPE_CHECKING:
+    from bot.engine.cache import ResultCache
+
+log = logging.getLogger(__name__)
+
+#: Discord kills interaction tokens after 15 minutes; stop using them a minute before.
+TOKEN_USABLE_S = 14 * 60
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+#: Error codes that mean the interaction token (or its message) is gone for good.
+DEAD_TOKEN_CODES = {50027, 10015, 10008, 10062}
+NO_MENTIONS = discord.AllowedMentions.none()
+
+
+def message_ref_for(interaction: discord.Interaction) -> dict[str, Any]:
+    """What we keep to edit a job's message later, in this process or the next."""
+    permissions = interaction.app_permissions
+    return {
+        "application_id": interaction.application_id,
+        "interaction_id": interaction.id,
+        "token": interaction.token,
+        "created_at": interaction.created_at.timestamp(),
+        "channel_id": interaction.channel_id,
+        "guild_id": interaction.guild_id,
+        "upload_limit": interaction.filesize_limit or DEFAULT_UPLOAD_LIMIT,
+        "can_post": bool(permissions.send_messages and permissions.attach_files),
+        "channel_nsfw": bool(getattr(interaction.channel, "is_nsfw", lambda: False)()),
+    }
+
+
+@dataclass(eq=False)
+class _Tracker:
+    job: Job
+    dirty: bool = False
+    closed: bool = False
+    token_dead: bool = False
+    last_edit: float = 0.0
+    last_signature: tuple[str, int] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    task: asyncio.Task[None] | None = None
+
+
+class DiscordErrorSink(Protocol):
+    """Where failed Discord calls are counted (the service's metrics)."""
+
+    def discord_error(self, exc: discord.HTTPException) -> None: ...
+
+
+class _NoErrorSink:
+    def discord_error(self, exc: discord.HTTPException) -> None:
+        pass
+
+
+class JobMessenger:
+    def __init__(
+        self,
+        bot: discord.Client,
+        *,
+        cache: ResultCache | None = None,
+        errors: DiscordErrorSink | None = None,
+        min_interval: float = 1.5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bot = bot
+        self.cache = cache
+        self.errors: DiscordErrorSink = errors or _NoErrorSink()
+        self.min_interval = min_interval
+        self.clock = clock
+        self._trackers: dict[str, _Tracker] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.edits = 0
+
+    # -- manager hooks ----------------------------------------------------------------------------------
+    def on_job_event(self, job: Job, event: JobEvent) -> None:
+        """Listener: mark the job's message stale and make sure one pump is running for it."""
+        if event is JobEvent.FINISHED or not job.message_ref:
+            return
+        tracker = self._trackers.get(job.id)
+        if tracker is None:
+            tracker = self._trackers[job.id] = _Tracker(job)
+        if tracker.closed or tracker.token_dead:
+            return
+        tracker.dirty = True
+        if tracker.task is None or tracker.task.done():
+            tracker.task = asyncio.create_task(self._pump(tracker), name=f"progress-{job.id}")
+            self._tasks.add(tracker.task)
+            tracker.task.add_done_callback(self._task_done)
+
+    async def deliver(self, job: Job) -> None:
+        """Manager delivery hook: runs inside the job's task once the job is finished."""
+        tracker = self._trackers.pop(job.id, None) or _Tracker(job)
+        tracker.closed = True
+        async with tracker.lock:  # let an edit already on the wire land first
+            pass
+        if tracker.task is not None and not tracker.task.done():
+            tracker.task.cancel()
+        if not job.message_ref:
+            return
+        await self.post_final(job, token_dead=tracker.token_dead)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._trackers.clear()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("progress updates failed", exc_info=task.exception())
+
+    # -- progress -----------------------------------------------------------------------------------------
+    async def _pump(self, tracker: _Tracker) -> None:
+        while tracker.dirty and not tracker.closed:
+            # A queue position matters less than progress: while queued, edit a third as often.
+            interval = self.min_interval * (3 if tracker.job.state is JobState.QUEUED else 1)
+            wait = tracker.last_edit + interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            tracker.dirty = False
+            async with tracker.lock:
+                if tracker.closed:
+                    return
+                job = tracker.job
+                if not self.token_usable(job):
+                    tracker.token_dead = True
+                    return
+                try:
+                    files = []
+                    embed = job_embed(job)
+                    preview = job.progress.preview if job.progress and job.state is JobState.RUNNING else None
+                    # Nothing a user would see changed (a queue moving far behind them): no edit, no traffic.
+                    signature = (json.dumps(embed.to_dict(), sort_keys=True), hash(preview))
+                    if signature == tracker.last_signature:
+                        continue
+                    tracker.last_signature = signature
+                    if preview:
+                        files.append(discord.File(io.BytesIO(preview), filename="preview.png"))
+                        embed.set_image(url="attachment://preview.png")
+                    await self._edit_original(job, embed=embed, view=job_view(job), files=files)
+                except discord.HTTPException as exc:
+                    tracker.last_signature = None  # not shown: the same state is worth another try
+                    self.errors.discord_error(exc)  # imagine_discord_api_errors_total{status}
+                    if exc.code in DEAD_TOKEN_CODES:
+                        tracker.token_dead = True
+                        return
+                    log.warning(
+                        "progress edit failed", extra={"job": job.id, "status": exc.status, "code": exc.code}
+                    )
+                finally:
+                    tracker.last_edit = time.monotonic()
+
+    # -- the result ---------------------------------------------------------------------------------------
+    def token_usable(self, job: Job) -> bool:
+        ref = job.message_ref or {}
+        created = ref.get("created_at")
+        return (
+            bool(ref.get("token")) and created is not None and self.clock() < float(created) + TOKEN_USABLE_S
+        )
+
+    async def post_final(self, job: Job, *, token_dead: bool = False) -> None:
+        """Show the job's outcome: edit its message, or post in the channel when the token is gone."""
+        images = await self._images_for(job)
+        elapsed = job.result.elapsed_s if job.result is not None else None
+        embed = job_embed(job, elapsed_s=elapsed)
+        view = job_view(job)
+        limit = int((job.message_ref or {}).get("upload_limit") or DEFAULT_UPLOAD_LIMIT)
+        prepared = await prepare_uploads(job.id, images, limit)
+        if not token_dead and self.token_usable(job):
+            try:
+                await self._with_shrink_retry(
+                    job.id,
+                    prepared,
+                    limit,
+                    lambda files: self._edit_original(job, embed=embed, view=view, files=files),
+                )
+                log.info("result posted", extra={"job": job.id, "state": job.state.value})
+                return
+            except discord.HTTPException as exc:
+                self.errors.discord_error(exc)  # imagine_discord_api_errors_total{status}
+                if exc.code not in DEAD_TOKEN_CODES:
+                    log.error(
+                        "could not post result", extra={"job": job.id, "status": exc.status, "code": exc.code}
+                    )
+                    return
+        await self._post_in_channel(job, embed, view, prepared, limit)
+
+    async def _post_in_channel(
+        self,
+        job: Job,
+        embed: discord.Embed,
+        view: discord.ui.View,
+        prepared: list[tuple[bytes, str]],
+        limit: int,
+    ) -> None:
+        ref = job.message_ref or {}
+        channel_id = ref.get("channel_id") or job.channel_id
+        if not ref.get("can_post") or not channel_id:
+            log.warning("token expired and the bot may not post here; result kept", extra={"job": job.id})
+            return
+        channel = self.bot.get_partial_messageable(int(channel_id), guild_id=job.guild_id)
+        content = (
+            f"<@{job.user_id}> your image is ready."
+            if job.state is JobState.SUCCEEDED
+            else f"<@{job.user_id}>"
+        )
+
+        async def send(files: list[discord.File]) -> None:
+            await channel.send(
+                content=content,
+                embed=embed,
+                view=view,
+                files=files,
+                allowed_mentions=discord.AllowedMentions(
+                    users=[discord.Object(job.user_id)], roles=False, everyone=False
+                ),
+            )
+
+        try:
+            await self._with_shrink_retry(job.id, prepared, limit, send)
+            log.info("result posted in channel (token expired)", extra={"job": job.id})
+        except discord.HTTPException as exc:
+            self.errors.discord_error(exc)  # imagine_discord_api_errors_total{status}
+            log.error(
+                "could not post result in channel",
+                extra={"job": job.id, "status": exc.status, "code": exc.code},
+            )
+
+    async def _with_shrink_retry(
+        self,
+        job_id: str,
+        prepared: list[tuple[bytes, str]],
+        limit: int,
+        send: Callable[[list[discord.File]], Any],
+    ) -> None:
+        try:
+            await send(_files(prepared))
+        except discord.HTTPException as exc:
+            if exc.status != 413 and exc.code != 40005:
+                raise
+            # Counted here only when handled here (the caller counts a raise).
+            self.errors.discord_error(exc)
+            log.warning("upload too large for Discord; shrinking once more", extra={"job": job_id})
+            # Discord's real limit was lower than we were told: aim well under what was refused.
+            target = int(min(limit, max((len(data) for data, _ in prepared), default=limit)) * 0.6)
+            smaller = await prepare_uploads(
+                job_id, [_as_image(d, n) for d, n in prepared], target, force=True
+            )
+            await send(_files(smaller))
+
+    async def _images_for(self, job: Job) -> list[GeneratedImage]:
+        if job.state is not JobState.SUCCEEDED:
+            return []
+        if job.result is not None:
+            return list(job.result.images)
+        if self.cache is None or not job.image_refs:
+            return []
+        images = await self.cache.get_images(job.image_refs)
+        return images or []
+
+    async def _edit_original(
+        self, job: Job, *, embed: discord.Embed, view: discord.ui.View, files: list[discord.File]
+    ) -> None:
+        ref = job.message_ref or {}
+        webhook = discord.Webhook.partial(int(ref["application_id"]), str(ref["token"]), client=self.bot)
+        await webhook.edit_message(
+            "@original",  # type: ignore[arg-type]  # discord.py formats it into the route as is
+            embed=embed,
+            view=view,
+            attachments=files,
+            allowed_mentions=NO_MENTIONS,
+        )
+        self.edits += 1
+
+
+def _files(prepared: list[tuple[bytes, str]]) -> list[discord.File]:
+    return [discord.File(io.BytesIO(data), filename=name) for data, name in prepared]
+
+
+def _as_image(data: bytes, name: str) -> GeneratedImage:
+    return GeneratedImage(data=data, format=name.rsplit(".", 1)[-1].upper(), width=0, height=0)
+
+
+async def prepare_uploads(
+    job_id: str, images: list[GeneratedImage], limit: int, *, force: bool = False
+) -> list[tuple[bytes, str]]:
+    """(bytes, filename) per image: unchanged when within ``limit``, else re-encoded/downscaled to fit."""
+    prepared: list[tuple[bytes, str]] = []
+    for index, image in enumerate(images, start=1):
+        data, extension = image.data, image.extension
+        if force or len(data) > limit:
+            data, extension = await shrink_to_fit(data, limit)
+        prepared.append((data, f"{job_id}-{index}.{extension}"))
+    return prepared

@@ -1,0 +1,146 @@
+"""Running the bot: open dependencies, connect, and on SIGTERM/SIGINT drain before logging out."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import discord
+
+from bot.engine import Engine
+from bot.frontend.client import ImagineBot, point_discord_at
+from bot.service.metrics import Metrics
+from bot.service.runtime import open_engine
+from bot.service.web import Health, WebServer
+from bot.settings import Settings, SettingsError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    """The running bot and what serves it: /healthz and /metrics, wired to the engine and the client."""
+
+    engine: Engine
+    bot: ImagineBot
+    health: Health
+    metrics: Metrics
+    web: WebServer | None
+
+    async def start_web(self) -> None:
+        """Bind /healthz and /metrics (503 until READY): before logging in, so a clashing port stops start-up
+        before anything is done at Discord."""
+        if self.web is not None:
+            await self.web.start()
+
+    async def stop_web(self) -> None:
+        if self.web is not None:  # /healthz said 503 ("draining") until here
+            await self.web.stop()
+
+
+def build_service(engine: Engine, *, serve_http: bool = True, **bot_options: Any) -> Service:
+    health = Health(engine.store)
+    metrics = Metrics(engine.manager, cache=engine.cache)
+    engine.manager.add_listener(metrics.on_job_event)
+    bot = ImagineBot(engine, health=health, discord_errors=metrics, **bot_options)
+    web = WebServer(health, metrics, port=engine.settings.http_port) if serve_http else None
+    return Service(engine, bot, health, metrics, web)
+
+
+def install_signal_handlers(bot: ImagineBot) -> list[signal.Signals]:
+    """SIGTERM (docker stop) and SIGINT start ``bot.close()``, which drains before logging out."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    closing: set[asyncio.Task[None]] = set()
+
+    def on_signal(signum: signal.Signals) -> None:
+        log.info("signal received; shutting down", extra={"signal": signum.name})
+        if closing:
+            return
+        task = loop.create_task(bot.close(), name="close-on-signal")
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, on_signal, signum)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
+            pass
+    return installed
+
+
+def _lock_data_dir_sync(data_dir: Path) -> int:
+    """Hold ``DATA_DIR/bot.lock`` for the process's life: two bots on one DATA_DIR would each take the
+    other's running jobs for a crashed process's leftovers."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / "bot.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as exc:
+        raise SettingsError(f"DATA_DIR: cannot write to {data_dir} ({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SettingsError(
+            f"DATA_DIR: {data_dir} is in use by another running copy of the bot; give each bot its own"
+        ) from None
+    return fd
+
+
+async def run_bot(settings: Settings) -> int:
+    token = settings.token()
+    lock = await asyncio.to_thread(_lock_data_dir_sync, settings.data_dir)
+    try:
+        return await _serve(settings, token)
+    finally:
+        os.close(lock)
+
+
+async def _serve(settings: Settings, token: str) -> int:
+    point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
+    async with open_engine(settings) as engine:
+        service = build_service(engine)
+        bot = service.bot
+        install_signal_handlers(bot)
+        await service.start_web()
+        try:
+            async with bot:
+                await bot.start(token)
+        except discord.LoginFailure:
+            log.error("Discord refused the token (401): check DISCORD_TOKEN")
+            return 1
+        except discord.PrivilegedIntentsRequired:
+            log.error("Discord refused the requested intents")
+            return 1
+        finally:
+            await service.stop_web()
+    log.info("stopped cleanly")
+    return 0
+
+
+async def run_sync(settings: Settings, *, clear: bool) -> int:
+    """``python -m bot sync [--clear]``: log in over REST only, sync, and leave."""
+    token = settings.token()
+    point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
+    async with open_engine(settings) as engine:
+        # A one-off sync beside a running bot: it must not touch that bot's jobs, nor take its HTTP_PORT.
+        bot = build_service(engine, serve_http=False, sync_commands=False, recover_jobs=False).bot
+        async with bot:
+            try:
+                await bot.login(token)
+            except discord.LoginFailure:
+                log.error("Discord refused the token (401): check DISCORD_TOKEN")
+                return 1
+            await bot.sync_now(clear=clear)
+            if not clear:
+                assert bot.application_id is not None
+                await engine.store.set_meta(f"commands:{bot.application_id}", bot.command_signature())
+    print("commands cleared" if clear else "commands synced")
+    return 0

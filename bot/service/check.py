@@ -1,0 +1,223 @@
+"""``python -m bot check``: diagnose a set-up before running the bot, one line per check.
+
+Checks, in order: the settings (loading them validated them), the image backend (lists its models), the
+Discord token (``GET /users/@me``) and the application id (for the invite link), and ``DATA_DIR`` (created if
+missing, then a file is written and removed). Each prints ``<check>: ok ...`` or ``<check>: problem: ...``;
+the exit status is 0 when every check passed, 1 otherwise. Never a traceback, never the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import discord
+
+from bot.settings import Settings, SettingsError
+
+DISCORD_API = "https://discord.com/api/v10"
+INVITE_BASE = "https://discord.com/oauth2/authorize"
+#: Discord asks bots to identify themselves this way (``DiscordBot ($url, $version)``).
+USER_AGENT = "DiscordBot (https://github.com/imagine-bot, 0.1) imagine-bot-check"
+REQUEST_TIMEOUT_S = 15.0
+MODELS_SHOWN = 5
+
+
+def required_permissions() -> discord.Permissions:
+    """Exactly what the bot needs in a channel, no more.
+
+    Answering a slash command needs no channel permission at all (interaction responses and their edits go
+    through the interaction's webhook). These are for the moments the bot must use the channel itself:
+    """
+    return discord.Permissions(
+        # See the channel: without it Discord refuses every channel message, and the bot cannot tell its users.
+        view_channel=True,
+        # Post the result as a normal message when the 15-minute interaction token has expired.
+        send_messages=True,
+        # The images themselves in that message.
+        attach_files=True,
+        # The result card (prompt, seed, backend, timing) in that message is an embed.
+        embed_links=True,
+        # Find and edit the bot's own earlier job messages in the channel (after a restart, once the
+        # interaction token is dead): fetching a channel message needs it.
+        read_message_history=True,
+    )
+
+
+def invite_url(client_id: int | str, permissions: discord.Permissions | None = None) -> str:
+    perms = required_permissions() if permissions is None else permissions
+    query = urlencode(
+        {"client_id": str(client_id), "scope": "bot applications.commands", "permissions": str(perms.value)}
+    )
+    return f"{INVITE_BASE}?{query}"
+
+
+@dataclass
+class Report:
+    """Collects one line per check; secrets are scrubbed from every line before it is printed."""
+
+    secrets: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+    def _say(self, line: str) -> None:
+        for secret in self.secrets:
+            line = line.replace(secret, "[redacted]")
+        self.lines.append(line)
+        print(line, flush=True)
+
+    def ok(self, name: str, detail: str = "") -> None:
+        self._say(f"{name}: ok" + (f" ({detail})" if detail else ""))
+
+    def info(self, name: str, detail: str) -> None:
+        self._say(f"{name}: {detail}")
+
+    def problem(self, name: str, detail: str) -> None:
+        self.problems.append(detail)
+        self._say(f"{name}: problem: {detail}")
+
+
+def _secrets(settings: Settings) -> list[str]:
+    values = (settings.discord_token, settings.image_backend_api_key)
+    return [s.get_secret_value().strip() for s in values if s and len(s.get_secret_value().strip()) >= 4]
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def check_backend(settings: Settings, session: aiohttp.ClientSession, report: Report) -> None:
+    from bot.backends import create_backend
+    from bot.backends.http import RetryPolicy, safe_url
+    from bot.engine.errors import GenerationError
+
+    where = settings.image_backend
+    if settings.image_backend_url:
+        where += f" at {safe_url(settings.image_backend_url)}"
+    try:
+        # One attempt: a diagnosis should answer quickly and say what it saw, not retry for half a minute.
+        backend = create_backend(settings, session, retry=RetryPolicy(attempts=1))
+        async with asyncio.timeout(REQUEST_TIMEOUT_S * 2):
+            models = await backend.list_models()
+    except GenerationError as exc:
+        report.problem("backend", f"{where}: {exc.message}")
+        return
+    except SettingsError as exc:
+        report.problem("backend", str(exc))
+        return
+    except TimeoutError:
+        report.problem("backend", f"{where}: no answer within {REQUEST_TIMEOUT_S * 2:.0f} s")
+        return
+    except Exception as exc:
+        report.problem("backend", f"{where}: {_short(exc)}")
+        return
+    shown = ", ".join(models[:MODELS_SHOWN]) + (", ..." if len(models) > MODELS_SHOWN else "")
+    detail = f"{where}, {len(models)} model{'s' if len(models) != 1 else ''}" + (
+        f": {shown}" if models else ""
+    )
+    report.ok("backend", detail)
+    if settings.image_model and models and settings.image_model not in models:
+        report.info("backend", f"note: IMAGE_MODEL {settings.image_model!r} is not in the backend's list")
+
+
+async def _discord_get(session: aiohttp.ClientSession, base: str, path: str, token: str) -> tuple[int, Any]:
+    async with session.get(
+        f"{base}{path}",
+        headers={"Authorization": f"Bot {token}", "User-Agent": USER_AGENT},
+        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+    ) as response:
+        try:
+            data = await response.json(content_type=None)
+        except (ValueError, aiohttp.ContentTypeError):
+            data = None
+        return response.status, data
+
+
+async def check_discord(settings: Settings, session: aiohttp.ClientSession, report: Report) -> None:
+    try:
+        token = settings.token()
+    except SettingsError:
+        report.problem("discord", "DISCORD_TOKEN: not set (required to run the bot; see .env.example)")
+        return
+    base = (settings.discord_api_base or DISCORD_API).rstrip("/")
+    try:
+        status, me = await _discord_get(session, base, "/users/@me", token)
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        report.problem("discord", f"cannot reach {base}: {_short(exc)}")
+        return
+    if status == 401:
+        report.problem("discord", "DISCORD_TOKEN: Discord refused the token (401)")
+        return
+    if status != 200 or not isinstance(me, dict) or "id" not in me:
+        report.problem("discord", f"GET /users/@me answered HTTP {status}")
+        return
+    report.ok("discord", f"logged in as {me.get('username', '?')} (id {me['id']})")
+    # The application id is the client id in the invite; for bots made since 2019 it equals the user id.
+    client_id: Any = me["id"]
+    try:
+        status, app = await _discord_get(session, base, "/oauth2/applications/@me", token)
+        if status == 200 and isinstance(app, dict) and app.get("id"):
+            client_id = app["id"]
+            if app.get("bot_require_code_grant"):
+                report.info(
+                    "invite", "note: 'Requires OAuth2 Code Grant' is on; the link below will not work"
+                )
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        pass  # the user id is a fine fallback
+    report.info("invite", invite_url(client_id))
+
+
+def _probe_dir_sync(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".check-", dir=directory)
+    try:
+        os.write(fd, b"ok")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+async def check_data_dir(settings: Settings, report: Report) -> None:
+    directory = settings.data_dir.expanduser().absolute()
+    try:
+        await asyncio.to_thread(_probe_dir_sync, directory)
+    except OSError as exc:
+        report.problem(
+            "data dir", f"DATA_DIR: cannot create or write {directory}: {exc.strerror or _short(exc)}"
+        )
+        return
+    report.ok("data dir", f"{directory} is writable")
+
+
+async def run_check(settings: Settings) -> int:
+    """Runs every check (one failing does not stop the others); 0 when all passed, 1 otherwise."""
+    report = Report(secrets=_secrets(settings))
+    report.ok("settings")
+    from bot.service.runtime import make_session
+
+    try:
+        async with make_session() as session:
+            await check_backend(settings, session, report)
+            await check_discord(settings, session, report)
+        await check_data_dir(settings, report)
+    except Exception as exc:  # a bug in a check must still end in a line, not a traceback
+        report.problem("check", f"unexpected error: {_short(exc)}")
+    return _summary(report, report.problems)
+
+
+def _summary(report: Report, problems: Iterable[str]) -> int:
+    count = len(list(problems))
+    if count == 0:
+        report.info("result", "all checks passed")
+        return 0
+    report.info("result", f"{count} problem{'s' if count != 1 else ''} found")
+    return 1

@@ -1,0 +1,197 @@
+"""The bot's own HTTP server (``HTTP_PORT``): ``/healthz`` for the container's probe and ``/metrics`` for Prometheus.
+
+It runs in the bot's event loop, starts last in ``setup_hook`` and stops after the bot has closed, so a probe sees
+503 for the whole drain. ``HTTP_PORT=0`` means "any free port": the bound port is logged and kept in
+:attr:`WebServer.port` (tests use that; a container publishes a fixed port instead).
+
+``/healthz`` answers 200 only when all of these hold, 503 otherwise:
+
+- the bot has been READY once (start-up is not healthy yet);
+- it is not draining for shutdown;
+- the job store answers a trivial query within ``store_timeout_s`` (2 s);
+- the gateway is connected, or has been down for at most ``gateway_grace_s`` (60 s): discord.py reconnects
+  on its own, and an orchestrator must not kill a bot mid-job over a normal reconnect.
+
+The body is a small JSON object: ``{"status": "ok"|"starting"|"draining"|"unhealthy", "checks": {...}}``.
+Access logs are off: a probe every few seconds is not news.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from bot.service.metrics import CONTENT_TYPE
+from bot.settings import SettingsError
+
+if TYPE_CHECKING:
+    from bot.engine.store import JobStore
+    from bot.service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+GATEWAY_GRACE_S = 60.0
+STORE_TIMEOUT_S = 2.0
+DEFAULT_HOST = "0.0.0.0"  # the container's probe uses 127.0.0.1; Prometheus scrapes from outside
+
+
+class Health:
+    """The bot's health as the client's gateway hooks report it, plus a live store ping.
+
+    ``clock`` (monotonic seconds) and ``gateway_grace_s`` are injectable so tests need not wait a minute.
+    """
+
+    def __init__(
+        self,
+        store: JobStore | None = None,
+        *,
+        gateway_grace_s: float = GATEWAY_GRACE_S,
+        store_timeout_s: float = STORE_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.gateway_grace_s = gateway_grace_s
+        self.store_timeout_s = store_timeout_s
+        self.clock = clock
+        self.ready = False
+        self.draining = False
+        self.gateway_connected = False
+        self.down_since: float | None = None
+        self.disconnects = 0
+
+    # -- reported by the client -------------------------------------------------------------------------
+    def mark_ready(self) -> None:
+        """READY (first or again): the bot has a gateway session."""
+        self.ready = True
+        self.gateway_up()
+
+    def gateway_up(self) -> None:
+        """A session is live again (READY or RESUMED)."""
+        if self.down_since is not None:
+            log.info("gateway back", extra={"down_s": round(self.clock() - self.down_since, 1)})
+        self.gateway_connected = True
+        self.down_since = None
+
+    def gateway_down(self) -> None:
+        """The socket dropped (or a reconnect attempt failed): the outage starts at the first report."""
+        if self.down_since is None:
+            self.down_since = self.clock()
+            self.disconnects += 1
+        self.gateway_connected = False
+
+    def mark_draining(self) -> None:
+        self.draining = True
+
+    # -- evaluated per probe ----------------------------------------------------------------------------
+    def gateway_down_for(self) -> float:
+        return 0.0 if self.down_since is None else max(0.0, self.clock() - self.down_since)
+
+    async def store_ok(self) -> bool:
+        if self.store is None:
+            return True
+        try:
+            # ping() bounds its query; this also bounds a stuck database thread.
+            async with asyncio.timeout(self.store_timeout_s + 0.5):
+                return bool(await self.store.ping(self.store_timeout_s))
+        except Exception:
+            return False
+
+    async def check(self) -> tuple[bool, dict[str, Any]]:
+        """``(healthy, body)``; the body says which check failed."""
+        store_ok = await self.store_ok()
+        down_for = self.gateway_down_for()
+        gateway_ok = self.ready and (self.gateway_connected or down_for <= self.gateway_grace_s)
+        if self.gateway_connected:
+            gateway = "connected"
+        elif not self.ready:
+            gateway = "connecting"
+        else:
+            gateway = f"down {down_for:.0f}s"
+        checks: dict[str, Any] = {
+            "ready": self.ready,
+            "gateway": gateway,
+            "gateway_ok": gateway_ok,
+            "store": "ok" if store_ok else "failed",
+            "draining": self.draining,
+        }
+        healthy = self.ready and not self.draining and store_ok and gateway_ok
+        if healthy:
+            status = "ok"
+        elif self.draining:
+            status = "draining"
+        elif not self.ready:
+            status = "starting"
+        else:
+            status = "unhealthy"
+        return healthy, {"status": status, "checks": checks}
+
+
+class WebServer:
+    """aiohttp server for ``/healthz`` and ``/metrics``; :meth:`start` and :meth:`stop` are idempotent."""
+
+    def __init__(
+        self,
+        health: Health,
+        metrics: Metrics | None = None,
+        *,
+        port: int = 8080,
+        host: str = DEFAULT_HOST,
+    ) -> None:
+        self.health = health
+        self.metrics = metrics
+        self.host = host
+        self.requested_port = port
+        #: The bound port once started (differs from the requested one when that was 0).
+        self.port: int | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.port is not None, "the web server is not running"
+        return f"http://127.0.0.1:{self.port}"
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.metrics_page)
+        return app
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self.requested_port)
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            # A clear one-line error (exit status 2 from main) instead of a traceback from setup_hook.
+            raise SettingsError(
+                f"HTTP_PORT: cannot listen on {self.host}:{self.requested_port} ({exc.strerror or exc})"
+            ) from None
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        log.info("http server listening", extra={"host": self.host, "port": self.port})
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+            log.info("http server stopped")
+
+    # -- handlers -------------------------------------------------------------------------------------
+    async def healthz(self, request: web.Request) -> web.Response:
+        healthy, body = await self.health.check()
+        return web.json_response(body, status=200 if healthy else 503, headers={"Cache-Control": "no-store"})
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        if self.metrics is None:
+            raise web.HTTPNotFound()
+        data = await self.metrics.scrape()
+        return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE})
