@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import struct
 import uuid
 from dataclasses import dataclass, field
@@ -75,6 +74,11 @@ def object_info(checkpoints: list[str]) -> dict[str, Any]:
     }
 
 
+def preview_image(number: int) -> bytes:
+    """The preview frame of the prompt queued as ``number`` (so tests can tell whose preview it is)."""
+    return make_image(1000 + number, 16, 16)
+
+
 def _choices(spec: Any) -> list[Any] | None:
     if isinstance(spec, list) and spec:
         if isinstance(spec[0], list):
@@ -106,6 +110,7 @@ class ComfyState:
     steps: int = 4
     step_delay: float = 0.01
     previews: bool = True
+    preview_metadata: bool = True  # off: type-1 frames only, like servers before the feature flag
     honour_prompt_id: bool = True
     old_server: bool = False  # no execution_success; the end is executing null
     fail_execution: str | None = None  # exception message for the next prompt's KSampler
@@ -133,6 +138,7 @@ class FakeComfyUI(FakeServer):
             "steps",
             "step_delay",
             "previews",
+            "preview_metadata",
             "honour_prompt_id",
             "old_server",
             "fail_execution",
@@ -395,9 +401,9 @@ class FakeComfyUI(FakeServer):
                 await ws.send_json({"type": kind, "data": {**data, "prompt_id": prompt.prompt_id}})
 
     async def _send_preview(self, prompt: _Prompt) -> None:
-        image = make_image(random.randint(0, 1000), 16, 16)
+        image = preview_image(prompt.number)
         for ws, flags in list(self.sockets.get(prompt.client_id or "", [])):
-            if flags.get("metadata"):
+            if flags.get("metadata") and self.state.preview_metadata:
                 meta = json.dumps({"node_id": "3", "prompt_id": prompt.prompt_id, "display_node_id": "3",
                                    "real_node_id": "3", "image_type": "image/png"}).encode()  # fmt: skip
                 frame = struct.pack(">II", 4, len(meta)) + meta + image
