@@ -743,7 +743,7 @@ class ComfyUIBackend(ResumableBackend):
             except asyncio.CancelledError:
                 self._watches.pop(prompt_id, None)
                 await http.run_cleanup(
-                    self._cancel(prompt_id), limit_s=self._cancel_timeout_s, what="ComfyUI cancel"
+                    self.cancel(prompt_id), limit_s=self._cancel_timeout_s, what="ComfyUI cancel"
                 )
                 raise
             except Exception as exc:
@@ -782,9 +782,9 @@ class ComfyUIBackend(ResumableBackend):
             prompt_id = await submit
         except GenerationError:
             return
-        await self._cancel(prompt_id)
+        await self.cancel(prompt_id)
 
-    async def _cancel(self, prompt_id: str) -> None:
+    async def cancel(self, prompt_id: str) -> None:
         """Delete a pending prompt; interrupt a running one only while the queue shows it is ours that runs."""
         once = http.RetryPolicy(attempts=1)
         queue = (await self._call("GET", "/queue", what="ComfyUI queue", retry=once)).json_object()
@@ -814,7 +814,7 @@ class ComfyUIBackend(ResumableBackend):
             return await self._wait(prompt_id, watch, count, seed, on_progress)
         except asyncio.CancelledError:
             await http.run_cleanup(
-                self._cancel(prompt_id), limit_s=self._cancel_timeout_s, what="ComfyUI cancel"
+                self.cancel(prompt_id), limit_s=self._cancel_timeout_s, what="ComfyUI cancel"
             )
             raise
         finally:

@@ -233,7 +233,7 @@ async def test_cancel_while_running_interrupts_only_our_prompt(session) -> None:
 async def test_cancel_after_it_finished_sends_neither(session) -> None:
     async with FakeComfyUI() as fake, comfy(session, fake) as backend:
         await backend.generate(REQ)
-        await backend._cancel(fake.state.prompt_ids[0])
+        await backend.cancel(fake.state.prompt_ids[0])
     assert fake.state.interrupts == [] and fake.state.deletes == []
 
 
