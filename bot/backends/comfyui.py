@@ -911,10 +911,8 @@ class ComfyUIBackend(ResumableBackend):
         if count:
             files = files[:count]
         if not files:
-            raise GenerationError(
-                FailureReason.INVALID_IMAGE,
-                "ComfyUI finished without an image (does the workflow save one?).",
-            )
+            log.warning("ComfyUI prompt %s ended without images: does the workflow save one?", prompt_id)
+            raise GenerationError(FailureReason.INVALID_IMAGE, "ComfyUI finished without an image.")
         images = []
         for file in files:
             reply = await self._call(

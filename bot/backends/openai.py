@@ -5,7 +5,7 @@ One ``POST {base}/v1/images/generations``; replies carry ``b64_json`` or a ``url
 
 Servers as they are: gpt4free ignores ``n`` and answers one image, DALL-E 3 refuses any ``n`` above 1 with a
 400 naming ``n``. So a job asks again for the images still missing, one call after another (within the job's one
-slot, never in parallel), and after a 400 about ``n`` it asks one at a time from then on; ``max_count_per_call``
+slot, never in parallel; if a follow-up call fails, the images already made are returned), and after a 400 about ``n`` it asks one at a time from then on; ``max_count_per_call``
 (``IMAGE_MAX_COUNT_PER_CALL``) says so up front. A follow-up call with a seed asks for the next seed, so
 the images differ. gpt4free answers every upstream failure with HTTP 500 and ``{"error": {"message"}}``: the
 message is what the user reads (its traceback dropped), and an upstream rate limit is said to be one (not
@@ -183,7 +183,10 @@ class OpenAIBackend(Backend):
     async def generate(
         self, request: ImageRequest, on_progress: ProgressCallback = _noop_progress
     ) -> list[GeneratedImage]:
-        """Ask until ``request.count`` images came, one call after another; a call that adds none fails."""
+        """Ask until ``request.count`` images came, one call after another.
+
+        The first call's failure is the job's; a follow-up call's failure returns the images already made.
+        """
         images: list[GeneratedImage] = []
         while len(images) < request.count:
             missing = request.count - len(images)
@@ -197,6 +200,13 @@ class OpenAIBackend(Backend):
                 log.info("the image service refuses n=%d; asking for one image per call from now on", n)
                 self.max_count_per_call = 1
                 continue
+            except GenerationError as exc:
+                if not images:
+                    raise
+                # The images already made are kept (they may have cost credit); the job says how many came.
+                log.info("a follow-up call failed (%s); returning %d of %d images", exc.reason.value,
+                         len(images), request.count)  # fmt: skip
+                break
             images.extend(got[:missing])
             if len(got) < n:
                 log.info("asked for %d images, got %d; asking again for the rest", n, len(got))

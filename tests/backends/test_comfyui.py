@@ -155,7 +155,8 @@ async def test_restart_mid_generation_follows_the_same_prompt(session, tmp_path)
         await eventually(lambda: fake.running is not None and bool(submitted))
         await dying.close()
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, GenerationError):
+        # Whatever the dead process's last calls met (a closed session) does not matter; that it sent none does.
+        with contextlib.suppress(asyncio.CancelledError, GenerationError, RuntimeError):
             await task
         await first.aclose()
         # The restarted process: the same client id, the stored prompt id, nothing submitted again.

@@ -6,6 +6,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from bot.backends.openai import OpenAIBackend
 from bot.engine.errors import FailureReason, GenerationError
@@ -282,3 +283,26 @@ def test_image_max_count_per_call_reaches_the_openai_backend(session) -> None:
         env_file=None, image_backend="openai", image_backend_url="http://h", image_max_count_per_call="1"
     )
     assert create_backend(settings, session).max_count_per_call == 1
+
+
+class FailsAfterOneOpenAI(FakeOpenAI):
+    """gpt4free's one image per call, then an upstream failure for every later call."""
+
+    async def generate(self, request: web.Request) -> web.Response:
+        if self.state.generations >= 1:
+            self.state.generations += 1
+            return web.json_response({"error": {"message": "upstream failed"}}, status=500)
+        return await super().generate(request)
+
+
+async def test_a_failed_follow_up_call_keeps_the_images_already_made(session, sleeps) -> None:
+    async with FailsAfterOneOpenAI(ignore_n=True) as fake:
+        images = await make(session, fake.url, sleeps).generate(REQ.replace(count=3))
+    assert len(images) == 1 and fake.state.generations == 2
+
+
+async def test_a_failed_first_call_is_the_jobs_failure(session, sleeps) -> None:
+    async with FakeOpenAI(fail_next=[(500, {"error": {"message": "upstream failed"}})]) as fake:
+        with pytest.raises(GenerationError):
+            await make(session, fake.url, sleeps).generate(REQ.replace(count=3))
+    assert fake.state.generations == 1

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
+from pathlib import Path
 
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.discord import FakeDiscord
 from tests.frontend.conftest import TOKEN, embed_author, image_attachments, is_done, running_bot
 from tests.frontend.process import assert_clean, bot_process
+
+
+def stored_refs(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+        return [row[0] for row in db.execute("SELECT backend_ref FROM jobs WHERE backend_ref IS NOT NULL")]
 
 
 async def wait_for(predicate, timeout: float = 15.0) -> None:
@@ -62,7 +70,9 @@ async def test_sigkill_mid_generation_then_restart_follows_the_same_prompt(tmp_p
                 guild.id, guild.channels[0].id, user.id, "imagine", {"prompt": "far away"}
             )
             await wait_for(lambda: comfy.running is not None)
-            await asyncio.sleep(0.5)  # the prompt id is stored right after the submit answered
+            # Killed once the prompt id ComfyUI returned is in the store (it is stored before the wait begins).
+            while await asyncio.to_thread(stored_refs, tmp_path / "bot.sqlite3") != comfy.state.prompt_ids:
+                await asyncio.sleep(0.05)
             doomed.kill()
             await doomed.wait(10)
         assert comfy.state.prompts_submitted == 1
