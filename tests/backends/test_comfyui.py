@@ -349,3 +349,63 @@ async def test_standalone_fake_serves_http_and_websocket(session) -> None:
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_without_a_websocket_the_poll_still_ends_the_generation(session) -> None:
+    async with FakeComfyUI(refuse_websocket=True) as fake:
+        backend = ComfyUIBackend(
+            session, fake.url, retry=FAST_RETRY, poll_interval_s=0.1, connect_wait_s=0.1, reconnect_max_s=1
+        )
+        try:
+            images = await asyncio.wait_for(backend.generate(REQ), 20)
+        finally:
+            await backend.aclose()
+    assert len(images) == 1 and backend.connections == 0
+    assert fake.state.prompts_submitted == 1
+
+
+async def test_start_logs_each_workflow_problem(session, caplog) -> None:
+    graph = json.loads(json.dumps(BUILTIN_WORKFLOW))
+    graph["10"] = {"class_type": "FaceDetailer", "inputs": {"image": ["8", 0]}}
+    async with FakeComfyUI() as fake:
+        backend = ComfyUIBackend(session, fake.url, workflow=Workflow(graph, "mine.json"), retry=FAST_RETRY)
+        try:
+            with caplog.at_level("ERROR", logger="bot.backends.comfyui"):
+                problems = await backend.start()
+        finally:
+            await backend.aclose()
+    assert problems == [
+        "node 10 (FaceDetailer): ComfyUI has no node type 'FaceDetailer' (is its custom node pack installed?)"
+    ]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"ComfyUI mine.json: {problems[0]}"
+    ]
+
+
+async def test_start_with_comfyui_down_is_not_fatal(session) -> None:
+    async with FakeComfyUI() as fake:
+        url = fake.url
+    backend = ComfyUIBackend(session, url, retry=FAST_RETRY, reconnect_min_s=0.05)
+    try:
+        assert await asyncio.wait_for(backend.start(), 10) == []
+    finally:
+        await backend.aclose()
+
+
+def test_factory_builds_comfyui_from_the_settings(session, tmp_path) -> None:
+    from bot.backends import create_backend
+    from bot.settings import load_settings
+
+    path = write_workflow(tmp_path, BUILTIN_WORKFLOW)
+    settings = load_settings(
+        env_file=None,
+        image_backend="comfyui",
+        comfyui_workflow=str(path),
+        comfyui_defaults="steps=12",
+        data_dir=tmp_path / "data",
+        image_backend_api_key="tok-12345",
+    )
+    backend = create_backend(settings, session)
+    assert isinstance(backend, ComfyUIBackend) and backend.name == "comfyui"
+    assert backend.workflow.source == "workflow_api.json"
+    assert backend.capabilities.max_count == 4 and backend.capabilities.preview

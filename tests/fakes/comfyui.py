@@ -120,6 +120,7 @@ class ComfyState:
     hold: bool = False  # prompts wait before running until released (cancel while pending / running)
     hold_running: bool = False  # the running prompt waits at its first step until released
     drop_sockets_at_step: int | None = None  # close every websocket when the running prompt reaches it
+    refuse_websocket: bool = False  # a proxy that does not pass websockets on
     argv: list[str] = field(default_factory=lambda: ["main.py", "--preview-method", "auto"])
 
 
@@ -149,6 +150,7 @@ class FakeComfyUI(FakeServer):
             "hold_running",
             "drop_sockets_at_step",
             "argv",
+            "refuse_websocket",
         }
     )
 
@@ -365,6 +367,8 @@ class FakeComfyUI(FakeServer):
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         if (denied := self._denied(request)) is not None:
             return denied
+        if self.state.refuse_websocket:
+            return web.Response(status=403, text="websockets are not allowed here")
         client_id = request.query.get("clientId") or uuid.uuid4().hex
         ws = web.WebSocketResponse(heartbeat=None)
         await ws.prepare(request)
