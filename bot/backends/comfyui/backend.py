@@ -137,6 +137,7 @@ class ComfyUIBackend(ResumableBackend):
         connect_wait_s: float = 5.0,
         request_timeout_s: float = 60.0,
         cancel_timeout_s: float = 5.0,
+        start_timeout_s: float = 10.0,
     ) -> None:
         self._session = session
         root = http.normalise_base_url(base_url, "/api")
@@ -155,6 +156,7 @@ class ComfyUIBackend(ResumableBackend):
         self._poll_interval_s = poll_interval_s
         self._timeout = http.make_timeout(request_timeout_s)
         self._cancel_timeout_s = cancel_timeout_s
+        self._start_timeout_s = start_timeout_s
         self._object_info: dict[str, Any] | None = None
         self._checkpoints: list[str] | None = None
         self._socket = EventSocket(
@@ -192,9 +194,14 @@ class ComfyUIBackend(ResumableBackend):
         """
         problems: list[str] = []
         try:
-            problems = await self.validate(retry=http.RetryPolicy(attempts=1))
+            # Bounded: a server that accepts but never answers must not hold the bot's start-up.
+            async with asyncio.timeout(self._start_timeout_s):
+                problems = await self.validate(retry=http.RetryPolicy(attempts=1))
         except GenerationError as exc:
             log.warning("ComfyUI: could not check %s at start: %s", self.workflow.source, exc.message)
+        except TimeoutError:
+            log.warning("ComfyUI: no answer from /object_info at start; %s is checked by ComfyUI when used",
+                        self.workflow.source)  # fmt: skip
         for problem in problems:
             log.error("ComfyUI %s: %s", self.workflow.source, problem)
         await self._socket.ensure(wait=False)
