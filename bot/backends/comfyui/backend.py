@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 
@@ -393,7 +393,8 @@ class ComfyUIBackend(ResumableBackend):
             log.info("ComfyUI prompt %s is neither queued nor running; nothing to cancel", prompt_id)
 
     async def _history(self, prompt_id: str) -> dict[str, Any] | None:
-        reply = await self._call("GET", f"/history/{prompt_id}", what="ComfyUI history")
+        # Quoted: the id came from a server (or from the store after a restart), not from us.
+        reply = await self._call("GET", f"/history/{quote(prompt_id, safe='')}", what="ComfyUI history")
         entry = (await asyncio.to_thread(reply.json_object)).get(prompt_id)
         return entry if isinstance(entry, dict) else None
 
