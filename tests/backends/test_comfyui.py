@@ -409,3 +409,15 @@ def test_factory_builds_comfyui_from_the_settings(session, tmp_path) -> None:
     assert isinstance(backend, ComfyUIBackend) and backend.name == "comfyui"
     assert backend.workflow.source == "workflow_api.json"
     assert backend.capabilities.max_count == 4 and backend.capabilities.preview
+
+
+def test_fingerprint_changes_with_the_workflow_and_defaults() -> None:
+    graph = json.loads(json.dumps(BUILTIN_WORKFLOW))
+    base = ComfyUIBackend(None, "http://127.0.0.1:8188")  # type: ignore[arg-type]
+    same = ComfyUIBackend(None, "http://127.0.0.2:8188", workflow=Workflow(graph, "copy.json"))  # type: ignore[arg-type]
+    changed = json.loads(json.dumps(BUILTIN_WORKFLOW))
+    changed["9"]["inputs"]["filename_prefix"] = "other"
+    other = ComfyUIBackend(None, "http://127.0.0.1:8188", workflow=Workflow(changed))  # type: ignore[arg-type]
+    steps = ComfyUIBackend(None, "http://127.0.0.1:8188", defaults={"steps": "40"})  # type: ignore[arg-type]
+    assert base.fingerprint == same.fingerprint  # identical backends share results
+    assert len({base.fingerprint, other.fingerprint, steps.fingerprint}) == 3

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import json
 import logging
 import random
 import time
@@ -184,6 +186,14 @@ class ComfyUIBackend(ResumableBackend):
 
     def default_model(self) -> str | None:
         return self._model
+
+    @property
+    def fingerprint(self) -> str:
+        """Names what this instance generates with (workflow and defaults), for a cache key that must change
+        when the admin's workflow does. Not yet part of the engine's cache key: see the pools work."""
+        document = {"workflow": self.workflow.graph, "defaults": self._defaults}
+        canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     async def start(self) -> list[str]:
