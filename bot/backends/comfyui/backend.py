@@ -361,13 +361,21 @@ class ComfyUIBackend(ResumableBackend):
         return await self._follow(ref, count, None, on_progress)
 
     async def _submit(self, graph: dict[str, Any], prompt_id: str) -> str:
-        reply = await self._call(
-            "POST",
-            "/prompt",
-            what="ComfyUI submit",
-            json_body={"prompt": graph, "client_id": self._socket.client_id, "prompt_id": prompt_id},
-            creates_work=True,
-        )
+        try:
+            reply = await self._call(
+                "POST",
+                "/prompt",
+                what="ComfyUI submit",
+                json_body={"prompt": graph, "client_id": self._socket.client_id, "prompt_id": prompt_id},
+                creates_work=True,
+            )
+        except GenerationError as exc:
+            if (
+                exc.reason is FailureReason.BAD_REQUEST
+            ):  # the member was told the node; the operator gets a hint
+                log.warning("%s; `python -m bot check` lists what is wrong with %s", exc.message,
+                            self.workflow.source)  # fmt: skip
+            raise
         data = reply.json_object()
         if data.get("node_errors"):
             # Accepted, but some output nodes were dropped: say so to the operator, the rest still runs.
