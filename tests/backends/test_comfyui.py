@@ -421,3 +421,27 @@ def test_fingerprint_changes_with_the_workflow_and_defaults() -> None:
     steps = ComfyUIBackend(None, "http://127.0.0.1:8188", defaults={"steps": "40"})  # type: ignore[arg-type]
     assert base.fingerprint == same.fingerprint  # identical backends share results
     assert len({base.fingerprint, other.fingerprint, steps.fingerprint}) == 3
+
+
+async def test_a_prompt_waiting_in_comfyuis_shared_queue_says_where_it_stands(session) -> None:
+    second: list[Progress] = []
+    third: list[Progress] = []
+    async with FakeComfyUI(hold_running=True) as fake, comfy(session, fake) as backend:
+        # Someone using ComfyUI's own web UI got there first.
+        async with session.post(fake.url + "/prompt", json={"prompt": BUILTIN_FILLED, "client_id": "web-ui"}):
+            pass
+        await eventually(lambda: fake.running is not None)
+        tasks = [asyncio.create_task(backend.generate(REQ, second.append))]
+        await eventually(lambda: any(p.queue_position for p in second))
+        tasks.append(asyncio.create_task(backend.generate(REQ, third.append)))
+        await eventually(lambda: any(p.queue_position for p in third))
+        fake.release()
+        await asyncio.gather(*tasks)
+    assert [p.queue_position for p in second if p.queue_position] == [1]
+    assert [p.note for p in third if p.queue_position] == ["Waiting in ComfyUI's queue (position 2)"]
+
+
+BUILTIN_FILLED = Workflow.builtin().fill(
+    {"prompt": "x", "negative_prompt": "", "seed": 1, "width": 64, "height": 64, "steps": 2, "scale": 7,
+     "model": CHECKPOINTS[0], "sampler": "euler", "scheduler": "normal", "batch_size": 1}
+)  # fmt: skip

@@ -338,6 +338,7 @@ class ComfyUIBackend(ResumableBackend):
             self._socket.unwatch(ours)
             raise
         self._socket.rename(ours, prompt_id)
+        self._socket.watch(prompt_id).events.put_nowait(RECHECK)  # where it stands in ComfyUI's queue
         if on_submitted is not None:
             try:
                 await http.maybe_await(on_submitted(prompt_id))
@@ -473,11 +474,21 @@ class ComfyUIBackend(ResumableBackend):
                 result = await self._finished(prompt_id, count, seed, settle=event.kind == "done")
                 if result is not None:
                     return result
-                if event.kind == "recheck" and not await self._known(prompt_id):
+                if event.kind != "recheck":
+                    continue
+                position = await self._position(prompt_id)
+                if position is None:
+                    # Not queued, not running: finished between the two calls, or forgotten by the server.
+                    result = await self._finished(prompt_id, count, seed, settle=False)
+                    if result is not None:
+                        return result
                     raise GenerationError(
                         FailureReason.UNAVAILABLE,
                         "ComfyUI no longer has this generation (was it restarted?).",
                     )
+                if position > 0 and not watch.announced:
+                    note = f"Waiting in ComfyUI's queue (position {position})"
+                    http.report(on_progress, Progress(queue_position=position, note=note))
 
     async def _finished(
         self, prompt_id: str, count: int | None, seed: int | None, *, settle: bool
@@ -495,12 +506,21 @@ class ComfyUIBackend(ResumableBackend):
                 await asyncio.sleep(0.05 * (attempt + 1))
         return None
 
-    async def _known(self, prompt_id: str) -> bool:
-        """Still queued or running, or finished meanwhile (a prompt moves from the queue to /history)."""
+    async def _position(self, prompt_id: str) -> int | None:
+        """0 while running, N when N-th in line (ComfyUI's queue is shared with its web UI), None if absent."""
         queue = (await self._call("GET", "/queue", what="ComfyUI queue")).json_object()
-        if prompt_id in _queue_ids(queue, "queue_running") | _queue_ids(queue, "queue_pending"):
-            return True
-        return await self._history(prompt_id) is not None
+        if prompt_id in _queue_ids(queue, "queue_running"):
+            return 0
+        pending = queue.get("queue_pending")
+        numbers = {
+            str(item[1]): item[0]
+            for item in (pending if isinstance(pending, list) else [])
+            if isinstance(item, list | tuple) and len(item) > 1 and isinstance(item[0], int | float)
+        }
+        if prompt_id not in numbers:
+            return None
+        # ComfyUI lists pending prompts in heap order, not in order: count the ones numbered before ours.
+        return 1 + sum(1 for number in numbers.values() if number < numbers[prompt_id])
 
     async def _outputs(
         self, prompt_id: str, entry: dict[str, Any], count: int | None, seed: int | None

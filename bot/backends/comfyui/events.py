@@ -101,11 +101,9 @@ class EventSocket:
         return self._watches.setdefault(prompt_id, Watch())
 
     def rename(self, old: str, new: str) -> Watch:
-        """An older server chose its own id: the watch moves to it (and re-checks what it may have missed)."""
+        """An older server chose its own id: the watch moves to it (its follower re-checks what it missed)."""
         watch = self._watches.pop(old)
         self._watches[new] = watch
-        if new != old:
-            watch.events.put_nowait(RECHECK)
         return watch
 
     def unwatch(self, prompt_id: str, watch: Watch | None = None) -> None:
