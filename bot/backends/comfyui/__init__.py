@@ -1,5 +1,8 @@
 """ComfyUI (``IMAGE_BACKEND=comfyui``): the admin's own API-format workflow, filled in and queued.
 
+Modules: :mod:`.workflow` (placeholders and checks, no I/O), :mod:`.events` (the one websocket and the routing
+of its events), :mod:`.backend` (submit, follow, fetch, cancel).
+
 Contract:
 
 * **Workflow.** ``COMFYUI_WORKFLOW`` names an API-format graph (ComfyUI: Export (API)); without it a built-in
@@ -19,7 +22,8 @@ Contract:
 * **Submit once.** ``POST /prompt`` carries our own ``prompt_id`` and the socket's ``client_id``; the id ComfyUI
   *returns* is the one followed and handed to ``on_submitted`` (older servers ignore ours). :meth:`resume`
   follows a stored id through ``/history`` and ``/queue`` and never submits again. A 400 with ``node_errors`` is
-  a refusal that names the node.
+  a refusal that names the node. While a prompt waits in ComfyUI's queue (shared with its web UI), its
+  position there is reported.
 * **End.** ``execution_success`` or ``executing`` with ``node: null`` ends a prompt; outputs come from
   ``/history/{id}`` then ``/view``. ``execution_error`` / ``execution_interrupted`` end it as a failure, the
   exception message cut to one line.
