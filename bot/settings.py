@@ -12,11 +12,17 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-BackendName = Literal["horde", "openai", "a1111"]
+BackendName = Literal["horde", "openai", "a1111", "comfyui"]
 
 #: Discord interaction tokens live 15 minutes; a queued job must start (and report) well before that.
 INTERACTION_TOKEN_LIFETIME_S = 15 * 60
 MAX_QUEUE_TIMEOUT_S = 14 * 60
+
+
+#: The names COMFYUI_DEFAULTS may set (the workflow placeholders /imagine never asks for).
+COMFYUI_DEFAULT_NAMES = ("steps", "scale", "sampler", "scheduler")
+#: ComfyUI's own default address (``python main.py`` listens there).
+COMFYUI_DEFAULT_URL = "http://127.0.0.1:8188"
 
 
 class SettingsError(Exception):
@@ -50,6 +56,16 @@ class Settings(BaseSettings):
     image_backend_api_key: SecretStr | None = None
     image_model: str | None = None
     image_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Sizes offered for the backend (``512x512,768x512``); empty keeps the backend kind's own list.
+    image_sizes: Annotated[list[tuple[int, int]], NoDecode] = Field(default_factory=list)
+    #: Images asked for in one call (``1`` for servers that refuse ``n>1``); empty lets the backend find out.
+    image_max_count_per_call: int | None = Field(default=None, ge=1, le=4)
+
+    # ComfyUI (IMAGE_BACKEND=comfyui)
+    #: An API-format workflow JSON file (ComfyUI: Export (API)); empty uses the built-in txt2img workflow.
+    comfyui_workflow: Path | None = None
+    #: What /imagine never asks for: ``steps=25,scale=7,sampler=euler,scheduler=normal``.
+    comfyui_defaults: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
 
     # Limits
     backend_concurrency: int | None = Field(default=None, ge=1, le=64)
@@ -74,6 +90,55 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_models(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("image_sizes", mode="before")
+    @classmethod
+    def _parse_sizes(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        sizes: list[tuple[int, int]] = []
+        for part in _split_csv(value):
+            width, sep, height = part.lower().partition("x")
+            if not (sep and width.isdigit() and height.isdigit()):
+                raise ValueError(f"{part!r} is not WIDTHxHEIGHT (for example 512x512,768x512)")
+            size = (int(width), int(height))
+            if not all(64 <= side <= 4096 for side in size):
+                raise ValueError(f"{part!r}: each side must be between 64 and 4096 pixels")
+            if size not in sizes:
+                sizes.append(size)
+        return sizes
+
+    @field_validator("comfyui_defaults", mode="before")
+    @classmethod
+    def _parse_defaults(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        defaults: dict[str, str] = {}
+        for part in _split_csv(value):
+            key, sep, item = part.partition("=")
+            key, item = key.strip().lower(), item.strip()
+            if not sep or not item:
+                raise ValueError(f"{part!r} is not name=value (for example steps=25,scale=7)")
+            if key not in COMFYUI_DEFAULT_NAMES:
+                raise ValueError(f"unknown name {key!r}; use {', '.join(COMFYUI_DEFAULT_NAMES)}")
+            if key in {"steps", "scale"}:
+                try:
+                    number = float(item)
+                except ValueError:
+                    raise ValueError(f"{key} must be a number, not {item!r}") from None
+                if key == "steps" and (not number.is_integer() or not 1 <= number <= 200):
+                    raise ValueError("steps must be a whole number from 1 to 200")
+                if key == "scale" and not 0 <= number <= 100:
+                    raise ValueError("scale must be between 0 and 100")
+            defaults[key] = item
+        return defaults
+
+    @field_validator("comfyui_workflow", mode="before")
+    @classmethod
+    def _blank_path_is_unset(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value.strip() if isinstance(value, str) else value
 
     @field_validator("log_level", "log_format", "image_backend", mode="before")
     @classmethod
@@ -114,7 +179,9 @@ class Settings(BaseSettings):
     def _resolve(self) -> Settings:
         if self.backend_concurrency is None:
             # A1111 runs one generation at a time behind a global lock; more would only queue there.
-            self.backend_concurrency = 1 if self.image_backend == "a1111" else 4
+            # ComfyUI also runs one prompt at a time, but one more waiting in its own queue keeps the GPU busy
+            # between prompts while the bot's queue (and its fairness) still holds the rest.
+            self.backend_concurrency = {"a1111": 1, "comfyui": 2}.get(self.image_backend, 4)
         if self.guild_concurrency > self.guild_concurrency_max:
             raise ValueError(
                 f"GUILD_CONCURRENCY ({self.guild_concurrency}) must not exceed GUILD_CONCURRENCY_MAX "
@@ -124,6 +191,8 @@ class Settings(BaseSettings):
             self.image_models = [self.image_model, *self.image_models]
         if not self.image_model and self.image_models:
             self.image_model = self.image_models[0]
+        if self.image_backend == "comfyui" and not self.image_backend_url:
+            self.image_backend_url = COMFYUI_DEFAULT_URL
         if self.image_backend in {"openai", "a1111"} and not self.image_backend_url:
             raise ValueError(f"IMAGE_BACKEND_URL is required when IMAGE_BACKEND={self.image_backend}")
         return self

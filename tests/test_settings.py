@@ -66,6 +66,20 @@ def test_a1111_defaults_to_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> Non
     assert settings.image_backend_url == "http://127.0.0.1:7860"
 
 
+def test_comfyui_defaults_to_its_own_address_two_at_a_time_and_parses_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("IMAGE_BACKEND", "comfyui")
+    monkeypatch.setenv("COMFYUI_DEFAULTS", "steps=30, Scale=6.5,sampler=dpmpp_2m")
+    monkeypatch.setenv("IMAGE_SIZES", "768x512,512x512,768x512")
+    settings = load_settings(env_file=None)
+    assert settings.image_backend_url == "http://127.0.0.1:8188"
+    assert settings.backend_concurrency == 2
+    assert settings.comfyui_defaults == {"steps": "30", "scale": "6.5", "sampler": "dpmpp_2m"}
+    assert settings.image_sizes == [(768, 512), (512, 512)]
+    assert settings.comfyui_workflow is None
+
+
 def test_models_list_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMAGE_MODELS", "flux, sdxl ,")
     settings = load_settings(env_file=None)
@@ -78,7 +92,17 @@ def test_models_list_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
     [
-        ("IMAGE_BACKEND", "midjourney", "IMAGE_BACKEND: must be one of 'horde', 'openai' or 'a1111'"),
+        (
+            "IMAGE_BACKEND",
+            "midjourney",
+            "IMAGE_BACKEND: must be one of 'horde', 'openai', 'a1111' or 'comfyui'",
+        ),
+        ("IMAGE_SIZES", "512x512,big", "IMAGE_SIZES: 'big' is not WIDTHxHEIGHT"),
+        ("IMAGE_SIZES", "16x16", "IMAGE_SIZES: '16x16': each side must be between 64 and 4096"),
+        ("IMAGE_MAX_COUNT_PER_CALL", "0", "IMAGE_MAX_COUNT_PER_CALL: "),
+        ("COMFYUI_DEFAULTS", "steps=25,cfg=7", "COMFYUI_DEFAULTS: unknown name 'cfg'; use steps, scale"),
+        ("COMFYUI_DEFAULTS", "steps=many", "COMFYUI_DEFAULTS: steps must be a number"),
+        ("COMFYUI_DEFAULTS", "sampler", "COMFYUI_DEFAULTS: 'sampler' is not name=value"),
         ("GUILD_CONCURRENCY", "zero", "GUILD_CONCURRENCY: "),
         ("USER_MAX_JOBS", "0", "USER_MAX_JOBS: "),
         ("QUEUE_TIMEOUT_S", "900", "QUEUE_TIMEOUT_S: "),

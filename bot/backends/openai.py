@@ -2,12 +2,21 @@
 
 One ``POST {base}/v1/images/generations``; replies carry ``b64_json`` or a ``url`` (gpt4free answers relative
 ``/media/...`` links on itself), so both are handled and links are downloaded through the shared session.
+
+Servers as they are: gpt4free ignores ``n`` and answers one image, DALL-E 3 refuses any ``n`` above 1 with a
+400 naming ``n``. So a job asks again for the images still missing, one call after another (within the job's one
+slot, never in parallel; if a follow-up call fails, the images already made are returned), and after a 400 about ``n`` it asks one at a time from then on; ``max_count_per_call``
+(``IMAGE_MAX_COUNT_PER_CALL``) says so up front. A follow-up call with a seed asks for the next seed, so
+the images differ. gpt4free answers every upstream failure with HTTP 500 and ``{"error": {"message"}}``: the
+message is what the user reads (its traceback dropped), and an upstream rate limit is said to be one (not
+retried: a 500 to a request that creates work is never sent twice).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -17,12 +26,16 @@ from bot.backends import http
 from bot.engine.backend import Backend, Capabilities, ProgressCallback, _noop_progress
 from bot.engine.errors import FailureReason, GenerationError
 from bot.engine.images import verify_image
-from bot.engine.models import GeneratedImage, ImageRequest
+from bot.engine.models import MAX_SEED, GeneratedImage, ImageRequest
 
 log = logging.getLogger(__name__)
 
 SIZES: tuple[tuple[int, int], ...] = ((1024, 1024), (1536, 1024), (1024, 1536))
 CONTENT_CODES = frozenset({"content_policy_violation", "moderation_blocked", "content_filter"})
+#: A 400 about ``n`` (DALL-E 3: "Invalid 'n': integer above maximum value. Expected a value <= 1 ...").
+_ABOUT_N = re.compile(r"""['"`]n['"`]|\bn\s*(?:must|should|<=?|>)|\bparameter n\b""", re.IGNORECASE)
+#: gpt4free's 500s name upstream rate limits only in their text.
+_RATE_LIMIT_TEXT = re.compile(r"rate.?limit|too many requests|\b429\b", re.IGNORECASE)
 
 
 def _error_fields(reply: http.HttpReply) -> tuple[str, str, str]:
@@ -64,6 +77,12 @@ def map_error(reply: http.HttpReply) -> GenerationError:
         return GenerationError(
             FailureReason.RATE_LIMITED, f"The image service is rate limiting requests{said}"
         )
+    if status == 500 and _RATE_LIMIT_TEXT.search(message):
+        # Not RATE_LIMITED: that would retry, and a 500 to a request that creates work is never sent twice.
+        return GenerationError(
+            FailureReason.UNAVAILABLE,
+            f"The image service's upstream is rate limiting it; try again in a minute{said}",
+        )
     if code == "model_not_found" or status == 404:
         return GenerationError(
             FailureReason.UNKNOWN_MODEL, f"The image service does not know this model{said}"
@@ -71,6 +90,22 @@ def map_error(reply: http.HttpReply) -> GenerationError:
     if status in (400, 409, 413, 422):
         return GenerationError(FailureReason.BAD_REQUEST, f"The image service rejected the request{said}")
     return GenerationError(FailureReason.UNAVAILABLE, f"The image service failed (HTTP {status}){said}")
+
+
+def refuses_n(reply: http.HttpReply) -> bool:
+    """A 400 that is about the number of images asked for (so asking for one would work)."""
+    if reply.status != 400:
+        return False
+    data = reply.json()
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and error.get("param") == "n":
+        return True
+    message, _, _ = _error_fields(reply)
+    return bool(_ABOUT_N.search(message))
+
+
+class _TooManyPerCall(Exception):
+    """The server refused ``n`` > 1; carries nothing, the caller retries with ``n=1``."""
 
 
 class OpenAIBackend(Backend):
@@ -86,13 +121,16 @@ class OpenAIBackend(Backend):
         api_key: str | None = None,
         model: str | None = None,
         extras: bool | None = None,
+        max_count_per_call: int | None = None,
+        sizes: tuple[tuple[int, int], ...] | None = None,
         retry: http.RetryPolicy | None = None,
         sleep: http.Sleep = asyncio.sleep,
         request_timeout_s: float = 300.0,
         download_timeout_s: float = 60.0,
     ) -> None:
         """``extras``: send gpt4free's ``negative_prompt``/``seed``/``width``/``height``; by default on for every
-        server except api.openai.com (OpenAI rejects unknown fields).
+        server except api.openai.com (OpenAI rejects unknown fields). ``max_count_per_call``: images asked
+        for in one call (``1`` for DALL-E 3); ``None`` asks for all and learns from the server's answers.
         """
         self._session = session
         self._root = http.normalise_base_url(base_url, "/v1")
@@ -105,10 +143,12 @@ class OpenAIBackend(Backend):
         self._sleep = sleep
         self._timeout = http.make_timeout(request_timeout_s)
         self._download_timeout = http.make_timeout(download_timeout_s)
+        #: Lowered to 1 for good once the server refuses a larger ``n``.
+        self.max_count_per_call = max_count_per_call
         self.capabilities = Capabilities(
             negative_prompt=self._extras,
             seed=self._extras,
-            sizes=SIZES,
+            sizes=sizes or SIZES,
             max_count=4,
             progress=False,
             preview=False,
@@ -143,12 +183,48 @@ class OpenAIBackend(Backend):
     async def generate(
         self, request: ImageRequest, on_progress: ProgressCallback = _noop_progress
     ) -> list[GeneratedImage]:
+        """Ask until ``request.count`` images came, one call after another.
+
+        The first call's failure is the job's; a follow-up call's failure returns the images already made.
+        """
+        images: list[GeneratedImage] = []
+        while len(images) < request.count:
+            missing = request.count - len(images)
+            n = min(missing, self.max_count_per_call or missing)
+            # The same seed again would give the same picture again.
+            seed = (request.seed + len(images)) % (MAX_SEED + 1) if request.seed is not None else None
+            part = request.replace(count=n, seed=seed)
+            try:
+                got = await self._generate_once(part)
+            except _TooManyPerCall:
+                log.info("the image service refuses n=%d; asking for one image per call from now on", n)
+                self.max_count_per_call = 1
+                continue
+            except GenerationError as exc:
+                if not images:
+                    raise
+                # The images already made are kept (they may have cost credit); the job says how many came.
+                log.info("a follow-up call failed (%s); returning %d of %d images", exc.reason.value,
+                         len(images), request.count)  # fmt: skip
+                break
+            images.extend(got[:missing])
+            if len(got) < n:
+                log.info("asked for %d images, got %d; asking again for the rest", n, len(got))
+        return images
+
+    async def _generate_once(self, request: ImageRequest) -> list[GeneratedImage]:
+        def map_reply(reply: http.HttpReply) -> GenerationError:
+            # Escapes http.request's mapping on purpose: a 400 made no image, so asking again with n=1 is safe.
+            if request.count > 1 and refuses_n(reply):
+                raise _TooManyPerCall
+            return map_error(reply)
+
         reply = await http.request(
             self._session,
             "POST",
             f"{self._api}/images/generations",
             what="Image generation",
-            map_error=map_error,
+            map_error=map_reply,
             retry=self._retry,
             sleep=self._sleep,
             client_timeout=self._timeout,
@@ -162,9 +238,11 @@ class OpenAIBackend(Backend):
             raise GenerationError(
                 FailureReason.INVALID_IMAGE, "The image service answered without any image."
             )
-        seed = request.seed if self._extras and request.count == 1 else None
+        entries = entries[: request.count]
+        # The seed names the image only when the call made exactly one with it.
+        seed = request.seed if self._extras and len(entries) == 1 else None
         images: list[GeneratedImage] = []
-        for entry in entries[: request.count]:
+        for entry in entries:
             if not isinstance(entry, dict):
                 raise GenerationError(
                     FailureReason.INVALID_IMAGE, "The image service sent a malformed reply."

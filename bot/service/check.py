@@ -1,6 +1,7 @@
 """``python -m bot check``: diagnose a set-up before running the bot, one line per check.
 
-Checks, in order: the settings (loading them validated them), the image backend (lists its models), the
+Checks, in order: the settings (loading them validated them), the image backend (lists its models; for ComfyUI
+also the workflow against ``/object_info``, one line per problem, and whether previews are on), the
 Discord token (``GET /users/@me``) and the application id (for the invite link), and ``DATA_DIR`` (created if
 missing, then a file is written and removed). Each prints ``<check>: ok ...`` or ``<check>: problem: ...``;
 the exit status is 0 when every check passed, 1 otherwise. Never a traceback, never the token.
@@ -14,13 +15,16 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import aiohttp
 import discord
 
 from bot.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from bot.backends.comfyui import ComfyUIBackend
 
 DISCORD_API = "https://discord.com/api/v10"
 INVITE_BASE = "https://discord.com/oauth2/authorize"
@@ -126,6 +130,36 @@ async def check_backend(settings: Settings, session: aiohttp.ClientSession, repo
     report.ok("backend", detail)
     if settings.image_model and models and settings.image_model not in models:
         report.info("backend", f"note: IMAGE_MODEL {settings.image_model!r} is not in the backend's list")
+    from bot.backends.comfyui import ComfyUIBackend
+
+    if isinstance(backend, ComfyUIBackend):
+        await check_workflow(backend, report)
+
+
+async def check_workflow(backend: ComfyUIBackend, report: Report) -> None:
+    """The ComfyUI workflow against the server's /object_info: one line per problem; previews on or off."""
+    from bot.engine.errors import GenerationError
+
+    source = backend.workflow.source
+    try:
+        async with asyncio.timeout(REQUEST_TIMEOUT_S * 2):
+            problems = await backend.validate()
+            hint = await backend.preview_hint()
+    except GenerationError as exc:
+        report.problem("workflow", f"{source}: cannot check it: {exc.message}")
+        return
+    except TimeoutError:
+        report.problem(
+            "workflow", f"{source}: no answer from /object_info within {REQUEST_TIMEOUT_S * 2:.0f} s"
+        )
+        return
+    for problem in problems:
+        report.problem("workflow", f"{source}: {problem}")
+    if not problems:
+        found = sorted(backend.workflow.placeholders())
+        report.ok("workflow", f"{source}: every node exists; placeholders {', '.join(found)}")
+    if hint:
+        report.info("workflow", f"note: {hint}")
 
 
 async def _discord_get(session: aiohttp.ClientSession, base: str, path: str, token: str) -> tuple[int, Any]:

@@ -45,11 +45,21 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
         try:
             async with make_session() as session:
                 backend = create_backend(settings, session)
+                # Backends with a connection of their own (ComfyUI's websocket) open it and check their set-up
+                # here, and close it after the manager stopped using them.
+                start = getattr(backend, "start", None)
+                if start is not None:
+                    await start()
                 manager = JobManager.from_settings(settings, backend, store=store, cache=cache)
                 try:
                     yield Engine(settings, session, store, cache, backend, manager)
                 finally:
-                    await manager.shutdown(0)
+                    try:
+                        await manager.shutdown(0)
+                    finally:
+                        aclose = getattr(backend, "aclose", None)
+                        if aclose is not None:
+                            await aclose()
         finally:
             await cache.close()
     finally:

@@ -6,6 +6,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from bot.backends.openai import OpenAIBackend
 from bot.engine.errors import FailureReason, GenerationError
@@ -190,3 +191,118 @@ async def test_reply_parsing_and_base64_decoding_run_off_the_event_loop(
     assert len(images) == 2
     assert {name for name, _ in image_decoding.calls} == {"json", "base64"}
     assert image_decoding.on_loop == []
+
+
+async def test_a_server_that_ignores_n_is_asked_again_for_the_rest(session, sleeps) -> None:
+    async with FakeOpenAI(ignore_n=True) as fake:
+        images = await make(session, fake.url, sleeps).generate(REQ.replace(count=4, seed=7))
+    assert len(images) == 4
+    assert [p["n"] for p in fake.state.payloads] == [4, 3, 2, 1]  # one call after another, for the rest
+    assert [p["seed"] for p in fake.state.payloads] == [7, 8, 9, 10]  # each a new picture
+    assert [img.seed for img in images] == [7, 8, 9, 10]
+    assert len({img.data for img in images}) == 4
+    assert sleeps.calls == []
+
+
+async def test_a_server_that_refuses_n_above_one_is_asked_one_at_a_time(session, sleeps) -> None:
+    async with FakeOpenAI(max_n=1) as fake:
+        backend = make(session, fake.url, sleeps, model="dall-e-3")
+        images = await backend.generate(REQ.replace(count=4))
+        assert len(images) == 4
+        assert [p["n"] for p in fake.state.payloads] == [4, 1, 1, 1, 1]
+        fake.state.payloads.clear()
+        assert len(await backend.generate(REQ.replace(count=2))) == 2
+        assert [p["n"] for p in fake.state.payloads] == [1, 1]  # remembered: no refused call again
+
+
+async def test_max_count_per_call_says_one_up_front(session, sleeps) -> None:
+    async with FakeOpenAI(max_n=1) as fake:
+        images = await make(session, fake.url, sleeps, max_count_per_call=1).generate(REQ.replace(count=3))
+    assert len(images) == 3 and [p["n"] for p in fake.state.payloads] == [1, 1, 1]
+
+
+async def test_a_400_not_about_n_is_not_retried_with_one(session, sleeps) -> None:
+    body = err("Invalid size: 999x999.", "invalid_request_error", "invalid_value")
+    async with FakeOpenAI(fail_next=[(400, body)]) as fake:
+        with pytest.raises(GenerationError) as caught:
+            await make(session, fake.url, sleeps).generate(REQ.replace(count=2))
+    assert caught.value.reason is FailureReason.BAD_REQUEST
+    assert fake.state.generations == 1
+
+
+async def test_media_urls_work_across_follow_up_calls(session, sleeps) -> None:
+    async with FakeOpenAI(ignore_n=True, reply_format="media") as fake:
+        images = await make(session, fake.url + "/v1", sleeps).generate(REQ.replace(count=2))
+    assert len(images) == 2 and fake.state.downloads == 2
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        ("RateLimitError: Rate limit exceeded for this provider", "upstream is rate limiting it; try again"),
+        ("ResponseStatusError: Response 429: Too Many Requests", "upstream is rate limiting it; try again"),
+        ("MissingAuthError: Add a .har file", "(HTTP 500): MissingAuthError: Add a .har file"),
+        ('Traceback (most recent call last):\n  File "g4f/api.py", line 9\nValueError: Model is busy', "(HTTP 500): ValueError: Model is busy"),
+    ],
+)  # fmt: skip
+async def test_gpt4free_500_bodies_become_clear_messages(session, sleeps, message, shown) -> None:
+    failures = [(500, {"error": {"message": message}, "model": "flux", "provider": "PollinationsAI"})] * 3
+    async with FakeOpenAI(fail_next=failures) as fake:
+        with pytest.raises(GenerationError) as caught:
+            await make(session, fake.url, sleeps).generate(REQ)
+    assert caught.value.reason is FailureReason.UNAVAILABLE
+    assert shown in caught.value.message and "Traceback" not in caught.value.message
+    assert "File " not in caught.value.message
+    assert fake.state.generations == 1  # a 500 to a generation is never sent twice
+
+
+def test_image_sizes_replace_the_sizes_of_every_kind(session) -> None:
+    from bot.backends import create_backend
+    from bot.settings import load_settings
+
+    for kind in ("openai", "a1111", "horde", "comfyui"):
+        settings = load_settings(
+            env_file=None,
+            image_backend=kind,
+            image_backend_url="http://127.0.0.1:9",
+            image_sizes="768x512, 512x512,1024x1024",
+        )
+        backend = create_backend(settings, session)
+        assert backend.capabilities.sizes == ((768, 512), (512, 512), (1024, 1024)), kind
+    default = create_backend(
+        load_settings(env_file=None, image_backend="openai", image_backend_url="http://h"), session
+    )
+    assert default.capabilities.sizes == ((1024, 1024), (1536, 1024), (1024, 1536))
+
+
+def test_image_max_count_per_call_reaches_the_openai_backend(session) -> None:
+    from bot.backends import create_backend
+    from bot.settings import load_settings
+
+    settings = load_settings(
+        env_file=None, image_backend="openai", image_backend_url="http://h", image_max_count_per_call="1"
+    )
+    assert create_backend(settings, session).max_count_per_call == 1
+
+
+class FailsAfterOneOpenAI(FakeOpenAI):
+    """gpt4free's one image per call, then an upstream failure for every later call."""
+
+    async def generate(self, request: web.Request) -> web.Response:
+        if self.state.generations >= 1:
+            self.state.generations += 1
+            return web.json_response({"error": {"message": "upstream failed"}}, status=500)
+        return await super().generate(request)
+
+
+async def test_a_failed_follow_up_call_keeps_the_images_already_made(session, sleeps) -> None:
+    async with FailsAfterOneOpenAI(ignore_n=True) as fake:
+        images = await make(session, fake.url, sleeps).generate(REQ.replace(count=3))
+    assert len(images) == 1 and fake.state.generations == 2
+
+
+async def test_a_failed_first_call_is_the_jobs_failure(session, sleeps) -> None:
+    async with FakeOpenAI(fail_next=[(500, {"error": {"message": "upstream failed"}})]) as fake:
+        with pytest.raises(GenerationError):
+            await make(session, fake.url, sleeps).generate(REQ.replace(count=3))
+    assert fake.state.generations == 1

@@ -2,7 +2,8 @@
 
 ``POST /v1/images/generations`` answering ``{created, data: [{b64_json | url, revised_prompt}]}``: ``b64_json``
 when asked, absolute ``url`` for ``response_format=url``, and — like gpt4free without ``response_format`` —
-relative ``/media/<name>.png`` links served by the fake itself. ``gpt-image*`` models reject
+relative ``/media/<name>.png`` links served by the fake itself. ``ignore_n`` answers one image whatever ``n``
+asks (gpt4free); ``max_n`` refuses a larger ``n`` with a 400 naming it (DALL-E 3). ``gpt-image*`` models reject
 ``response_format`` (400 unknown_parameter) as OpenAI does. Errors are ``{"error": {message, type, param, code}}``.
 
 Standalone: ``python -m tests.fakes.openai_api --port 1337 [--delay 1]``.
@@ -46,11 +47,23 @@ class OpenAIState:
     require_key: str | None = None
     reply_format: str | None = None  # force "b64_json" | "url" | "media"; None follows the request
     known_models: list[str] | None = None  # None: any model is accepted
+    ignore_n: bool = False  # gpt4free: one image per call, whatever n says
+    max_n: int | None = None  # DALL-E 3: a 400 naming n when more are asked for
+    payloads: list[dict[str, Any]] = field(default_factory=list)
 
 
 class FakeOpenAI(FakeServer):
     KNOBS: ClassVar[frozenset[str]] = frozenset(
-        {"delay", "fail_next", "return_garbage", "require_key", "reply_format", "known_models"}
+        {
+            "delay",
+            "fail_next",
+            "return_garbage",
+            "require_key",
+            "reply_format",
+            "known_models",
+            "ignore_n",
+            "max_n",
+        }
     )
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, **knobs: Any) -> None:
@@ -84,6 +97,7 @@ class FakeOpenAI(FakeServer):
         except ValueError:
             return openai_error(400, "We could not parse the JSON body.", "invalid_request_error", None)
         self.state.last_payload = payload
+        self.state.payloads.append(payload)
         if (failure := pop_failure(self.state.fail_next)) is not None:
             return failure
         model = str(payload.get("model") or "dall-e-2")
@@ -106,13 +120,25 @@ class FakeOpenAI(FakeServer):
             )
         if not isinstance(payload.get("prompt"), str) or not payload["prompt"].strip():
             return openai_error(400, "Missing prompt.", "invalid_request_error", None, "prompt")
+        n = int(payload.get("n") or 1)
+        if self.state.max_n is not None and n > self.state.max_n:
+            return openai_error(
+                400,
+                f"Invalid 'n': integer above maximum value. Expected a value <= {self.state.max_n}, "
+                f"but got {n} instead.",
+                "invalid_request_error",
+                "integer_above_max_value",
+                "n",
+            )
+        if self.state.ignore_n:
+            n = 1
         if self.state.delay > 0:
             await asyncio.sleep(self.state.delay)
         mode = self.state.reply_format or ("b64_json" if model.startswith("gpt-image") else fmt) or "media"
         seed = payload.get("seed")
         base_seed = seed if isinstance(seed, int) else random.randint(0, 2**31)
         data = []
-        for i in range(int(payload.get("n") or 1)):
+        for i in range(n):
             image = (
                 b"<html>not an image</html>"
                 if self.state.return_garbage

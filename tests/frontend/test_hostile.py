@@ -183,9 +183,13 @@ async def test_bytes_that_are_not_an_image_are_named_as_such(fake_discord, fake_
 
 
 class ShortChangingOpenAI(FakeOpenAI):
-    """Answers a request for n images with n - 1 (as AI Horde does when it drops a censored one)."""
+    """Answers a request for n images with n - 1 (as AI Horde does when it drops a censored one), and a
+    request for the rest with a failure, so fewer images than asked come back."""
 
     async def generate(self, request: web.Request) -> web.Response:
+        if self.state.generations >= 1:
+            self.state.generations += 1
+            return web.json_response({"error": {"message": "upstream failed"}}, status=500)
         response = await super().generate(request)
         body = json.loads(response.body)
         if len(body["data"]) > 1:
@@ -203,6 +207,7 @@ async def test_fewer_images_than_asked_are_posted_and_counted_honestly(fake_disc
         message = await inter.wait_until(is_done, timeout=10)
         assert len(image_attachments(message)) == 3
         assert embed_author(message).startswith("Done — 3 images"), embed_author(message)
+        assert backend.state.generations == 2  # the missing one was asked for once more
 
 
 # -- hostile prompts -----------------------------------------------------------------------------------------
