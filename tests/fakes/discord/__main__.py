@@ -18,7 +18,11 @@ from .fake import FakeDiscord
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    fake = FakeDiscord(token=args.token, heartbeat_interval_ms=args.heartbeat_interval_ms)
+    fake = FakeDiscord(
+        token=args.token,
+        heartbeat_interval_ms=args.heartbeat_interval_ms,
+        heartbeat_ack_delay_s=args.heartbeat_ack_delay_ms / 1000,
+    )
     await fake.start(port=args.port, host=args.host)
     user = fake.add_user(username="tester")
     guild = fake.add_guild(
@@ -56,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--token", default="test-token")
     parser.add_argument("--heartbeat-interval-ms", type=int, default=41250)
+    parser.add_argument(
+        "--heartbeat-ack-delay-ms", type=int, default=100, help="the round trip a HEARTBEAT_ACK takes"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(_serve(args))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -45,6 +46,8 @@ from .model import (
 )
 from .rest import RestApi
 
+log = logging.getLogger(__name__)
+
 
 def point_discord_py_at(api_base: str, gateway_url: str) -> None:
     """Point discord.py's REST base and default gateway at another server (here: the fake)."""
@@ -65,6 +68,7 @@ class FakeDiscord:
         app_id: int | str | None = None,
         *,
         heartbeat_interval_ms: int = 41250,
+        heartbeat_ack_delay_s: float = 0.1,
         clock: FakeClock | None = None,
         bot_name: str = "ImagineBot",
         ack_deadline_s: float | None = 3.0,
@@ -77,6 +81,11 @@ class FakeDiscord:
         self.app_id = str(app_id) if app_id is not None else self.snowflake()
         self.bot_user = FakeUser(id=self.app_id, username=bot_name, bot=True)
         self.heartbeat_interval_ms = heartbeat_interval_ms
+        # Real Discord's HEARTBEAT_ACK arrives a network round trip after the heartbeat. discord.py 2.7
+        # stamps the send time in its keep-alive thread only after the send completes, so an ACK that comes
+        # back at once (loopback) is measured against the previous beat: latency = the heartbeat interval,
+        # and "Can't keep up, ... websocket is 41.3s behind" on every run. 0 answers inline (the old way).
+        self.heartbeat_ack_delay_s = heartbeat_ack_delay_s
         self.ack_deadline_s = ack_deadline_s
         self.rate_limit = rate_limit
         self.api_version = api_version
@@ -180,9 +189,15 @@ class FakeDiscord:
         await self.wait_for_state(lambda: self.ready_count >= target, timeout, f"READY #{target}")
 
     def spawn(self, coro: Awaitable[Any]) -> None:
+        """Run coro in a task the fake keeps (cancelled by stop()); a failure is logged, not lost."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("fake Discord task failed", exc_info=task.exception())
 
     def add_user(self, user_id: int | str | None = None, *, username: str | None = None) -> FakeUser:
         uid = str(user_id) if user_id is not None else self.snowflake()

@@ -53,6 +53,7 @@ class Gateway:
         self.refused_connections = 0
         self.close_codes: list[int | None] = []
         self.presence_updates: list[dict[str, Any]] = []
+        self.acks_pending = 0  # heartbeats whose (delayed) ACK is not sent yet
 
     def add_routes(self, app: web.Application) -> None:
         api = "/api/v{version:\\d+}"
@@ -71,6 +72,17 @@ class Gateway:
     @property
     def heartbeats(self) -> list[float]:
         return [t for s in self.sessions.values() for t in s.heartbeats]
+
+    async def _ack_after(self, ws: web.WebSocketResponse, delay: float) -> None:
+        """HEARTBEAT_ACK after a round trip's worth of delay, unless the socket closed meanwhile."""
+        try:
+            await asyncio.sleep(delay)
+            if not ws.closed:
+                with contextlib.suppress(ConnectionResetError):
+                    await ws.send_str(json.dumps({"op": 11}))
+        finally:
+            self.acks_pending -= 1
+            self.fake.notify()
 
     async def disconnect(self, code: int | None = None) -> None:
         """Close every gateway socket (default 4000, resumable) — for reconnect tests."""
@@ -159,7 +171,14 @@ class Gateway:
         if op == 1:  # heartbeat
             if session is not None:
                 session.heartbeats.append(self.fake.clock())
-            await ws.send_str(json.dumps({"op": 11}))
+            delay = self.fake.heartbeat_ack_delay_s
+            if delay > 0:
+                # Not answered inline: see heartbeat_ack_delay_s in FakeDiscord. Spawned, so the frames
+                # after the heartbeat (IDENTIFY follows the first one at once) are not held up.
+                self.acks_pending += 1
+                self.fake.spawn(self._ack_after(ws, delay))
+            else:
+                await ws.send_str(json.dumps({"op": 11}))
             return session
         if op == 2:  # identify
             if session is not None:
