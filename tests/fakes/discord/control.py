@@ -60,6 +60,7 @@ class ControlApi:
                     "attachment_size_limit",
                     "bot_permissions",
                     "locale",
+                    "applications_commands",
                 )
                 if k in b
             }

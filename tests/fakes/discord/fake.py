@@ -218,6 +218,7 @@ class FakeDiscord:
         everyone_permissions: int = DEFAULT_MEMBER_PERMISSIONS,
         bot_permissions: int = DEFAULT_BOT_PERMISSIONS,
         locale: str = "en-US",
+        applications_commands: bool = True,
     ) -> FakeGuild:
         """Create a guild; if the bot is connected it receives GUILD_CREATE (like joining a server)."""
         gid = str(guild_id) if guild_id is not None else self.snowflake()
@@ -245,6 +246,7 @@ class FakeDiscord:
             bot_role_id=self.snowflake(),
             locale=locale,
             created_at=self.clock(),
+            applications_commands=applications_commands,
         )
         guild.members[owner.id] = FakeMember(owner.id, ADMINISTRATOR | everyone_permissions, self.clock())
         self.guilds[gid] = guild

@@ -163,6 +163,8 @@ class FakeGuild:
     features: list[str] = field(default_factory=list)
     members: dict[str, FakeMember] = field(default_factory=dict)
     created_at: float = 0.0
+    # False: the bot was invited without the applications.commands scope (guild commands answer 50001).
+    applications_commands: bool = True
 
     def channel(self, channel_id: int | str) -> FakeChannel:
         for ch in self.channels:

@@ -23,6 +23,7 @@ from .model import (
     SEND_MESSAGES,
     SUPPRESS_EMBEDS,
     VIEW_CHANNEL,
+    FakeGuild,
     RecordedRequest,
     bot_member_payload,
     guild_create_payload,
@@ -205,12 +206,25 @@ class RestApi:
             }
         )
 
-    async def h_put_commands(self, request: web.Request) -> web.Response:
+    def _guild_or_403(self, guild_id: str) -> FakeGuild:
+        """Discord answers 403 Missing Access (50001) for a guild the bot is not in, whether or not it exists."""
+        guild = self.fake.guilds.get(guild_id)
+        if guild is None:
+            raise ApiError(403, "Missing Access", 50001)
+        return guild
+
+    def _command_scope(self, request: web.Request) -> str | None:
+        """The guild of a guild-command route (None = global), or 50001 as Discord answers it: for another
+        application, a guild the bot is not in, or one it was invited to without applications.commands."""
         if request.match_info["app_id"] != self.fake.app_id:
             raise ApiError(403, "Missing Access", 50001)
         scope = request.match_info.get("guild_id")
-        if scope is not None and scope not in self.fake.guilds:
+        if scope is not None and not self._guild_or_403(scope).applications_commands:
             raise ApiError(403, "Missing Access", 50001)
+        return scope
+
+    async def h_put_commands(self, request: web.Request) -> web.Response:
+        scope = self._command_scope(request)
         body = request[BODY_KEY].json
         if not isinstance(body, list):
             raise form_error("_root", "LIST_TYPE_CONVERT", "Must be a list.")
@@ -245,25 +259,21 @@ class RestApi:
         return json_response(list(stored.values()))
 
     async def h_get_commands(self, request: web.Request) -> web.Response:
-        return json_response(list(self.fake.commands.get(request.match_info.get("guild_id"), {}).values()))
+        return json_response(list(self.fake.commands.get(self._command_scope(request), {}).values()))
 
     async def h_get_channel(self, request: web.Request) -> web.Response:
         ch = self.fake.message_store.channel_or_404(request.match_info["channel_id"])
         return json_response(ch.payload())
 
     async def h_get_guild(self, request: web.Request) -> web.Response:
-        guild = self.fake.guilds.get(request.match_info["guild_id"])
-        if guild is None:
-            raise ApiError(404, "Unknown Guild", 10004)
+        guild = self._guild_or_403(request.match_info["guild_id"])
         payload = guild_create_payload(guild, self.fake.bot_user)
         for key in ("channels", "members", "member_count", "unavailable", "joined_at", "large"):
             payload.pop(key, None)
         return json_response(payload)
 
     async def h_get_member(self, request: web.Request) -> web.Response:
-        guild = self.fake.guilds.get(request.match_info["guild_id"])
-        if guild is None:
-            raise ApiError(404, "Unknown Guild", 10004)
+        guild = self._guild_or_403(request.match_info["guild_id"])
         uid = request.match_info["user_id"]
         if uid == self.fake.app_id:
             return json_response(bot_member_payload(guild, self.fake.bot_user))
