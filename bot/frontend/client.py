@@ -22,12 +22,26 @@ from bot.engine.policy import GuildPolicy
 from bot.engine.recovery import recover_unfinished_jobs
 from bot.frontend.interactions import tell_failure
 from bot.frontend.messenger import DiscordErrorSink, JobMessenger
+from bot.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
 # The bot never joins voice: don't warn about missing voice libraries on every start.
 discord.VoiceClient.warn_nacl = False
 discord.VoiceClient.warn_dave = False
+
+#: Discord's JSON error code for "Missing Access".
+MISSING_ACCESS = 50001
+
+
+def dev_guild_problem(guild_id: int | str) -> str:
+    """The one line an operator reads when DEV_GUILD_ID names a server the bot cannot sync commands to."""
+    return (
+        f"DEV_GUILD_ID: Discord refused access to server {guild_id} (403 Missing Access): the bot is not in "
+        "that server or was invited without the applications.commands scope; invite it with the link "
+        "`python -m bot check` prints, or leave DEV_GUILD_ID empty to sync commands globally"
+    )
+
 
 EXTENSIONS = ("bot.frontend.cogs.imagine", "bot.frontend.cogs.admin", "bot.frontend.cogs.user")
 
@@ -198,12 +212,20 @@ class ImagineBot(commands.Bot):
         return True
 
     async def sync_now(self, *, clear: bool = False) -> None:
+        """Push the commands (to DEV_GUILD_ID when set); a server the bot may not use is a bad setting."""
         guild = self._sync_target()
         if guild is not None:
             self.tree.clear_commands(guild=guild)
             if not clear:
                 self.tree.copy_global_to(guild=guild)
-            synced = await self.tree.sync(guild=guild)
+            try:
+                synced = await self.tree.sync(guild=guild)
+            except discord.Forbidden as exc:
+                if exc.code != MISSING_ACCESS:
+                    raise
+                # Discord's answer when the bot is not in that server, or was invited without the
+                # applications.commands scope: the operator's setting, not a crash.
+                raise SettingsError(dev_guild_problem(guild.id)) from None
         else:
             if clear:
                 self.tree.clear_commands(guild=None)

@@ -1,9 +1,11 @@
 """``python -m bot check``: diagnose a set-up before running the bot, one line per check.
 
 Checks, in order: the settings (loading them validated them), the image backend (lists its models; for ComfyUI
-also the workflow against ``/object_info``, one line per problem, and whether previews are on), the
-Discord token (``GET /users/@me``) and the application id (for the invite link), and ``DATA_DIR`` (created if
-missing, then a file is written and removed). Each prints ``<check>: ok ...`` or ``<check>: problem: ...``;
+also the workflow against ``/object_info``, one line per problem, and whether previews are on), the Discord token
+(``GET /users/@me``) and the application id (for the invite link), ``DEV_GUILD_ID`` when set (``GET /guilds/{id}``
+and the application's commands there: the bot must be in that server, invited with the ``applications.commands``
+scope), and ``DATA_DIR`` (created if missing, then a file is written and removed). Each prints ``<check>: ok ...``
+or ``<check>: problem: ...``;
 the exit status is 0 when every check passed, 1 otherwise. Never a traceback, never the token.
 """
 
@@ -206,7 +208,57 @@ async def check_discord(settings: Settings, session: aiohttp.ClientSession, repo
                 )
     except (aiohttp.ClientError, TimeoutError, OSError):
         pass  # the user id is a fine fallback
+    await check_dev_guild(settings, session, report, base, token, client_id)
     report.info("invite", invite_url(client_id))
+
+
+def _discord_says(status: int, body: Any) -> str:
+    message = body.get("message") if isinstance(body, dict) else None
+    return f"{status} {message}" if message else f"HTTP {status}"
+
+
+async def check_dev_guild(
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    report: Report,
+    base: str,
+    token: str,
+    client_id: Any,
+) -> None:
+    """DEV_GUILD_ID names a server the bot is in and may create commands in (else start-up would stop)."""
+    guild_id = settings.dev_guild_id
+    if not guild_id:
+        return
+    name = "dev guild"
+    try:
+        status, guild = await _discord_get(session, base, f"/guilds/{guild_id}", token)
+        if status in (403, 404):
+            report.problem(
+                name,
+                f"DEV_GUILD_ID: the bot is not in server {guild_id} (Discord: {_discord_says(status, guild)}); "
+                "invite it there with the link below, or leave DEV_GUILD_ID empty to sync commands globally",
+            )
+            return
+        if status != 200 or not isinstance(guild, dict):
+            report.problem(name, f"DEV_GUILD_ID: GET /guilds/{guild_id} answered HTTP {status}")
+            return
+        where = f"server {guild.get('name', '?')!r} ({guild_id})"
+        path = f"/applications/{client_id}/guilds/{guild_id}/commands"
+        status, body = await _discord_get(session, base, path, token)
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        report.problem(name, f"DEV_GUILD_ID: cannot ask Discord about server {guild_id}: {_short(exc)}")
+        return
+    if status == 403:
+        report.problem(
+            name,
+            f"DEV_GUILD_ID: the bot is in {where} but may not add commands there "
+            f"(Discord: {_discord_says(status, body)}); invite it again with the link below, which asks for "
+            "the applications.commands scope",
+        )
+    elif status != 200:
+        report.problem(name, f"DEV_GUILD_ID: GET {path} answered HTTP {status}")
+    else:
+        report.ok(name, f"commands go to {where}")
 
 
 def _probe_dir_sync(directory: Path) -> None:

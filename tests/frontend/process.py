@@ -92,13 +92,19 @@ def bot_env(fake: FakeDiscord, data_dir: Path, **settings: object) -> dict[str, 
 
 
 @contextlib.asynccontextmanager
-async def bot_process(fake: FakeDiscord, data_dir: Path, **settings: object) -> AsyncIterator[BotProcess]:
-    """Start the bot; wait until it has identified and is ready; always reap it."""
+async def bot_process(
+    fake: FakeDiscord, data_dir: Path, *, dev_mode: bool = True, **settings: object
+) -> AsyncIterator[BotProcess]:
+    """Start the bot; wait until it has identified and is ready; always reap it.
+
+    ``dev_mode=False`` runs it as an operator does (no ``-X dev``): asyncio's debug mode slows the loop
+    enough to hide timing that a normal run shows.
+    """
     before = fake.ready_count
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-X",
-        "dev",  # asyncio debug warnings and ResourceWarnings become visible, so the checks below can see them
+        # -X dev: asyncio debug warnings and ResourceWarnings become visible, so the checks below see them.
+        *(("-X", "dev") if dev_mode else ()),
         "-m",
         "bot",
         cwd=str(data_dir),

@@ -1,0 +1,266 @@
+"""The fake Discord's gateway: HELLO, heartbeats, IDENTIFY/READY/GUILD_CREATE, RESUME, dispatches.
+
+Sessions outlive their socket (RESUME replays what was missed, up to 1,000 events); every server-side close
+records the code it sent, so tests can tell "the fake closed with 4004" from "discord.py closed with 4000".
+Plain TEXT JSON frames: discord.py only decompresses BINARY ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import WSMsgType, web
+
+from .model import bot_member_payload, guild_create_payload, member_payload
+from .wire import json_response
+
+if TYPE_CHECKING:
+    from .fake import FakeDiscord
+
+
+@dataclass
+class Session:
+    """Resumable gateway session state (survives the socket)."""
+
+    session_id: str
+    identify: dict[str, Any]
+    seq: int = 0
+    events: list[tuple[int, str, Any]] = field(default_factory=list)
+    ws: web.WebSocketResponse | None = None
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    heartbeats: list[float] = field(default_factory=list)
+    disconnected_at: float | None = None
+
+
+class Gateway:
+    """Gateway sockets and sessions, and the counters tests assert on (identify, resume, ready, closes)."""
+
+    def __init__(self, fake: FakeDiscord) -> None:
+        self.fake = fake
+        self.sessions: dict[str, Session] = {}
+        self.sockets: set[web.WebSocketResponse] = set()
+        self._server_close_codes: dict[int, int] = {}
+        self.available = True
+        self.identify_count = 0
+        self.resume_count = 0
+        self.ready_count = 0
+        self.refused_connections = 0
+        self.close_codes: list[int | None] = []
+        self.presence_updates: list[dict[str, Any]] = []
+        self.acks_pending = 0  # heartbeats whose (delayed) ACK is not sent yet
+
+    def add_routes(self, app: web.Application) -> None:
+        api = "/api/v{version:\\d+}"
+        app.router.add_get("/gateway", self.handler)
+        app.router.add_get(f"{api}/gateway", self.h_gateway)
+        app.router.add_get(f"{api}/gateway/bot", self.h_gateway)
+
+    @property
+    def last_close_code(self) -> int | None:
+        return self.close_codes[-1] if self.close_codes else None
+
+    @property
+    def connected_sessions(self) -> list[Session]:
+        return [s for s in self.sessions.values() if s.ws is not None]
+
+    @property
+    def heartbeats(self) -> list[float]:
+        return [t for s in self.sessions.values() for t in s.heartbeats]
+
+    async def _ack_after(self, ws: web.WebSocketResponse, delay: float) -> None:
+        """HEARTBEAT_ACK after a round trip's worth of delay, unless the socket closed meanwhile."""
+        try:
+            await asyncio.sleep(delay)
+            if not ws.closed:
+                with contextlib.suppress(ConnectionResetError):
+                    await ws.send_str(json.dumps({"op": 11}))
+        finally:
+            self.acks_pending -= 1
+            self.fake.notify()
+
+    async def disconnect(self, code: int | None = None) -> None:
+        """Close every gateway socket (default 4000, resumable) — for reconnect tests."""
+        for ws in list(self.sockets):
+            await self.close_ws(ws, code or 4000, b"fake disconnect")
+
+    async def close_ws(self, ws: web.WebSocketResponse, code: int, message: bytes) -> None:
+        """Server-initiated close; the code we sent is what `close_codes` records for this socket."""
+        self._server_close_codes[id(ws)] = code
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(code=code, message=message), 2.0)
+
+    def set_available(self, available: bool) -> None:
+        """False: refuse new gateway upgrades with 503 (an outage); existing sockets are untouched."""
+        self.available = available
+
+    async def dispatch(self, event: str, data: Any) -> None:
+        """Send a dispatch to connected sessions; buffer it for the latest one if none is connected."""
+        targets = self.connected_sessions
+        if not targets:
+            if not self.sessions:
+                raise RuntimeError(f"cannot dispatch {event}: no gateway session (is the bot connected?)")
+            latest = max(self.sessions.values(), key=lambda s: s.disconnected_at or 0)
+            targets = [latest]
+        for session in targets:
+            await self.send_dispatch(session, event, data)
+
+    async def send_dispatch(self, session: Session, event: str, data: Any) -> None:
+        async with session.send_lock:
+            session.seq += 1
+            session.events.append((session.seq, event, data))
+            del session.events[:-1000]
+            if session.ws is not None and not session.ws.closed:
+                await session.ws.send_str(json.dumps({"op": 0, "t": event, "s": session.seq, "d": data}))
+
+    async def h_gateway(self, request: web.Request) -> web.Response:
+        data: dict[str, Any] = {"url": self.fake.gateway_url}
+        if request.path.endswith("/bot"):
+            data |= {
+                "shards": 1,
+                "session_start_limit": {
+                    "total": 1000,
+                    "remaining": 999,
+                    "reset_after": 86400000,
+                    "max_concurrency": 1,
+                },
+            }
+        return json_response(data)
+
+    async def handler(self, request: web.Request) -> web.StreamResponse:
+        if not self.available:
+            self.refused_connections += 1
+            self.fake.notify()
+            return json_response({"message": "Service Unavailable", "code": 0}, 503)
+        ws = web.WebSocketResponse(max_msg_size=0, compress=False, timeout=2.0)
+        await ws.prepare(request)
+        self.sockets.add(ws)
+        session: Session | None = None
+        try:
+            await ws.send_str(
+                json.dumps({"op": 10, "d": {"heartbeat_interval": self.fake.heartbeat_interval_ms}})
+            )
+            async for msg in ws:
+                if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    continue
+                try:
+                    frame = json.loads(msg.data)
+                    op = frame["op"]
+                except (ValueError, KeyError, TypeError):
+                    await self.close_ws(ws, 4002, b"Error while decoding payload.")
+                    break
+                session = await self.on_op(ws, session, op, frame.get("d"))
+                self.fake.notify()
+        finally:
+            self.sockets.discard(ws)
+            if session is not None and session.ws is ws:
+                session.ws = None
+                session.disconnected_at = time.monotonic()
+            self.close_codes.append(self._server_close_codes.pop(id(ws), None) or ws.close_code)
+            self.fake.notify()
+        return ws
+
+    async def on_op(
+        self, ws: web.WebSocketResponse, session: Session | None, op: int, d: Any
+    ) -> Session | None:
+        if op == 1:  # heartbeat
+            if session is not None:
+                session.heartbeats.append(self.fake.clock())
+            delay = self.fake.heartbeat_ack_delay_s
+            if delay > 0:
+                # Not answered inline: see heartbeat_ack_delay_s in FakeDiscord. Spawned, so the frames
+                # after the heartbeat (IDENTIFY follows the first one at once) are not held up.
+                self.acks_pending += 1
+                self.fake.spawn(self._ack_after(ws, delay))
+            else:
+                await ws.send_str(json.dumps({"op": 11}))
+            return session
+        if op == 2:  # identify
+            if session is not None:
+                await self.close_ws(ws, 4005, b"Already authenticated.")
+                return session
+            if not isinstance(d, dict) or d.get("token") != self.fake.token:
+                await self.close_ws(ws, 4004, b"Authentication failed.")
+                return None
+            self.identify_count += 1
+            session = Session(session_id=secrets.token_hex(16), identify=d, ws=ws)
+            self.sessions[session.session_id] = session
+            shard = d.get("shard")
+            ready: dict[str, Any] = {
+                "v": self.fake.api_version,
+                "user": {**self.fake.bot_user.payload(), "verified": True, "mfa_enabled": False},
+                "guilds": [{"id": gid, "unavailable": True} for gid in self.fake.guilds],
+                "session_id": session.session_id,
+                "session_type": "normal",
+                "resume_gateway_url": self.fake.gateway_url,
+                "application": {"id": self.fake.app_id, "flags": 0},
+                "private_channels": [],
+                "relationships": [],
+                "presences": [],
+                "guild_join_requests": [],
+                "geo_ordered_rtc_regions": [],
+                "user_settings": {},
+            }
+            if shard:
+                ready["shard"] = shard
+            await self.send_dispatch(session, "READY", ready)
+            self.ready_count += 1
+            for guild in list(self.fake.guilds.values()):
+                await self.send_dispatch(
+                    session, "GUILD_CREATE", guild_create_payload(guild, self.fake.bot_user)
+                )
+            return session
+        if op == 6:  # resume
+            old = self.sessions.get((d or {}).get("session_id", ""))
+            if session is not None:
+                await self.close_ws(ws, 4005, b"Already authenticated.")
+                return session
+            if (d or {}).get("token") != self.fake.token:
+                await self.close_ws(ws, 4004, b"Authentication failed.")
+                return None
+            if old is None or old.ws is not None:
+                await ws.send_str(json.dumps({"op": 9, "d": False}))
+                return None
+            self.resume_count += 1
+            old.ws = ws
+            async with old.send_lock:
+                seq = int(d.get("seq") or 0)
+                for s, event, data in old.events:
+                    if s > seq:
+                        await ws.send_str(json.dumps({"op": 0, "t": event, "s": s, "d": data}))
+            await self.send_dispatch(old, "RESUMED", {})
+            return old
+        if session is None:
+            if op in (3, 4, 8):
+                await self.close_ws(ws, 4003, b"Not authenticated.")
+                return None
+            await self.close_ws(ws, 4001, b"Unknown opcode.")
+            return None
+        if op == 3:
+            self.presence_updates.append(d)
+            return session
+        if op == 4:  # voice state: accepted, ignored
+            return session
+        if op == 8:  # request guild members
+            guild = self.fake.guilds.get(str((d or {}).get("guild_id")))
+            if guild is not None:
+                members = [bot_member_payload(guild, self.fake.bot_user)] + [
+                    member_payload(guild, self.fake.users[uid], m.permissions, with_user=True)
+                    for uid, m in guild.members.items()
+                ]
+                chunk = {
+                    "guild_id": guild.id,
+                    "members": members,
+                    "chunk_index": 0,
+                    "chunk_count": 1,
+                    "nonce": (d or {}).get("nonce"),
+                }
+                await self.send_dispatch(session, "GUILD_MEMBERS_CHUNK", chunk)
+            return session
+        await self.close_ws(ws, 4001, b"Unknown opcode.")
+        return session
