@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
+from bot import __version__
 from bot.backends import create_backend
 from bot.engine import Engine
 from bot.engine.cache import ResultCache
@@ -14,7 +15,7 @@ from bot.engine.manager import JobManager
 from bot.engine.store import JobStore
 from bot.settings import Settings
 
-USER_AGENT = "imagine-bot/0.1 (+self-hosted)"
+USER_AGENT = f"imagine-bot/{__version__} (+self-hosted)"
 
 
 def make_session() -> aiohttp.ClientSession:
