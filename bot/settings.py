@@ -5,6 +5,7 @@ Names are the operators' interface (environment variables, ``.env``): keep them 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -70,6 +71,10 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
+    # Self-hosting: where /healthz and /metrics listen, and how long job history is kept
+    http_host: str = Field(default="127.0.0.1", description="address /healthz and /metrics listen on")
+    history_retention_days: int = Field(default=90, ge=0, le=36500, description="0 keeps history forever")
+
     @field_validator("image_models", mode="before")
     @classmethod
     def _parse_models(cls, value: Any) -> Any:
@@ -110,6 +115,18 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s):// or ws(s):// URL")
         return value.rstrip("/")
 
+    @field_validator("http_host", mode="before")
+    @classmethod
+    def _host(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if not value:  # blank: the default, loopback only
+            return "127.0.0.1"
+        if any(ch in value for ch in " /:") and not _is_ipv6(value):
+            raise ValueError("must be an address to listen on, such as 127.0.0.1, 0.0.0.0 or ::")
+        return value
+
     @model_validator(mode="after")
     def _resolve(self) -> Settings:
         if self.backend_concurrency is None:
@@ -138,6 +155,13 @@ class Settings(BaseSettings):
         if self.discord_token is None or not self.discord_token.get_secret_value().strip():
             raise SettingsError("DISCORD_TOKEN: required to run the Discord bot (see .env.example)")
         return self.discord_token.get_secret_value().strip()
+
+
+def _is_ipv6(value: str) -> bool:
+    try:
+        return ipaddress.ip_address(value).version == 6
+    except ValueError:
+        return False
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -49,7 +49,8 @@ def build_service(engine: Engine, *, serve_http: bool = True, **bot_options: Any
     metrics = Metrics(engine.manager, cache=engine.cache)
     engine.manager.add_listener(metrics.on_job_event)
     bot = ImagineBot(engine, health=health, discord_errors=metrics, **bot_options)
-    web = WebServer(health, metrics, port=engine.settings.http_port) if serve_http else None
+    settings = engine.settings
+    web = WebServer(health, metrics, port=settings.http_port, host=settings.http_host) if serve_http else None
     return Service(engine, bot, health, metrics, web)
 
 
