@@ -156,3 +156,15 @@ def test_http_host_is_loopback_unless_set() -> None:
     assert load_settings(env_file=None, http_host="::").http_host == "::"
     with pytest.raises(SettingsError, match=r"^HTTP_HOST: must be an address to listen on"):
         load_settings(env_file=None, http_host="http://0.0.0.0:8080")
+
+
+def test_settings_know_which_env_file_they_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().env_file_note() == (
+        f"none found at {tmp_path / '.env'} (settings come from the environment only)"
+    )
+    (tmp_path / ".env").write_text("USER_MAX_JOBS=5\n")
+    settings = load_settings()
+    assert settings.user_max_jobs == 5
+    assert settings.env_file_read == tmp_path / ".env"
+    assert settings.env_file_note() == f"read {tmp_path / '.env'}"

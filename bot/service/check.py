@@ -202,6 +202,7 @@ async def run_check(settings: Settings) -> int:
     """Runs every check (one failing does not stop the others); 0 when all passed, 1 otherwise."""
     report = Report(secrets=_secrets(settings))
     report.ok("settings")
+    report.info(".env", settings.env_file_note())
     from bot.service.runtime import make_session
 
     try:

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_bot_cli(*args: str, cwd: Path = ROOT, **settings: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCORD_", "IMAGE_", "DATA_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCORD_", "IMAGE_", "DATA_", "LOG_"))}
     env.update({"PYTHONPATH": str(ROOT), **{k.upper(): v for k, v in settings.items()}})
     return subprocess.run(
         [sys.executable, "-m", "bot", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
@@ -36,3 +36,23 @@ def test_help_says_that_no_subcommand_runs_the_bot() -> None:
     assert "With no subcommand, `python -m bot` runs the bot" in text
     for command in ("imagine", "sync", "check", "backup"):
         assert command in text
+
+
+def test_start_up_logs_which_env_file_was_read(tmp_path: Path) -> None:
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    (here / ".env").write_text("LOG_LEVEL=INFO\n")
+    done = run_bot_cli(cwd=here, data_dir=str(tmp_path / "data"))
+    assert f"INFO bot settings read from .env env_file={here / '.env'}" in done.stderr
+    # Run from elsewhere: the log and the one-line error both say no .env was found, and where it was looked for.
+    done = run_bot_cli(cwd=elsewhere, data_dir=str(tmp_path / "data"), log_level="INFO")
+    assert done.returncode == 2
+    assert (
+        f"INFO bot no .env found; settings from the environment only looked_for={elsewhere / '.env'}"
+        in done.stderr
+    )
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: DISCORD_TOKEN: required to run the Discord bot (see .env.example); "
+        f"no .env found at {elsewhere / '.env'}"
+    )
