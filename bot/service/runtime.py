@@ -12,6 +12,7 @@ from bot.backends import create_backend
 from bot.engine import Engine
 from bot.engine.cache import ResultCache
 from bot.engine.manager import JobManager
+from bot.engine.retention import RetentionTask
 from bot.engine.store import JobStore
 from bot.settings import Settings
 
@@ -29,7 +30,7 @@ def make_session() -> aiohttp.ClientSession:
 
 @contextlib.asynccontextmanager
 async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
-    """Store, cache, HTTP session, backend and manager, opened in order and closed in reverse.
+    """Store, cache, HTTP session, backend, manager and the retention task, opened in order, closed in reverse.
 
     The manager is shut down with no grace here; callers that want a drain call ``shutdown`` first.
     """
@@ -47,9 +48,12 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
             async with make_session() as session:
                 backend = create_backend(settings, session)
                 manager = JobManager.from_settings(settings, backend, store=store, cache=cache)
+                retention = RetentionTask(store, cache, retention_days=settings.history_retention_days)
+                retention.start()
                 try:
-                    yield Engine(settings, session, store, cache, backend, manager)
+                    yield Engine(settings, session, store, cache, backend, manager, retention)
                 finally:
+                    await retention.stop()
                     await manager.shutdown(0)
         finally:
             await cache.close()
