@@ -56,3 +56,14 @@ def test_start_up_logs_which_env_file_was_read(tmp_path: Path) -> None:
         "error: DISCORD_TOKEN: required to run the Discord bot (see .env.example); "
         f"no .env found at {elsewhere / '.env'}"
     )
+
+
+def test_license_and_changelog_match_the_project() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == {"text": "MIT"}
+    license_text = (ROOT / "LICENSE").read_text()
+    assert license_text.startswith("MIT License\n")
+    assert "Copyright (c) 2026 imagine-bot contributors" in license_text
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert "## [Unreleased]" in changelog
+    assert f"## [{project['version']}]" in changelog  # the version released is recorded
