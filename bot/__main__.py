@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 import warnings
 from collections.abc import Sequence
@@ -75,15 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     secrets = [s.get_secret_value() for s in (settings.discord_token, settings.image_backend_api_key) if s]
     configure_logging(settings.log_level, settings.log_format, secrets)
-    # Which .env was read: run from another directory, a bot silently without its .env is a puzzle.
-    env_file = settings.env_file_read
-    if env_file is not None:
-        logging.getLogger("bot").info("settings read from .env", extra={"env_file": str(env_file)})
-    else:
-        logging.getLogger("bot").info(
-            "no .env found; settings from the environment only",
-            extra={"looked_for": str(Path(".env").absolute())},
-        )
     try:
         return asyncio.run(_dispatch(settings, args))
     except KeyboardInterrupt:

@@ -104,7 +104,20 @@ async def run_bot(settings: Settings) -> int:
         os.close(lock)
 
 
+def log_env_file(settings: Settings) -> None:
+    """Which .env was read: run from another directory, a bot without its .env is otherwise a puzzle.
+    (Logged once the bot starts; a one-line start-up error says it itself, and ``check`` prints it.)"""
+    if settings.env_file_read is not None:
+        log.info("settings read from .env", extra={"env_file": str(settings.env_file_read)})
+    else:
+        log.info(
+            "no .env found; settings from the environment only",
+            extra={"looked_for": str(Path(".env").absolute())},
+        )
+
+
 async def _serve(settings: Settings, token: str) -> int:
+    log_env_file(settings)
     point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
     async with open_engine(settings) as engine:
         service = build_service(engine)

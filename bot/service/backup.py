@@ -86,5 +86,6 @@ async def run_backup(settings: Settings, target: Path) -> int:
     except BackupError as exc:
         print(f"error: backup: {exc}", file=sys.stderr)
         return 2
-    print(f"backed up {report.source} to {report.target} ({report.jobs} jobs, {report.size // 1024} KiB)")
+    jobs = "1 job" if report.jobs == 1 else f"{report.jobs} jobs"
+    print(f"backed up {report.source} to {report.target} ({jobs}, {report.size // 1024} KiB)")
     return 0

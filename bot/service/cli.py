@@ -95,6 +95,9 @@ def output_problem(out: Path) -> str | None:
     if out.is_dir():
         return "is a directory; give a file name"
     directory = out.parent
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{existing} is a file, not a directory"
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -238,3 +238,22 @@ async def test_a_clashing_http_port_stops_start_up_before_any_discord_call(tmp_p
             # Not logged in, no commands synced, no gateway: Discord heard nothing at all.
             assert fake.requests == []
             assert fake.identify_count == 0
+
+
+async def test_start_up_logs_which_env_file_was_read(tmp_path) -> None:
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    (here / ".env").write_text("USER_MAX_JOBS=4\n")
+    async with FakeDiscord(token=TOKEN) as fake, FakeOpenAI() as backend:
+        fake.add_guild(name="G")
+        settings = {"image_backend": "openai", "image_backend_url": backend.url}
+        async with bot_process(fake, here, **settings) as bot:
+            assert await bot.terminate() == 0
+        assert f"INFO bot.service.app settings read from .env env_file={here / '.env'}" in bot.text
+        async with bot_process(fake, elsewhere, **settings) as bot:
+            assert await bot.terminate() == 0
+        assert (
+            "INFO bot.service.app no .env found; settings from the environment only "
+            f"looked_for={elsewhere / '.env'}"
+        ) in bot.text

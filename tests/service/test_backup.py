@@ -78,7 +78,7 @@ async def test_backup_while_a_writer_runs_is_a_consistent_restorable_copy(tmp_pa
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         (count,) = db.execute("SELECT COUNT(*) FROM jobs").fetchone()
     assert before <= count <= written
-    assert f"({count} jobs," in out
+    assert f"({count} jobs," in out or (count == 1 and "(1 job," in out)
 
     # Restore = copy it back as DATA_DIR/bot.sqlite3: the store opens it and reads every job.
     restored = tmp_path / "restored" / "bot.sqlite3"
