@@ -485,7 +485,19 @@ class JobStore:
         """
         wanted = sorted(set(refs))
         found: set[str] = set()
-        for start in range(0, len(wanted), 500):  # stay well under SQLite's parameter limit
+        if not wanted:
+            return found
+        if len(wanted) <= 8:
+            # A Delete (a few images): a substring test per row is cheap and lets json_each parse only rows
+            # that mention one of them.
+            mentions = " OR ".join("instr(jobs.image_refs, ?) > 0" for _ in wanted)
+            rows = await self._query(
+                "SELECT DISTINCT refs.value FROM jobs, json_each(jobs.image_refs) AS refs "
+                f"WHERE ({mentions}) AND refs.value IN ({', '.join('?' * len(wanted))})",
+                (*wanted, *wanted),
+            )
+            return {str(row[0]) for row in rows}
+        for start in range(0, len(wanted), 500):  # a prune batch: stay well under SQLite's parameter limit
             chunk = wanted[start : start + 500]
             rows = await self._query(
                 "SELECT DISTINCT refs.value FROM jobs, json_each(jobs.image_refs) AS refs "

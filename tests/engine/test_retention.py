@@ -137,7 +137,7 @@ async def test_prune_deletes_old_rows_and_their_unshared_images(data: Data) -> N
     waiting.created_at = NOW - 200 * DAY_S  # queued jobs are never pruned, however old
     await data.store.save_job(waiting)
 
-    pruned = await prune(data.store, data.cache, before=NOW - 90 * DAY_S, batch=1)  # batches of one
+    pruned = await prune(data.store, data.cache, before=NOW - 90 * DAY_S, batch=1, pause_s=0)  # steps of one
 
     assert pruned == 2
     assert set(rows(data.path)) == {recent.id, reuse.id, waiting.id}
