@@ -20,12 +20,13 @@ from urllib.parse import urlencode
 import aiohttp
 import discord
 
+from bot import __version__
 from bot.settings import Settings, SettingsError
 
 DISCORD_API = "https://discord.com/api/v10"
 INVITE_BASE = "https://discord.com/oauth2/authorize"
 #: Discord asks bots to identify themselves this way (``DiscordBot ($url, $version)``).
-USER_AGENT = "DiscordBot (https://github.com/imagine-bot, 0.1) imagine-bot-check"
+USER_AGENT = f"DiscordBot (https://github.com/imagine-bot, {__version__}) imagine-bot-check"
 REQUEST_TIMEOUT_S = 15.0
 MODELS_SHOWN = 5
 
