@@ -107,12 +107,15 @@ async def run_bot(settings: Settings) -> int:
 def log_env_file(settings: Settings) -> None:
     """Which .env was read: run from another directory, a bot without its .env is otherwise a puzzle.
     (Logged once the bot starts; a one-line start-up error says it itself, and ``check`` prints it.)"""
+    data_dir = str(settings.data_dir.absolute())  # relative to where it was started, like the .env
     if settings.env_file_read is not None:
-        log.info("settings read from .env", extra={"env_file": str(settings.env_file_read)})
+        log.info(
+            "settings read from .env", extra={"env_file": str(settings.env_file_read), "data_dir": data_dir}
+        )
     else:
         log.info(
             "no .env found; settings from the environment only",
-            extra={"looked_for": str(Path(".env").absolute())},
+            extra={"looked_for": str(Path(".env").absolute()), "data_dir": data_dir},
         )
 
 

@@ -250,7 +250,9 @@ async def test_start_up_logs_which_env_file_was_read(tmp_path) -> None:
         settings = {"image_backend": "openai", "image_backend_url": backend.url}
         async with bot_process(fake, here, **settings) as bot:
             assert await bot.terminate() == 0
-        assert f"INFO bot.service.app settings read from .env env_file={here / '.env'}" in bot.text
+        assert (
+            f"INFO bot.service.app settings read from .env env_file={here / '.env'} data_dir={here}"
+        ) in bot.text
         async with bot_process(fake, elsewhere, **settings) as bot:
             assert await bot.terminate() == 0
         assert (
