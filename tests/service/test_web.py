@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -285,3 +286,18 @@ def test_the_health_probe_follows_http_host(monkeypatch) -> None:
     assert probe_host("") == probe_host("0.0.0.0") == "127.0.0.1"
     assert probe_host("::") == "[::1]"
     assert probe_host("10.1.2.3") == "10.1.2.3"
+
+
+def test_the_image_and_compose_listen_on_every_interface_of_the_container() -> None:
+    """HTTP_HOST's default is loopback; inside a container the probe and a Prometheus container need more."""
+    root = Path(__file__).resolve().parents[2]
+    dockerfile = root / "Dockerfile"
+    env_lines = [line.strip() for line in dockerfile.read_text().splitlines()]
+    assert "HTTP_HOST=0.0.0.0" in env_lines
+    assert "      HTTP_HOST: 0.0.0.0" in (root / "docker-compose.yml").read_text().splitlines()
+    # .env.example must not override the image's value with loopback (env files win over image ENV).
+    assert "HTTP_HOST=" not in [
+        line.split("=")[0] + "="
+        for line in (root / ".env.example").read_text().splitlines()
+        if line[:1] != "#"
+    ]
