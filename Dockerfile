@@ -36,7 +36,10 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     DATA_DIR=/data \
-    HTTP_PORT=8080
+    HTTP_PORT=8080 \
+    HTTP_HOST=0.0.0.0
+# HTTP_HOST=0.0.0.0: inside the container, so the HEALTHCHECK and a Prometheus container reach /metrics; the
+# port is still published only if you publish it (the bot itself needs no inbound port).
 
 # A fixed numeric uid/gid so volume ownership is predictable on the host (chown 10001:10001 a bind mount).
 RUN groupadd --gid 10001 bot \

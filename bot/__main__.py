@@ -1,9 +1,11 @@
 """Entry point: ``python -m bot`` runs the Discord bot; subcommands run the engine's tools.
 
-python -m bot                      run the bot
+python -m bot                      run the bot (no subcommand)
 python -m bot imagine "PROMPT" --out FILE [...]
 python -m bot sync [--clear]       push (or remove) the slash commands now
 python -m bot check                diagnose the set-up
+python -m bot backup FILE          copy the job store while the bot runs
+python -m bot --version
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import asyncio
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
+from bot import __version__
 from bot.settings import Settings, SettingsError, load_settings
 
 # discord.py (imported later, lazily) imports audioop for voice, which this bot never uses: don't warn about it.
@@ -22,15 +26,36 @@ warnings.filterwarnings("ignore", message="'audioop' is deprecated", category=De
 EXIT_CONFIG = 2
 
 
+DESCRIPTION = """Self-hosted /imagine Discord bot.
+
+With no subcommand, `python -m bot` runs the bot: it connects to Discord and serves /imagine until SIGTERM or
+Ctrl-C. The subcommands below are one-off tools and do not run the bot."""
+
+EPILOG = """Settings come from the environment and from .env in the current directory (see .env.example);
+`python -m bot check` says which .env it read."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bot", description="Self-hosted /imagine Discord bot.")
-    commands = parser.add_subparsers(dest="command")
+    parser = argparse.ArgumentParser(
+        prog="python -m bot",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"imagine-bot {__version__}")
+    commands = parser.add_subparsers(dest="command", title="subcommands (each runs once and exits)")
     from bot.service.cli import add_imagine_arguments
 
     add_imagine_arguments(commands.add_parser("imagine", help="generate images from the command line"))
     sync = commands.add_parser("sync", help="sync the slash commands with Discord now")
     sync.add_argument("--clear", action="store_true", help="remove this bot's commands instead")
     commands.add_parser("check", help="validate settings, backend, token and data directory")
+    backup = commands.add_parser(
+        "backup", help="copy DATA_DIR/bot.sqlite3 to FILE with SQLite's online backup (safe while running)"
+    )
+    backup.add_argument(
+        "file", type=Path, metavar="FILE", help="where to write the copy (replaced if it exists)"
+    )
     return parser
 
 
@@ -67,6 +92,10 @@ async def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
             from bot.service.check import run_check
 
             return await run_check(settings)
+        if args.command == "backup":
+            from bot.service.backup import run_backup
+
+            return await run_backup(settings, args.file)
         if args.command == "sync":
             from bot.service.app import run_sync
 

@@ -5,11 +5,12 @@ Names are the operators' interface (environment variables, ``.env``): keep them 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BackendName = Literal["horde", "openai", "a1111", "comfyui"]
@@ -85,6 +86,14 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8080, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    # Self-hosting: where /healthz and /metrics listen, and how long job history is kept
+    http_host: str = Field(default="127.0.0.1", description="address /healthz and /metrics listen on")
+    history_retention_days: int = Field(default=90, ge=0, le=36500, description="0 keeps history forever")
+
+    #: Which .env file :func:`load_settings` read (None: none), and where it looked (None: it did not look).
+    _env_file_read: Path | None = PrivateAttr(default=None)
+    _env_file_sought: Path | None = PrivateAttr(default=None)
 
     @field_validator("image_models", mode="before")
     @classmethod
@@ -175,6 +184,18 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s):// or ws(s):// URL")
         return value.rstrip("/")
 
+    @field_validator("http_host", mode="before")
+    @classmethod
+    def _host(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if not value:  # blank: the default, loopback only
+            return "127.0.0.1"
+        if any(ch in value for ch in " /:") and not _is_ipv6(value):
+            raise ValueError("must be an address to listen on, such as 127.0.0.1, 0.0.0.0 or ::")
+        return value
+
     @model_validator(mode="after")
     def _resolve(self) -> Settings:
         if self.backend_concurrency is None:
@@ -202,11 +223,36 @@ class Settings(BaseSettings):
         assert self.backend_concurrency is not None
         return self.backend_concurrency
 
+    @property
+    def env_file_read(self) -> Path | None:
+        return self._env_file_read
+
+    def env_file_note(self) -> str:
+        """One clause for the start-up log and ``check``: which .env was read, or that none was found where."""
+        if self._env_file_read is not None:
+            return f"read {self._env_file_read}"
+        if self._env_file_sought is not None:
+            return f"none found at {self._env_file_sought} (settings come from the environment only)"
+        return "not read (settings come from the environment only)"
+
     def token(self) -> str:
         """The Discord token; raises a clear error when it is missing (only the bot needs it)."""
         if self.discord_token is None or not self.discord_token.get_secret_value().strip():
-            raise SettingsError("DISCORD_TOKEN: required to run the Discord bot (see .env.example)")
+            # Run from another directory, the .env is not found: say where it was looked for.
+            missing = (
+                f"; no .env found at {self._env_file_sought}"
+                if self._env_file_read is None and self._env_file_sought is not None
+                else ""
+            )
+            raise SettingsError(f"DISCORD_TOKEN: required to run the Discord bot (see .env.example){missing}")
         return self.discord_token.get_secret_value().strip()
+
+
+def _is_ipv6(value: str) -> bool:
+    try:
+        return ipaddress.ip_address(value).version == 6
+    except ValueError:
+        return False
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -228,9 +274,15 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env", **overrides:
     Raises :class:`SettingsError` with one line per bad variable, never a traceback's worth.
     """
     kwargs: dict[str, Any] = dict(overrides)
-    if env_file is not None and Path(env_file).is_file():
-        kwargs["_env_file"] = env_file
+    # Relative to the working directory, as pydantic-settings reads it: say so (absolute) rather than silently.
+    sought = None if env_file is None else Path(env_file).absolute()
+    read = sought if sought is not None and sought.is_file() else None
+    if read is not None:
+        kwargs["_env_file"] = read
     try:
-        return Settings(**kwargs)
+        settings = Settings(**kwargs)
     except ValidationError as exc:
         raise SettingsError("; ".join(_describe(e) for e in exc.errors())) from None
+    settings._env_file_read = read
+    settings._env_file_sought = sought
+    return settings

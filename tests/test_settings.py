@@ -12,30 +12,8 @@ import pytest
 from bot.settings import Settings, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_NAMES = [
-    "DISCORD_TOKEN",
-    "DISCORD_API_BASE",
-    "DISCORD_GATEWAY_URL",
-    "DEV_GUILD_ID",
-    "IMAGE_BACKEND",
-    "IMAGE_BACKEND_URL",
-    "IMAGE_BACKEND_API_KEY",
-    "IMAGE_MODEL",
-    "IMAGE_MODELS",
-    "BACKEND_CONCURRENCY",
-    "GUILD_CONCURRENCY",
-    "GUILD_CONCURRENCY_MAX",
-    "USER_MAX_JOBS",
-    "QUEUE_TIMEOUT_S",
-    "JOB_TIMEOUT_S",
-    "SHUTDOWN_GRACE_S",
-    "DATA_DIR",
-    "CACHE_TTL_S",
-    "CACHE_MAX_MB",
-    "HTTP_PORT",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
-]
+#: Every setting, from the Settings class itself: a new one must be documented in .env.example (test below).
+ALL_NAMES = [name.upper() for name in Settings.model_fields]
 
 
 @pytest.fixture(autouse=True)
@@ -193,3 +171,24 @@ def test_blank_values_in_env_file_mean_default(tmp_path: Path) -> None:
     assert settings.backend_concurrency == 4
     assert settings.discord_token is None
     assert settings.dev_guild_id is None
+
+
+def test_http_host_is_loopback_unless_set() -> None:
+    assert load_settings(env_file=None).http_host == "127.0.0.1"
+    assert load_settings(env_file=None, http_host="  ").http_host == "127.0.0.1"
+    assert load_settings(env_file=None, http_host="0.0.0.0").http_host == "0.0.0.0"
+    assert load_settings(env_file=None, http_host="::").http_host == "::"
+    with pytest.raises(SettingsError, match=r"^HTTP_HOST: must be an address to listen on"):
+        load_settings(env_file=None, http_host="http://0.0.0.0:8080")
+
+
+def test_settings_know_which_env_file_they_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().env_file_note() == (
+        f"none found at {tmp_path / '.env'} (settings come from the environment only)"
+    )
+    (tmp_path / ".env").write_text("USER_MAX_JOBS=5\n")
+    settings = load_settings()
+    assert settings.user_max_jobs == 5
+    assert settings.env_file_read == tmp_path / ".env"
+    assert settings.env_file_note() == f"read {tmp_path / '.env'}"

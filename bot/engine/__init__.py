@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from bot.engine.backend import Backend
     from bot.engine.cache import ResultCache
     from bot.engine.manager import JobManager
+    from bot.engine.retention import RetentionTask
     from bot.engine.store import JobStore
     from bot.settings import Settings
 
@@ -29,3 +30,5 @@ class Engine:
     cache: ResultCache
     backend: Backend
     manager: JobManager
+    #: Prunes history past HISTORY_RETENTION_DAYS in the background (started and stopped by open_engine).
+    retention: RetentionTask | None = None

@@ -65,6 +65,15 @@ class Backend(abc.ABC):
         """The model used when a request names none (``None``: the backend decides)."""
         return None
 
+    async def start(self) -> list[str]:
+        """Open what the backend keeps open (ComfyUI's websocket) and check its set-up; returns the problems
+        found (logged by the backend, not fatal: the server may come up later). Called once by the service."""
+        return []
+
+    async def aclose(self) -> None:
+        """Close what :meth:`start` opened; called after the manager stopped using the backend."""
+        return None
+
 
 class ResumableBackend(Backend):
     """A backend whose generations run remotely under an id of their own (AI Horde).

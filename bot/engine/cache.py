@@ -283,6 +283,29 @@ class ResultCache:
             return None
         return await asyncio.to_thread(self._guarded, self._read_images_sync, list(refs))
 
+    async def refs_of(self, keys: Iterable[str]) -> set[str]:
+        """The image refs the entries ``keys`` use (an empty set for unknown keys or a disabled cache)."""
+        keys = [key for key in keys if key]
+        if not keys or not self.enabled:
+            return set()
+        refs = await asyncio.to_thread(self._guarded, self._refs_of_sync, keys)
+        return refs or set()
+
+    async def discard(self, keys: Iterable[str], refs: Iterable[str], *, keep: Iterable[str] = ()) -> int:
+        """Drop the entries ``keys`` and delete the image files of ``refs`` (and of those entries) that neither
+        another entry nor ``keep`` (images a remaining job still lists) uses. Returns how many files went.
+
+        Delete and retention pruning go through here (see :mod:`bot.engine.retention`); the cache's own
+        eviction is by age and size only.
+        """
+        keys = [key for key in keys if key]
+        for key in keys:
+            self._forget(key)
+        if not self.enabled:
+            return 0
+        removed = await asyncio.to_thread(self._guarded, self._discard_sync, keys, set(refs), set(keep))
+        return removed or 0
+
     def stats(self) -> dict[str, int]:
         return {
             "entries": self._disk_entries,
@@ -595,6 +618,27 @@ class ResultCache:
             db.executemany("DELETE FROM blobs WHERE ref = ?", [(ref,) for ref, _ in unreferenced])
         self._unlink_blobs_sync(unreferenced)
         self._refresh_totals_sync()
+
+    def _refs_of_sync(self, keys: list[str]) -> set[str]:
+        db = self._require_db()
+        refs: set[str] = set()
+        for key in keys:
+            refs.update(row[0] for row in db.execute("SELECT ref FROM entry_blobs WHERE key = ?", (key,)))
+        return refs
+
+    def _discard_sync(self, keys: list[str], refs: set[str], keep: set[str]) -> int:
+        """Entries first, then unreferenced blobs (index before files: a crash leaves orphans, not holes)."""
+        with self._transaction() as db:
+            for key in keys:
+                refs.update(row[0] for row in db.execute("SELECT ref FROM entry_blobs WHERE key = ?", (key,)))
+                db.execute("DELETE FROM entry_blobs WHERE key = ?", (key,))
+                db.execute("DELETE FROM entries WHERE key = ?", (key,))
+            # A blob a remaining job lists keeps its row (so /show still finds it) and its file.
+            unreferenced = [(ref, ext) for ref, ext in self._unreferenced_sync(refs) if ref not in keep]
+            db.executemany("DELETE FROM blobs WHERE ref = ?", [(ref,) for ref, _ in unreferenced])
+        self._unlink_blobs_sync(unreferenced)
+        self._refresh_totals_sync()
+        return len(unreferenced)
 
     def _read_images_sync(self, refs: list[str]) -> list[GeneratedImage] | None:
         db = self._require_db()

@@ -475,6 +475,55 @@ class JobStore:
         )
         return {(int(g), int(u)): int(n) for g, u, n in rows if n}
 
+    # -- retention ------------------------------------------------------------------------------------------
+
+    async def referenced_image_refs(self, refs: Iterable[str]) -> set[str]:
+        """Those of ``refs`` (image content hashes) that some job in the store still lists.
+
+        One pass over the table with SQLite's JSON functions (no extra index, no schema change): this runs
+        once per Delete or prune batch, on the store's worker thread.
+        """
+        wanted = sorted(set(refs))
+        found: set[str] = set()
+        if not wanted:
+            return found
+        if len(wanted) <= 8:
+            # A Delete (a few images): a substring test per row is cheap and lets json_each parse only rows
+            # that mention one of them.
+            mentions = " OR ".join("instr(jobs.image_refs, ?) > 0" for _ in wanted)
+            rows = await self._query(
+                "SELECT DISTINCT refs.value FROM jobs, json_each(jobs.image_refs) AS refs "
+                f"WHERE ({mentions}) AND refs.value IN ({', '.join('?' * len(wanted))})",
+                (*wanted, *wanted),
+            )
+            return {str(row[0]) for row in rows}
+        for start in range(0, len(wanted), 500):  # a prune batch: stay well under SQLite's parameter limit
+            chunk = wanted[start : start + 500]
+            rows = await self._query(
+                "SELECT DISTINCT refs.value FROM jobs, json_each(jobs.image_refs) AS refs "
+                f"WHERE jobs.image_refs != '[]' AND refs.value IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            found.update(str(row[0]) for row in rows)
+        return found
+
+    async def prune_finished_before(self, before: float, *, limit: int = 500) -> list[Job]:
+        """Delete up to ``limit`` finished jobs whose ``finished_at`` is before ``before``; return them.
+
+        Oldest first, through the ``finished_at`` index. Queued and running jobs are never pruned.
+        """
+        terminal = [state.value for state in JobState if state.is_terminal]
+        rows = await self._query(
+            f"{_SELECT_JOBS} WHERE finished_at < ? AND state IN ({', '.join('?' * len(terminal))}) "
+            "ORDER BY finished_at LIMIT ?",
+            (before, *terminal, max(1, int(limit))),
+        )
+        if not rows:
+            return []
+        ids = [row[0] for row in rows]
+        await self._query(f"DELETE FROM jobs WHERE id IN ({', '.join('?' * len(ids))})", ids)
+        return [job for row in rows if (job := _job_from_row(row)) is not None]
+
     # -- guild settings and meta ------------------------------------------------------------------------------
 
     async def all_guild_settings(self) -> dict[int, dict[str, Any]]:

@@ -49,7 +49,8 @@ def build_service(engine: Engine, *, serve_http: bool = True, **bot_options: Any
     metrics = Metrics(engine.manager, cache=engine.cache)
     engine.manager.add_listener(metrics.on_job_event)
     bot = ImagineBot(engine, health=health, discord_errors=metrics, **bot_options)
-    web = WebServer(health, metrics, port=engine.settings.http_port) if serve_http else None
+    settings = engine.settings
+    web = WebServer(health, metrics, port=settings.http_port, host=settings.http_host) if serve_http else None
     return Service(engine, bot, health, metrics, web)
 
 
@@ -103,7 +104,23 @@ async def run_bot(settings: Settings) -> int:
         os.close(lock)
 
 
+def log_env_file(settings: Settings) -> None:
+    """Which .env was read: run from another directory, a bot without its .env is otherwise a puzzle.
+    (Logged once the bot starts; a one-line start-up error says it itself, and ``check`` prints it.)"""
+    data_dir = str(settings.data_dir.absolute())  # relative to where it was started, like the .env
+    if settings.env_file_read is not None:
+        log.info(
+            "settings read from .env", extra={"env_file": str(settings.env_file_read), "data_dir": data_dir}
+        )
+    else:
+        log.info(
+            "no .env found; settings from the environment only",
+            extra={"looked_for": str(Path(".env").absolute()), "data_dir": data_dir},
+        )
+
+
 async def _serve(settings: Settings, token: str) -> int:
+    log_env_file(settings)
     point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
     async with open_engine(settings) as engine:
         service = build_service(engine)

@@ -23,6 +23,7 @@ from urllib.parse import urlencode
 import aiohttp
 import discord
 
+from bot import __version__
 from bot.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 DISCORD_API = "https://discord.com/api/v10"
 INVITE_BASE = "https://discord.com/oauth2/authorize"
 #: Discord asks bots to identify themselves this way (``DiscordBot ($url, $version)``).
-USER_AGENT = "DiscordBot (https://github.com/imagine-bot, 0.1) imagine-bot-check"
+USER_AGENT = f"DiscordBot (https://github.com/imagine-bot, {__version__}) imagine-bot-check"
 REQUEST_TIMEOUT_S = 15.0
 MODELS_SHOWN = 5
 
@@ -288,6 +289,7 @@ async def run_check(settings: Settings) -> int:
     """Runs every check (one failing does not stop the others); 0 when all passed, 1 otherwise."""
     report = Report(secrets=_secrets(settings))
     report.ok("settings")
+    report.info(".env", settings.env_file_note())
     from bot.service.runtime import make_session
 
     try:

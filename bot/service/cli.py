@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,11 @@ async def run_imagine(settings: Settings, args: argparse.Namespace) -> int:
     except RequestRejected as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    # Before generating: a result that cannot be written is a backend call (maybe paid) thrown away.
+    problem = await asyncio.to_thread(output_problem, args.out)
+    if problem is not None:
+        print(f"error: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
     from bot.service.runtime import open_engine
 
     async with open_engine(settings) as engine:
@@ -68,12 +74,37 @@ async def run_imagine(settings: Settings, args: argparse.Namespace) -> int:
             return 1
         images = job.result.images
         paths = output_paths(args.out, len(images), images[0].extension)
-        await asyncio.to_thread(_write_all, paths, [image.data for image in images])
+        try:
+            await asyncio.to_thread(_write_all, paths, [image.data for image in images])
+        except OSError as exc:  # the disk filled up, or the directory changed since the check
+            print(f"error: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         source = "cache" if job.result.from_cache else engine.backend.name
         for path, image in zip(paths, images, strict=True):
             seed = f" seed={image.seed}" if image.seed is not None else ""
             print(f"{path} {image.width}x{image.height}{seed} from={source}")
         return 0
+
+
+def output_problem(out: Path) -> str | None:
+    """Why ``out`` cannot be written (one short clause), or None when it can. Blocking: run in a thread.
+
+    The file's directory is created if missing, as writing it would; an existing directory at ``out`` itself,
+    or a parent that cannot be created or written, is a problem.
+    """
+    if out.is_dir():
+        return "is a directory; give a file name"
+    directory = out.parent
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create {directory} ({exc.strerror or exc})"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"cannot write to {directory} (permission denied)"
+    return None
 
 
 def _write_all(paths: list[Path], blobs: list[bytes]) -> None:

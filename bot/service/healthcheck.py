@@ -1,6 +1,7 @@
 """Container health probe: ``python -m bot.service.healthcheck``.
 
-GETs ``http://127.0.0.1:$HTTP_PORT/healthz`` (port 8080 unless set) with a 4 s timeout and exits 0 on HTTP 200,
+GETs ``http://$HTTP_HOST:$HTTP_PORT/healthz`` (port 8080 unless set; loopback when HTTP_HOST is unset or a
+wildcard such as the image's 0.0.0.0) with a 4 s timeout and exits 0 on HTTP 200,
 1 on anything else, with one line on stderr and never a traceback. Standard library only, so the probe stays cheap
 and works even when the bot's own imports are broken.
 """
@@ -26,9 +27,19 @@ def _port() -> int:
     return port
 
 
+def probe_host(host: str) -> str:
+    """Where a local client reaches a server listening on ``host`` (URL form): loopback for the wildcards."""
+    host = host.strip()
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
 def check() -> tuple[bool, str]:
     try:
-        url = f"http://127.0.0.1:{_port()}/healthz"
+        url = f"http://{probe_host(os.environ.get('HTTP_HOST', ''))}:{_port()}/healthz"
     except ValueError as exc:
         return False, f"bad HTTP_PORT: {exc}"
     # No proxies: HTTP(S)_PROXY in the container's environment must not route a loopback probe elsewhere.

@@ -7,14 +7,16 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
+from bot import __version__
 from bot.backends import create_backend
 from bot.engine import Engine
 from bot.engine.cache import ResultCache
 from bot.engine.manager import JobManager
+from bot.engine.retention import RetentionTask
 from bot.engine.store import JobStore
 from bot.settings import Settings
 
-USER_AGENT = "imagine-bot/0.1 (+self-hosted)"
+USER_AGENT = f"imagine-bot/{__version__} (+self-hosted)"
 
 
 def make_session() -> aiohttp.ClientSession:
@@ -28,7 +30,7 @@ def make_session() -> aiohttp.ClientSession:
 
 @contextlib.asynccontextmanager
 async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
-    """Store, cache, HTTP session, backend and manager, opened in order and closed in reverse.
+    """Store, cache, HTTP session, backend, manager and the retention task, opened in order, closed in reverse.
 
     The manager is shut down with no grace here; callers that want a drain call ``shutdown`` first.
     """
@@ -47,19 +49,18 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
                 backend = create_backend(settings, session)
                 # Backends with a connection of their own (ComfyUI's websocket) open it and check their set-up
                 # here, and close it after the manager stopped using them.
-                start = getattr(backend, "start", None)
-                if start is not None:
-                    await start()
+                await backend.start()
                 manager = JobManager.from_settings(settings, backend, store=store, cache=cache)
+                retention = RetentionTask(store, cache, retention_days=settings.history_retention_days)
+                retention.start()
                 try:
-                    yield Engine(settings, session, store, cache, backend, manager)
+                    yield Engine(settings, session, store, cache, backend, manager, retention)
                 finally:
                     try:
+                        await retention.stop()
                         await manager.shutdown(0)
                     finally:
-                        aclose = getattr(backend, "aclose", None)
-                        if aclose is not None:
-                            await aclose()
+                        await backend.aclose()
         finally:
             await cache.close()
     finally:

@@ -1,8 +1,9 @@
 """The bot's own HTTP server (``HTTP_PORT``): ``/healthz`` for the container's probe and ``/metrics`` for Prometheus.
 
-It runs in the bot's event loop, starts last in ``setup_hook`` and stops after the bot has closed, so a probe sees
-503 for the whole drain. ``HTTP_PORT=0`` means "any free port": the bound port is logged and kept in
-:attr:`WebServer.port` (tests use that; a container publishes a fixed port instead).
+It listens on ``HTTP_HOST`` (127.0.0.1 unless set; the Docker image sets 0.0.0.0). It is bound before the bot
+logs in, so a clashing port stops start-up with one line before anything is done at Discord, and it stops after
+the bot has closed, so a probe sees 503 for the whole drain. ``HTTP_PORT=0`` means "any free port": the bound
+port is logged and kept in :attr:`WebServer.port` (tests use that; a container publishes a fixed port instead).
 
 ``/healthz`` answers 200 only when all of these hold, 503 otherwise:
 
@@ -19,13 +20,16 @@ Access logs are off: a probe every few seconds is not news.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from bot.service.healthcheck import probe_host
 from bot.service.metrics import CONTENT_TYPE
 from bot.settings import SettingsError
 
@@ -37,7 +41,9 @@ log = logging.getLogger(__name__)
 
 GATEWAY_GRACE_S = 60.0
 STORE_TIMEOUT_S = 2.0
-DEFAULT_HOST = "0.0.0.0"  # the container's probe uses 127.0.0.1; Prometheus scrapes from outside
+#: HTTP_HOST's default: loopback only. The Docker image sets 0.0.0.0 so the container's probe and a Prometheus
+#: container on the same network reach it; on a host, /metrics is not for the whole network by default.
+DEFAULT_HOST = "127.0.0.1"
 
 
 class Health:
@@ -148,12 +154,14 @@ class WebServer:
         self.requested_port = port
         #: The bound port once started (differs from the requested one when that was 0).
         self.port: int | None = None
+        #: The bound (address, port) once started, as the socket reports it.
+        self.address: tuple[str, int] | None = None
         self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
         assert self.port is not None, "the web server is not running"
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{probe_host(self.host)}:{self.port}"
 
     def make_app(self) -> web.Application:
         app = web.Application()
@@ -171,12 +179,21 @@ class WebServer:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            # A clear one-line error (exit status 2 from main) instead of a traceback from setup_hook.
+            # A clear one-line error (exit status 2 from main) instead of a traceback, naming the setting to fix.
+            # asyncio rewords bind errors ("error while attempting to bind on address ..."): say it plainly.
+            reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else (exc.strerror or str(exc))
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise SettingsError(
+                    f"HTTP_PORT: cannot listen on {self.host}:{self.requested_port} ({reason}); choose a free "
+                    "port, or HTTP_PORT=0 for any free one"
+                ) from None
             raise SettingsError(
-                f"HTTP_PORT: cannot listen on {self.host}:{self.requested_port} ({exc.strerror or exc})"
+                f"HTTP_HOST: cannot listen on {self.host}:{self.requested_port} ({reason}); use an address "
+                "of this machine, 127.0.0.1 or 0.0.0.0"
             ) from None
         self._runner = runner
-        self.port = runner.addresses[0][1]
+        self.address = (str(runner.addresses[0][0]), int(runner.addresses[0][1]))
+        self.port = self.address[1]
         log.info("http server listening", extra={"host": self.host, "port": self.port})
 
     async def stop(self) -> None:

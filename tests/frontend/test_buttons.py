@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from tests.fakes.discord import ADMINISTRATOR, DEFAULT_MEMBER_PERMISSIONS
+from bot.engine.models import Job, JobState
+from tests.conftest import TOKEN
+from tests.fakes.discord import ADMINISTRATOR, DEFAULT_MEMBER_PERMISSIONS, FakeDiscord
 from tests.frontend.conftest import embed_author, image_attachments, is_done, running_bot
 
 MANAGE_GUILD = 1 << 5
@@ -176,3 +178,71 @@ def test_a_late_press_says_what_became_of_the_job() -> None:
     assert _already_over(job) == "That job was already cancelled."
     job.state = JobState.SUCCEEDED
     assert _already_over(job) == "That job has already finished."
+
+
+async def test_delete_means_gone_even_from_the_cache(fake_openai, tmp_path) -> None:
+    """Issue 8 defect 10: a deleted result was served "from cache" to the same prompt in another server."""
+    async with FakeDiscord(token=TOKEN) as fake:
+        guild_a, guild_b, guild_c = (
+            fake.add_guild(name="A"),
+            fake.add_guild(name="B"),
+            fake.add_guild(name="C"),
+        )
+        async with running_bot(fake, tmp_path, backend_url=fake_openai.url, guild=guild_a) as h:
+            store = h.bot.engine.store
+            owner = fake.add_member(guild_a.id)
+            member_b, member_c = fake.add_member(guild_b.id), fake.add_member(guild_c.id)
+            message = await (await h.imagine(owner.id, "a secret garden")).wait_until(is_done)
+            # C asks the same before the delete: served from the cache, one generation so far.
+            await (await h.imagine(member_c.id, "a secret garden", guild=guild_c)).wait_until(is_done)
+            assert fake_openai.state.generations == 1
+            (deleted,) = await store.list_jobs(guild_id=int(guild_a.id))
+            (kept,) = await store.list_jobs(guild_id=int(guild_c.id))
+            assert kept.from_cache and kept.image_refs == deleted.image_refs
+            files = [p for p in (tmp_path / "cache" / "blobs").rglob("*") if p.is_file()]
+            assert len(files) == 1
+
+            press = await fake.click_button(message, fake.find_component(message, label="Delete"), owner.id)
+            await press.wait_for_callback()
+            await wait_for(lambda: message.deleted)
+
+            async def scrubbed() -> Job | None:
+                job = await store.get_job(deleted.id)
+                return job if job is not None and not job.request.prompt else None
+
+            async with asyncio.timeout(10):
+                while (row := await scrubbed()) is None:
+                    await asyncio.sleep(0.02)
+            # The row keeps only what today's quota reads; the prompt, ids and image refs are gone.
+            assert (row.guild_id, row.user_id, row.state, row.seeds, row.from_cache) == (
+                deleted.guild_id,
+                deleted.user_id,
+                JobState.SUCCEEDED,
+                deleted.seeds,
+                False,
+            )
+            assert (row.image_refs, row.cache_key, row.message_ref, row.channel_id) == ([], None, None, None)
+            # C's job still lists the image, so the file stays for C's /show.
+            assert [p for p in files if p.exists()] == files
+
+            # The same prompt from another server is generated afresh, not served the deleted image.
+            await (await h.imagine(member_b.id, "a secret garden", guild=guild_b)).wait_until(is_done)
+            assert fake_openai.state.generations == 2
+            (fresh,) = await store.list_jobs(guild_id=int(guild_b.id))
+            assert not fresh.from_cache
+
+
+async def test_deleting_the_only_job_with_an_image_unlinks_its_file(
+    fake_discord, fake_openai, tmp_path
+) -> None:
+    async with running_bot(fake_discord, tmp_path, backend_url=fake_openai.url) as h:
+        owner = fake_discord.add_member(h.guild.id)
+        message = await (await h.imagine(owner.id, "only mine")).wait_until(is_done)
+        blobs = tmp_path / "cache" / "blobs"
+        assert [p for p in blobs.rglob("*") if p.is_file()]
+        press = await fake_discord.click_button(
+            message, fake_discord.find_component(message, label="Delete"), owner.id
+        )
+        await press.wait_for_callback()
+        await wait_for(lambda: not [p for p in blobs.rglob("*") if p.is_file()])
+        assert h.bot.engine.cache.stats()["entries"] == 0

@@ -473,14 +473,14 @@ async def test_delete_pressed_twice_is_quiet_and_the_images_stay_deleted(
             await asyncio.sleep(0.3)
         crashes = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert not crashes, [r.getMessage() for r in crashes]
-        # The job is still known, but what its owner deleted is not posted again: /show says so, privately.
+        # The job is still known, but what its owner deleted is gone: /show says so, privately.
         job_id = message.embeds[0]["footer"]["text"].removeprefix("Job ")
         shown = await fake_discord.invoke_command(
             h.guild.id, h.channel_id, owner.id, "show", {"job_id": job_id}
         )
         callback = await shown.wait_for_callback()
         assert callback.ephemeral
-        assert "no longer kept" in callback.data["content"]
+        assert callback.data["content"] == f"Job `{job_id}` was deleted; its prompt and images are gone."
         assert not [m for m in shown.messages() if image_attachments(m)]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import time
 
@@ -204,3 +205,57 @@ async def test_an_unwritable_data_dir_stops_start_up_with_one_line(tmp_path) -> 
     lines = out.decode().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: DATA_DIR: cannot write to {data_dir}"), lines
     assert fake.identify_count == 0
+
+
+async def test_a_clashing_http_port_stops_start_up_before_any_discord_call(tmp_path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        async with FakeDiscord(token=TOKEN) as fake, FakeOpenAI() as backend:
+            fake.add_guild(name="G")
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bot",
+                cwd=str(tmp_path),
+                env=bot_env(
+                    fake, tmp_path, image_backend="openai", image_backend_url=backend.url, http_port=port
+                ),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            async with asyncio.timeout(30):
+                out, _ = await proc.communicate()
+            assert proc.returncode == 2
+            text = out.decode()
+            assert "Traceback" not in text, text
+            errors = [line for line in text.splitlines() if line.startswith("error:") or " ERROR " in line]
+            assert errors == [
+                f"error: HTTP_PORT: cannot listen on 127.0.0.1:{port} (Address already in use); choose a free "
+                "port, or HTTP_PORT=0 for any free one"
+            ], text
+            # Not logged in, no commands synced, no gateway: Discord heard nothing at all.
+            assert fake.requests == []
+            assert fake.identify_count == 0
+
+
+async def test_start_up_logs_which_env_file_was_read(tmp_path) -> None:
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    (here / ".env").write_text("USER_MAX_JOBS=4\n")
+    async with FakeDiscord(token=TOKEN) as fake, FakeOpenAI() as backend:
+        fake.add_guild(name="G")
+        settings = {"image_backend": "openai", "image_backend_url": backend.url}
+        async with bot_process(fake, here, **settings) as bot:
+            assert await bot.terminate() == 0
+        assert (
+            f"INFO bot.service.app settings read from .env env_file={here / '.env'} data_dir={here}"
+        ) in bot.text
+        async with bot_process(fake, elsewhere, **settings) as bot:
+            assert await bot.terminate() == 0
+        assert (
+            "INFO bot.service.app no .env found; settings from the environment only "
+            f"looked_for={elsewhere / '.env'}"
+        ) in bot.text

@@ -172,3 +172,35 @@ async def test_a_failing_command_answers_with_a_sentence_not_endless_thinking(
         ephemeral, text = await answer(inter, timeout=5)
         assert ephemeral and text == "Something went wrong on the bot's side; try again in a moment."
         assert "Traceback" not in text and "store" not in text
+
+
+async def test_history_says_how_long_jobs_are_kept_and_which_were_deleted(
+    fake_discord, fake_openai, tmp_path
+) -> None:
+    async with running_bot(
+        fake_discord, tmp_path, backend_url=fake_openai.url, history_retention_days=30
+    ) as h:
+        me = fake_discord.add_member(h.guild.id)
+
+        async def history() -> str:
+            inter = await fake_discord.invoke_command(h.guild.id, h.channel_id, me.id, "history")
+            ephemeral, text = await answer(inter)
+            assert ephemeral
+            return text
+
+        assert "Jobs are kept for 30 days" in await history()  # said even before there is any
+        message = await (await h.imagine(me.id, "a private sketch")).wait_until(is_done, timeout=10)
+        (job,) = await h.bot.engine.store.list_jobs(guild_id=int(h.guild.id))
+        text = await history()
+        assert "a private sketch" in text and text.splitlines()[-1].startswith("Jobs are kept for 30 days")
+        press = await fake_discord.click_button(
+            message, fake_discord.find_component(message, label="Delete"), me.id
+        )
+        await press.wait_for_callback()
+        async with asyncio.timeout(10):
+            while "*deleted*" not in (text := await history()):
+                await asyncio.sleep(0.05)
+        assert job.id in text and "a private sketch" not in text
+        inter = await fake_discord.invoke_command(h.guild.id, h.channel_id, me.id, "show", {"job_id": job.id})
+        ephemeral, text = await answer(inter)
+        assert ephemeral and text == f"Job `{job.id}` was deleted; its prompt and images are gone."

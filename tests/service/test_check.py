@@ -140,3 +140,19 @@ def test_permissions_are_exactly_what_the_bot_needs() -> None:
         f"&permissions={PERMISSIONS}"
     )
     assert discord.Permissions(PERMISSIONS) == perms
+
+
+async def test_check_says_which_env_file_it_read(fake_openai, tmp_path) -> None:
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    (here / ".env").write_text(f"IMAGE_BACKEND=openai\nIMAGE_BACKEND_URL={fake_openai.url}\n")
+    settings = {"data_dir": tmp_path / "data"}
+    _, out, _ = await run_cli(here, **settings)
+    assert f".env: read {here / '.env'}" in out.splitlines()
+    assert "backend: ok" in out  # the backend settings did come from that file
+    _, out, _ = await run_cli(elsewhere, **settings)
+    assert (
+        f".env: none found at {elsewhere / '.env'} (settings come from the environment only)"
+        in out.splitlines()
+    )

@@ -119,3 +119,23 @@ async def test_a_corrupt_database_stops_start_up_with_one_line(tmp_path: Path) -
     moved = [p.name for p in data.iterdir() if p.name.startswith("bot.sqlite3.corrupt-")]
     assert len(moved) == 1  # renamed aside, never deleted
     assert (data / moved[0]).read_bytes() == b"this is not a database" * 100
+
+
+async def test_an_unwritable_out_path_is_refused_before_generating(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where a directory would have to be")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    targets = [blocker / "x.png", tmp_path]  # under a file; a directory itself
+    if os.geteuid() != 0:  # root writes anywhere: that case only says something for ordinary users
+        targets.append(read_only / "x.png")
+    async with FakeA1111() as backend:
+        for target in targets:
+            status, out, err = await run_cli(tmp_path, backend.url, "a lighthouse", "--out", str(target))
+            assert status == 2, (target, err)
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"error: --out {target}: "), err
+            assert out == ""
+        # Checked before generating: nothing was spent at the backend.
+        assert backend.state.txt2img_calls == 0

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,6 +16,7 @@ from bot.frontend.client import point_discord_at
 from bot.service.app import build_service
 from bot.service.runtime import open_engine
 from bot.service.web import Health, WebServer
+from bot.settings import SettingsError
 from tests.frontend.conftest import TOKEN, bot_settings, is_done, running_bot
 
 
@@ -254,3 +256,48 @@ async def test_healthz_is_503_when_the_store_does_not_answer(
 
         monkeypatch.undo()
         assert (await get_health(http, h.service.web))[0] == 200  # the real ping answers again
+
+
+async def test_http_host_defaults_to_loopback_and_is_configurable(
+    fake_discord, fake_openai, tmp_path
+) -> None:
+    async with running_bot(fake_discord, tmp_path / "a", backend_url=fake_openai.url) as harness:
+        web = harness.service.web
+        assert web is not None and web.address == ("127.0.0.1", web.port)
+    async with running_bot(
+        fake_discord, tmp_path / "b", backend_url=fake_openai.url, http_host="0.0.0.0"
+    ) as harness:
+        web = harness.service.web
+        assert web is not None and web.address == ("0.0.0.0", web.port)
+        async with aiohttp.ClientSession() as http, http.get(f"{web.url}/healthz") as response:
+            assert response.status in (200, 503)
+
+
+async def test_an_address_not_of_this_machine_is_one_line_naming_http_host() -> None:
+    server = WebServer(Health(), port=0, host="192.0.2.1")  # TEST-NET-1: never a local address
+    with pytest.raises(SettingsError) as caught:
+        await server.start()
+    assert str(caught.value).startswith("HTTP_HOST: cannot listen on 192.0.2.1:0 (")
+
+
+def test_the_health_probe_follows_http_host(monkeypatch) -> None:
+    from bot.service.healthcheck import probe_host
+
+    assert probe_host("") == probe_host("0.0.0.0") == "127.0.0.1"
+    assert probe_host("::") == "[::1]"
+    assert probe_host("10.1.2.3") == "10.1.2.3"
+
+
+def test_the_image_and_compose_listen_on_every_interface_of_the_container() -> None:
+    """HTTP_HOST's default is loopback; inside a container the probe and a Prometheus container need more."""
+    root = Path(__file__).resolve().parents[2]
+    dockerfile = root / "Dockerfile"
+    env_lines = [line.strip() for line in dockerfile.read_text().splitlines()]
+    assert "HTTP_HOST=0.0.0.0" in env_lines
+    assert "      HTTP_HOST: 0.0.0.0" in (root / "docker-compose.yml").read_text().splitlines()
+    # .env.example must not override the image's value with loopback (env files win over image ENV).
+    assert "HTTP_HOST=" not in [
+        line.split("=")[0] + "="
+        for line in (root / ".env.example").read_text().splitlines()
+        if line[:1] != "#"
+    ]

@@ -21,6 +21,7 @@ from discord.ext import commands
 from bot.engine.errors import RequestRejected
 from bot.engine.manager import random_seed
 from bot.engine.models import MAX_NEGATIVE_CHARS, MAX_PROMPT_CHARS, MAX_SEED, ImageRequest, Job, JobState
+from bot.engine.retention import delete_job, is_deleted
 from bot.frontend.interactions import (
     JOB_ID_RE,
     channel_is_nsfw,
@@ -254,10 +255,11 @@ class ImagineCog(commands.Cog, name="Imagine"):
         # A second press (or another manager) may have deleted it first: what was asked is done either way.
         with contextlib.suppress(discord.NotFound):
             await interaction.delete_original_response()
-        if job.image_refs:  # deleted means deleted: /show must not post it again
-            job.image_refs = []
-            job.result = None
-            await self.bot.engine.store.save_job(job)
+        # Deleted means gone: the prompt, the images (unless another job still shows them) and the cache
+        # entry, so /show cannot post it again and nobody is served it "from cache".
+        if job.state.is_terminal and not is_deleted(job):
+            engine = self.bot.engine
+            await delete_job(engine.store, engine.cache, job)
         log.info("result deleted", extra={"job": job.id, "by": interaction.user.id})
 
 

@@ -1,5 +1,8 @@
 """Member commands: ``/quota`` (what is left today), ``/history`` (your last jobs here), ``/show`` (re-post a result).
 
+``/history`` ends with how long jobs are kept (``HISTORY_RETENTION_DAYS``, see :mod:`bot.engine.retention`) and
+shows a deleted job as *deleted*; ``/show`` of a deleted job says so.
+
 Everything is scoped to the guild the command runs in: a job of another guild is "not found". ``/show`` re-posts
 from the result cache, and never shows a result made where NSFW output was allowed in a channel that is not
 age-restricted.
@@ -17,6 +20,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.engine.models import Job, JobState
+from bot.engine.retention import is_deleted
 from bot.frontend.interactions import JOB_ID_RE, NO_MENTIONS, age, channel_is_nsfw, reply
 from bot.frontend.messenger import DEFAULT_UPLOAD_LIMIT, prepare_uploads
 from bot.frontend.render import escape, excerpt, job_embed
@@ -27,6 +31,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 10
+
+
+def retention_sentence(days: int) -> str:
+    """How long /history keeps jobs, in a member's words (HISTORY_RETENTION_DAYS; 0 keeps them forever)."""
+    if days <= 0:
+        return "Jobs are kept until you delete them (the Delete button on a result)."
+    span = "1 day" if days == 1 else f"{days} days"
+    return f"Jobs are kept for {span}, then deleted with their images; Delete on a result removes it sooner."
 
 
 class UserCog(commands.Cog, name="User"):
@@ -65,18 +77,19 @@ class UserCog(commands.Cog, name="User"):
         assert guild_id is not None
         await interaction.response.defer(ephemeral=True, thinking=True)
         jobs = await self.store.list_jobs(guild_id=guild_id, user_id=interaction.user.id, limit=HISTORY_LIMIT)
+        kept = retention_sentence(self.bot.engine.settings.history_retention_days)
         if not jobs:
-            await reply(interaction, "You have no image jobs in this server yet.")
+            await reply(interaction, f"You have no image jobs in this server yet. {kept}")
             return
         now = time.time()
         lines = ["**Your last jobs here** (use `/show job_id` to see a result again)"]
         for stored in jobs:
             job = self.manager.get(stored.id) or stored
-            lines.append(
-                f"`{job.id}` · {job.state.value} · {age(now - job.created_at)} ago · "
-                f"{escape(excerpt(job.request.prompt, 60))}"
-            )
-        await reply(interaction, "\n".join(lines)[:1990])
+            what = "*deleted*" if is_deleted(job) else escape(excerpt(job.request.prompt, 60))
+            lines.append(f"`{job.id}` · {job.state.value} · {age(now - job.created_at)} ago · {what}")
+        # The retention sentence goes last and always fits: the list is what gets cut.
+        text = "\n".join(lines)[: 1990 - len(kept) - 1]
+        await reply(interaction, f"{text}\n{kept}")
 
     # -- /show ----------------------------------------------------------------------------------------------
     @app_commands.command(name="show", description="Post a past result of this server again")
@@ -89,6 +102,9 @@ class UserCog(commands.Cog, name="User"):
             job = self.manager.get(job_id) or await self.store.get_job(job_id)
         if job is None or job.guild_id != interaction.guild_id:
             await reply(interaction, f"No job `{escape(job_id[:20])}` in this server.")
+            return
+        if is_deleted(job):
+            await reply(interaction, f"Job `{job.id}` was deleted; its prompt and images are gone.")
             return
         if job.state is not JobState.SUCCEEDED:
             await reply(interaction, f"Job `{job.id}` has no images ({job.state.value.replace('_', ' ')}).")
