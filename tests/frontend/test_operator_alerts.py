@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 
 import pytest
 
@@ -134,3 +135,35 @@ async def test_a_team_owner_with_closed_dms_is_tried_and_logged_once(
     closed = [r for r in caplog.records if "cannot DM the bot owner" in r.getMessage()]
     assert len(closed) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("outage", ["unreachable", "http 500"])
+async def test_an_outage_is_a_warning_at_log_level_warning(tmp_path, outage: str) -> None:
+    async with FakeDiscord(token=TOKEN) as fake, FakeOpenAI() as backend:
+        if outage == "unreachable":
+            url = f"http://127.0.0.1:{closed_port()}/v1"
+        else:
+            url = backend.url
+            backend.configure(fail_next=[(500, {"error": {"message": "boom", "type": "server_error"}})])
+        guild = fake.add_guild(name="G")
+        async with bot_process(
+            fake, tmp_path, image_backend="openai", image_backend_url=url, log_level="WARNING"
+        ) as bot:
+            user = fake.add_member(guild.id)
+            inter = await fake.invoke_command(
+                guild.id, guild.channels[0].id, user.id, "imagine", {"prompt": "x"}
+            )
+            await inter.wait_until(finished, timeout=20)
+            assert await bot.terminate() == 0
+    lines = [line for line in bot.output if "image backend problem" in line]
+    assert len(lines) == 1, bot.text
+    assert " WARNING " in lines[0] and "reason=unavailable" in lines[0] and "jobs=1" in lines[0]
+    expected = "cannot connect to http://127.0.0.1:" if outage == "unreachable" else "HTTP 500"
+    assert expected in lines[0], lines[0]
+    assert_clean(bot.text)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
