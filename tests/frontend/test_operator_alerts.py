@@ -6,9 +6,11 @@ outage must leave a line), and in process for what members read and what the own
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
+import sys
 
 import pytest
 
@@ -17,7 +19,7 @@ from tests.fakes.a1111 import FakeA1111
 from tests.fakes.discord import FakeDiscord, FakeInteraction
 from tests.fakes.openai_api import FakeOpenAI
 from tests.frontend.conftest import TOKEN, embed_author, running_bot
-from tests.frontend.process import assert_clean, bot_process
+from tests.frontend.process import assert_clean, bot_env, bot_process
 
 #: Words of operator advice: setting names and server flags a member can do nothing with.
 ADVICE_WORDS = ("IMAGE_BACKEND", "--api", "user:password", "check the", "DATA_DIR", ".env")
@@ -167,3 +169,24 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+async def test_check_gives_the_operator_the_advice(tmp_path) -> None:
+    async with FakeDiscord(token=TOKEN) as fake, FakeA1111(require_auth="alice:right") as backend:
+        env = bot_env(
+            fake,
+            tmp_path,
+            image_backend="a1111",
+            image_backend_url=backend.url,
+            image_backend_api_key="alice:wrong",
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "check", cwd=str(tmp_path), env=env, stdout=asyncio.subprocess.PIPE
+        )
+        async with asyncio.timeout(60):
+            out, _ = await proc.communicate()
+    assert proc.returncode == 1
+    lines = out.decode().splitlines()
+    backend_line = next(line for line in lines if line.startswith("backend: problem:"))
+    assert "set IMAGE_BACKEND_API_KEY to user:password as given to --api-auth" in backend_line
+    assert "alice:wrong" not in out.decode()

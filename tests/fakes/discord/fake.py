@@ -376,6 +376,8 @@ class FakeDiscord:
             "pending_injections": self.pending_injections,
             "clock_offset": self.clock.offset,
             "guilds": [g.summary() for g in self.guilds.values()],
+            "owner_id": (self.team_owner or self.app_owner).id,
+            "dms": {uid: len(self.dms_to(uid)) for uid in self.dm_channels},
         }
 
     # ------------------------------------------------------------------ REST: injection
