@@ -19,7 +19,7 @@ import aiohttp
 
 from bot.backends import http
 from bot.engine.backend import Backend, Capabilities, ProgressCallback, _noop_progress
-from bot.engine.errors import FailureReason, GenerationError
+from bot.engine.errors import NOT_SET_UP, FailureReason, GenerationError
 from bot.engine.images import verify_image
 from bot.engine.models import GeneratedImage, ImageRequest, Progress
 from bot.settings import SettingsError
@@ -54,14 +54,16 @@ def map_error(reply: http.HttpReply, *, endpoint: str = "txt2img") -> Generation
     if status in (401, 403):
         return GenerationError(
             FailureReason.AUTH,
-            "Stable Diffusion WebUI refused the credentials; set IMAGE_BACKEND_API_KEY to user:password "
-            "as given to --api-auth.",
+            NOT_SET_UP,
+            advice="Stable Diffusion WebUI refused the credentials; set IMAGE_BACKEND_API_KEY to "
+            "user:password as given to --api-auth.",
         )
     if status == 404:
         return GenerationError(
             FailureReason.UNAVAILABLE,
-            f"Stable Diffusion WebUI has no {endpoint} endpoint here: API not enabled, start with --api "
-            "(or check IMAGE_BACKEND_URL).",
+            NOT_SET_UP,
+            advice=f"Stable Diffusion WebUI has no {endpoint} endpoint here: API not enabled, start it with "
+            "--api (or check IMAGE_BACKEND_URL).",
         )
     if status == 422 or status == 400:
         return GenerationError(
@@ -71,7 +73,8 @@ def map_error(reply: http.HttpReply, *, endpoint: str = "txt2img") -> Generation
         return GenerationError(
             FailureReason.RATE_LIMITED, "Stable Diffusion WebUI is rate limiting requests."
         )
-    return GenerationError(FailureReason.UNAVAILABLE, f"Stable Diffusion WebUI failed (HTTP {status}){said}")
+    failed = f"Stable Diffusion WebUI failed (HTTP {status}){said}"
+    return GenerationError(FailureReason.UNAVAILABLE, failed, advice=f"{failed} (see its console)")
 
 
 def basic_auth_headers(value: str | None) -> dict[str, str]:

@@ -25,7 +25,7 @@ from bot.engine.backend import (
     SubmittedCallback,
     _noop_progress,
 )
-from bot.engine.errors import FailureReason, GenerationError
+from bot.engine.errors import NOT_SET_UP, FailureReason, GenerationError
 from bot.engine.images import verify_image
 from bot.engine.models import GeneratedImage, ImageRequest, Progress
 
@@ -58,8 +58,10 @@ def map_error(reply: http.HttpReply, *, stage: str = "submit") -> GenerationErro
     if rc == "KudosUpfront" or (status == 403 and "kudos" in message.lower()):
         return GenerationError(
             FailureReason.QUOTA,
-            "AI Horde wants kudos up front for this request. Anonymous users must pick a smaller size "
-            "(at most 768 px a side) or fewer steps; or set IMAGE_BACKEND_API_KEY to a Horde API key.",
+            "AI Horde wants kudos up front for this request: pick a smaller size (at most 768 px a side) "
+            "or fewer steps.",
+            advice="AI Horde wants kudos up front for large requests from anonymous users; set "
+            "IMAGE_BACKEND_API_KEY to a Horde API key with kudos.",
         )
     if rc == "CorruptPrompt":
         return GenerationError(FailureReason.CONTENT_REFUSED, f"AI Horde refused this prompt{said}")
@@ -67,7 +69,9 @@ def map_error(reply: http.HttpReply, *, stage: str = "submit") -> GenerationErro
         return GenerationError(FailureReason.NO_WORKERS, f"No AI Horde worker can serve this request{said}")
     if status in (401, 403):
         return GenerationError(
-            FailureReason.AUTH, "AI Horde refused the API key; check IMAGE_BACKEND_API_KEY."
+            FailureReason.AUTH,
+            NOT_SET_UP,
+            advice="AI Horde refused the API key; check IMAGE_BACKEND_API_KEY.",
         )
     if status == 429:
         return GenerationError(FailureReason.RATE_LIMITED, f"AI Horde is rate limiting us{said}")
@@ -77,11 +81,14 @@ def map_error(reply: http.HttpReply, *, stage: str = "submit") -> GenerationErro
                 FailureReason.UNAVAILABLE, "The AI Horde request expired or was removed before it finished."
             )
         return GenerationError(
-            FailureReason.UNAVAILABLE, "No AI Horde API at this address; check IMAGE_BACKEND_URL."
+            FailureReason.UNAVAILABLE,
+            NOT_SET_UP,
+            advice="No AI Horde API at this address; check IMAGE_BACKEND_URL.",
         )
     if status in (400, 422):
         return GenerationError(FailureReason.BAD_REQUEST, f"AI Horde rejected the request{said}")
-    return GenerationError(FailureReason.UNAVAILABLE, f"AI Horde is unavailable (HTTP {status}){said}")
+    failed = f"AI Horde is unavailable (HTTP {status}){said}"
+    return GenerationError(FailureReason.UNAVAILABLE, failed, advice=f"{failed} (see https://aihorde.net)")
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from bot.engine.backend import ProgressCallback
-from bot.engine.errors import FailureReason, GenerationError
+from bot.engine.errors import SERVICE_DOWN, FailureReason, GenerationError
 from bot.engine.models import Progress
 
 log = logging.getLogger(__name__)
@@ -269,13 +269,19 @@ async def request(
             reply = await _send(session, method, url, max_bytes=max_bytes, **kwargs)
         except aiohttp.ClientConnectorCertificateError:
             raise GenerationError(
-                FailureReason.UNAVAILABLE, f"{what}: the server's TLS certificate was not accepted."
+                FailureReason.UNAVAILABLE,
+                SERVICE_DOWN,
+                advice=f"{what}: the TLS certificate of {safe_url(url)} was not accepted; check "
+                "IMAGE_BACKEND_URL (and the server's certificate).",
             ) from None
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             # The connection never came up, so nothing was sent: always safe to try again.
             log.info("%s: cannot connect to %s (%s)", what, safe_url(url), type(exc).__name__)
             failure = GenerationError(
-                FailureReason.UNAVAILABLE, f"{what}: could not connect to the image backend."
+                FailureReason.UNAVAILABLE,
+                f"{what}: could not connect to the image backend.",
+                advice=f"{what}: cannot connect to {safe_url(url)} ({type(exc).__name__}); check that the "
+                "image backend is running and IMAGE_BACKEND_URL points at it.",
             )
             can_retry = True
         except TimeoutError:
@@ -301,7 +307,12 @@ async def request(
                 return reply
             mapped = map_error(reply)
             retry_after = parse_retry_after(reply.headers)
-            failure = GenerationError(mapped.reason, scrub(mapped.message, secrets), retry_after=retry_after)
+            failure = GenerationError(
+                mapped.reason,
+                scrub(mapped.message, secrets),
+                advice=scrub(mapped.advice, secrets) if mapped.advice else None,
+                retry_after=retry_after,
+            )
             transient = reply.status in RETRY_STATUSES and not (creates_work and reply.status == 504)
             can_retry = transient or failure.reason is FailureReason.RATE_LIMITED
             log.info("%s: HTTP %d (%s)", what, reply.status, failure.reason.value)

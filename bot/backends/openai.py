@@ -24,7 +24,7 @@ import aiohttp
 
 from bot.backends import http
 from bot.engine.backend import Backend, Capabilities, ProgressCallback, _noop_progress
-from bot.engine.errors import FailureReason, GenerationError
+from bot.engine.errors import NOT_SET_UP, FailureReason, GenerationError
 from bot.engine.images import verify_image
 from bot.engine.models import MAX_SEED, GeneratedImage, ImageRequest
 
@@ -67,11 +67,15 @@ def map_error(reply: http.HttpReply) -> GenerationError:
     if code == "insufficient_quota" or kind == "insufficient_quota":
         return GenerationError(
             FailureReason.QUOTA,
-            "The image service account is out of credit (insufficient quota); ask the bot owner.",
+            "The image service account is out of credit; the bot owner has been told.",
+            advice="The image service account behind IMAGE_BACKEND_API_KEY is out of credit "
+            "(insufficient_quota): add credit or use another key.",
         )
     if status in (401, 403):
         return GenerationError(
-            FailureReason.AUTH, "The image service refused the API key; check IMAGE_BACKEND_API_KEY."
+            FailureReason.AUTH,
+            NOT_SET_UP,
+            advice="The image service refused the API key; check IMAGE_BACKEND_API_KEY.",
         )
     if status == 429:
         return GenerationError(
@@ -89,7 +93,8 @@ def map_error(reply: http.HttpReply) -> GenerationError:
         )
     if status in (400, 409, 413, 422):
         return GenerationError(FailureReason.BAD_REQUEST, f"The image service rejected the request{said}")
-    return GenerationError(FailureReason.UNAVAILABLE, f"The image service failed (HTTP {status}){said}")
+    failed = f"The image service failed (HTTP {status}){said}"
+    return GenerationError(FailureReason.UNAVAILABLE, failed, advice=f"{failed} (see the service's own log)")
 
 
 def refuses_n(reply: http.HttpReply) -> bool:

@@ -1,4 +1,5 @@
-"""Errors the engine speaks in: each carries a bounded ``reason`` (for metrics) and a message a user can read."""
+"""Errors the engine speaks in: each carries a bounded ``reason`` (for metrics), a message a user can read and,
+for failures the operator must fix, separate ``advice`` that only the operator sees."""
 
 from __future__ import annotations
 
@@ -22,17 +23,41 @@ class FailureReason(StrEnum):
     INTERNAL = "internal"  # a bug on our side; logged with a traceback, shown to users as a plain sentence
 
 
-class GenerationError(Exception):
-    """A generation failed for a reason a user can be told about."""
+#: What members read when the failure is the operator's to fix (they cannot act on setting names).
+NOT_SET_UP = "The image service is not set up correctly; the bot owner has been told."
+#: What members read when the image service is down or unreachable: not their fault, and it may pass.
+SERVICE_DOWN = "The image service is not answering right now; the bot owner has been told. Try again later."
 
-    def __init__(self, reason: FailureReason, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
+
+class GenerationError(Exception):
+    """A generation failed for a reason a user can be told about.
+
+    ``message`` is for the member who asked, in their words; it never names settings or command-line flags.
+    ``advice`` is for the operator (log, ``check``, the owner's DM): what is wrong with the set-up and what to
+    change. A failure with advice is one an operator must act on (bad key, no credit, wrong URL, backend down
+    or unreachable); one without (a refused prompt, a worker failing once, a timeout) is the job's own end.
+    """
+
+    def __init__(
+        self,
+        reason: FailureReason,
+        message: str,
+        *,
+        advice: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(advice or message)
         self.reason = reason
         self.message = message
+        self.advice = advice
         self.retry_after = retry_after
 
+    @property
+    def needs_operator(self) -> bool:
+        return self.advice is not None
+
     def __repr__(self) -> str:
-        return f"GenerationError({self.reason.value!r}, {self.message!r})"
+        return f"GenerationError({self.reason.value!r}, {self.message!r}, advice={self.advice!r})"
 
 
 class RequestRejected(Exception):

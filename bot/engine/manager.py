@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from bot.engine.alerts import OperatorAlerts
 from bot.engine.backend import Backend, ResumableBackend
 from bot.engine.cache import cache_key
 from bot.engine.errors import FailureReason, GenerationError, RequestRejected, ShuttingDown
@@ -174,6 +175,8 @@ class JobManager:
         self._no_submits = asyncio.Event()
         self._no_submits.set()
         self.completed = Counter[JobState]()
+        #: Failures the operator must fix: WARNING lines and owner notifications, rate-limited.
+        self.alerts = OperatorAlerts(clock=clock)
 
     @classmethod
     def from_settings(
@@ -466,6 +469,7 @@ class JobManager:
         if self._position_flush is not None:
             self._position_flush.cancel()
             self._position_flush = None
+        await self.alerts.close()
         log.info("job manager stopped")
 
     async def _wait_for_submits(self, limit_s: float = 5.0) -> None:
@@ -511,6 +515,7 @@ class JobManager:
                 )
             except GenerationError as exc:
                 self._leave(tracked)
+                self.alerts.report(exc)
                 state = JobState.TIMED_OUT if exc.reason is FailureReason.TIMEOUT else JobState.FAILED
                 await self._finish(tracked, state, error_reason=exc.reason.value, error_message=exc.message)
             except Exception:

@@ -22,6 +22,7 @@ from bot.engine.policy import GuildPolicy
 from bot.engine.recovery import recover_unfinished_jobs
 from bot.frontend.interactions import tell_failure
 from bot.frontend.messenger import DiscordErrorSink, JobMessenger
+from bot.frontend.owner import OwnerNotifier
 from bot.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,8 @@ class ImagineBot(commands.Bot):
     async def setup_hook(self) -> None:
         self.manager.deliver = self.messenger.deliver
         self.manager.add_listener(self.messenger.on_job_event)
+        # Problems only the operator can fix reach the application's owner by DM (rate-limited there).
+        self.manager.alerts.add_notifier(OwnerNotifier(self))
         # Per-guild settings and quotas: loaded and hooked into admission before any command can run.
         self.policy = GuildPolicy(self.manager, store=self.engine.store, clock=self.clock)
         await self.policy.load()

@@ -115,7 +115,7 @@ async def check_backend(settings: Settings, session: aiohttp.ClientSession, repo
         async with asyncio.timeout(REQUEST_TIMEOUT_S * 2):
             models = await backend.list_models()
     except GenerationError as exc:
-        report.problem("backend", f"{where}: {exc.message}")
+        report.problem("backend", f"{where}: {exc.advice or exc.message}")
         return
     except SettingsError as exc:
         report.problem("backend", str(exc))

@@ -176,7 +176,9 @@ async def test_error_mapping_without_resubmitting(session, sleeps, status, body,
         with pytest.raises(GenerationError) as caught:
             await make(session, fake.url, sleeps).generate(REQ)
     assert caught.value.reason is reason
-    assert words in caught.value.message
+    # What the operator reads; a member reads no flags or settings (only an A1111 422 is theirs to fix).
+    assert words in (caught.value.advice or caught.value.message)
+    assert "--api" not in caught.value.message and "IMAGE_BACKEND" not in caught.value.message
     assert fake.state.txt2img_calls == 1
     assert sleeps.calls == []
 

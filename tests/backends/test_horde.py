@@ -108,7 +108,9 @@ async def test_anonymous_big_request_needs_kudos(session, sleeps) -> None:
         with pytest.raises(GenerationError) as caught:
             await make(session, fake.url, sleeps).generate(REQ.replace(width=1024, height=1024))
     assert caught.value.reason is FailureReason.QUOTA
-    assert "kudos" in caught.value.message and "IMAGE_BACKEND_API_KEY" in caught.value.message
+    assert "kudos" in caught.value.message and "768 px" in caught.value.message  # what a member can do
+    assert "IMAGE_BACKEND_API_KEY" not in caught.value.message
+    assert caught.value.advice is not None and "IMAGE_BACKEND_API_KEY" in caught.value.advice
     assert fake.state.submits == 1 and sleeps.calls == []
 
 

@@ -154,6 +154,8 @@ async def test_connection_refused_is_retried_then_unavailable(session, sleeps, s
         await call(session, dead, sleeps, creates_work=True)
     assert caught.value.reason is FailureReason.UNAVAILABLE
     assert "could not connect" in caught.value.message
+    assert caught.value.advice is not None and "cannot connect to" in caught.value.advice
+    assert "IMAGE_BACKEND_URL" in caught.value.advice
     assert len(sleeps.calls) == FAST_RETRY.attempts - 1
 
 

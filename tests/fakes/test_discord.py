@@ -497,3 +497,49 @@ async def test_rest_content_type_ratelimit_headers_and_auth(fake: FakeDiscord) -
         assert (bad.status, await bad.json()) == (401, {"message": "401: Unauthorized", "code": 0})
         missing = await http.post(f"{fake.api_base}/interactions/1/tok/callback", json={"type": 5})
         assert (missing.status, (await missing.json())["code"]) == (404, 10062)
+
+
+async def test_dms_to_the_owner_and_the_team_owner_and_closed_dms(fake: FakeDiscord) -> None:
+    """discord.py's application_info / create_dm / send over REST, as the bot's owner notifier uses them."""
+    client = discord.Client(intents=discord.Intents.none())
+    async with client:
+        await client.login(TOKEN)
+        app = await client.application_info()
+        owner = fake.app_owner
+        assert app.team is None and str(app.owner.id) == owner.id
+        dm = await client.create_dm(app.owner)
+        await dm.send("hello owner")
+        assert [m.content for m in fake.dms_to(owner.id)] == ["hello owner"]
+        assert fake.dms_to(owner.id)[0].guild_id is None
+
+        team_owner = fake.make_team_app()
+        app = await client.application_info()
+        assert app.team is not None and str(app.team.owner_id) == team_owner.id
+        team_owner.accepts_dms = False
+        dm = await client.create_dm(discord.Object(int(team_owner.id)))
+        with pytest.raises(discord.Forbidden) as refused:
+            await dm.send("hello team owner")
+        assert refused.value.code == 50007
+        assert fake.dms_to(team_owner.id) == []
+    async with aiohttp.ClientSession() as http:
+        dms = await (await http.get(f"{fake.base_url}/_fake/dms/{owner.id}")).json()
+        assert [m["content"] for m in dms] == ["hello owner"]
+        answer = await (await http.post(f"{fake.base_url}/_fake/owner", json={"accepts_dms": True})).json()
+        assert answer == {"owner_id": team_owner.id, "accepts_dms": True, "team_id": fake.team_id}
+
+
+async def test_a_guild_the_bot_is_not_in_answers_missing_access(fake: FakeDiscord) -> None:
+    client = discord.Client(intents=discord.Intents.none())
+    async with client:
+        await client.login(TOKEN)
+        for call in (
+            client.fetch_guild(1180000000000000001),
+            client.http.get_guild_commands(fake.app_id, 1180000000000000001),
+        ):
+            with pytest.raises(discord.Forbidden) as refused:
+                await call
+            assert refused.value.code == 50001
+        no_scope = fake.add_guild(name="no scope", applications_commands=False)
+        assert (await client.fetch_guild(int(no_scope.id))).name == "no scope"
+        with pytest.raises(discord.Forbidden):
+            await client.http.get_guild_commands(fake.app_id, no_scope.id)

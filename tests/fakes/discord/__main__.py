@@ -41,6 +41,7 @@ async def _serve(args: argparse.Namespace) -> None:
         "channel_id": guild.channels[0].id,
         "nsfw_channel_id": guild.channels[1].id,
         "user_id": user.id,
+        "owner_id": fake.app_owner.id,
         "pid": os.getpid(),
     }
     print(json.dumps(info), flush=True)

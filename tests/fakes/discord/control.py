@@ -40,6 +40,8 @@ class ControlApi:
         r.add_post("/_fake/inject", self._c_inject)
         r.add_post("/_fake/clock", self._c_clock)
         r.add_post("/_fake/expire", self._c_expire)
+        r.add_post("/_fake/owner", self._c_owner)
+        r.add_get("/_fake/dms/{user_id}", self._c_dms)
 
     @staticmethod
     async def _control(request: web.Request, fn: Callable[[dict[str, Any]], Awaitable[Any]]) -> web.Response:
@@ -186,5 +188,24 @@ class ControlApi:
         async def go(b: dict[str, Any]) -> Any:
             self.fake.expire_token(b.get("token") or b["interaction_id"])
             return {"expired": True}
+
+        return await self._control(request, go)
+
+    async def _c_owner(self, request: web.Request) -> web.Response:
+        """{"team": true} makes the application a team's; {"accepts_dms": false} closes the owner's DMs."""
+
+        async def go(b: dict[str, Any]) -> Any:
+            if b.get("team") and self.fake.team_owner is None:
+                self.fake.make_team_app(b.get("user_id"))
+            owner = self.fake.team_owner or self.fake.app_owner
+            if "accepts_dms" in b:
+                owner.accepts_dms = bool(b["accepts_dms"])
+            return {"owner_id": owner.id, "accepts_dms": owner.accepts_dms, "team_id": self.fake.team_id}
+
+        return await self._control(request, go)
+
+    async def _c_dms(self, request: web.Request) -> web.Response:
+        async def go(b: dict[str, Any]) -> Any:
+            return [m.summary() for m in self.fake.dms_to(request.match_info["user_id"])]
 
         return await self._control(request, go)

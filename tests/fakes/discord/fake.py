@@ -32,6 +32,7 @@ from .model import (
     DEFAULT_ATTACHMENT_LIMIT,
     DEFAULT_BOT_PERMISSIONS,
     DEFAULT_MEMBER_PERMISSIONS,
+    DM_CHANNEL,
     FakeChannel,
     FakeClock,
     FakeGuild,
@@ -97,6 +98,15 @@ class FakeDiscord:
         self.commands: dict[str | None, dict[str, dict[str, Any]]] = {}
         self.sync_calls: list[tuple[str | None, float]] = []
         self.requests: list[RecordedRequest] = []
+        #: DM channels by recipient user id (POST /users/@me/channels opens them).
+        self.dm_channels: dict[str, FakeChannel] = {}
+        #: The application's owner, as GET /oauth2/applications/@me reports it; see make_team_app().
+        self.app_owner = FakeUser(id=self.snowflake(), username="app-owner")
+        self.users[self.app_owner.id] = self.app_owner
+        #: For a team application: the team's id and its owner (the owner above is then the team's
+        #: pseudo-user, as Discord reports it).
+        self.team_id: str | None = None
+        self.team_owner: FakeUser | None = None
 
         self.rest = RestApi(self)
         self.message_store = MessageStore(self)
@@ -274,7 +284,31 @@ class FakeDiscord:
             for ch in g.channels:
                 if ch.id == str(channel_id):
                     return ch
+        for ch in self.dm_channels.values():
+            if ch.id == str(channel_id):
+                return ch
         raise KeyError(f"unknown channel {channel_id}")
+
+    def make_team_app(self, owner_user_id: int | str | None = None) -> FakeUser:
+        """Make the application a team's: GET applications/@me then names the team and its owner."""
+        self.team_owner = self.add_user(owner_user_id, username="team-owner")
+        self.team_id = self.snowflake()
+        self.app_owner = FakeUser(id=self.team_id, username=f"team{self.team_id}")
+        return self.team_owner
+
+    def open_dm(self, user_id: int | str) -> FakeChannel:
+        """The DM channel with a user (created once, as Discord does)."""
+        user = self.users[str(user_id)]
+        channel = self.dm_channels.get(user.id)
+        if channel is None:
+            channel = FakeChannel(id=self.snowflake(), guild_id="", name="", type=DM_CHANNEL, recipient=user)
+            self.dm_channels[user.id] = channel
+        return channel
+
+    def dms_to(self, user_id: int | str) -> list[FakeMessage]:
+        """Messages the bot sent a user in their DMs, oldest first."""
+        channel = self.dm_channels.get(str(user_id))
+        return self.channel_messages(channel.id) if channel is not None else []
 
     def channel_messages(
         self, channel_id: int | str, *, include_ephemeral: bool = False, include_deleted: bool = False
@@ -342,6 +376,8 @@ class FakeDiscord:
             "pending_injections": self.pending_injections,
             "clock_offset": self.clock.offset,
             "guilds": [g.summary() for g in self.guilds.values()],
+            "owner_id": (self.team_owner or self.app_owner).id,
+            "dms": {uid: len(self.dms_to(uid)) for uid in self.dm_channels},
         }
 
     # ------------------------------------------------------------------ REST: injection

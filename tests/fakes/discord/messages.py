@@ -135,7 +135,7 @@ class MessageStore:
         msg = FakeMessage(
             id=self.fake.snowflake(),
             channel_id=channel.id,
-            guild_id=channel.guild_id,
+            guild_id=channel.guild_id or None,
             author=self.fake.bot_user.payload(),
             content=str(payload.get("content") or ""),
             embeds=list(payload.get("embeds") or []),

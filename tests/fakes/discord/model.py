@@ -34,6 +34,8 @@ DEFAULT_MEMBER_PERMISSIONS = (
 )
 DEFAULT_BOT_PERMISSIONS = DEFAULT_MEMBER_PERMISSIONS | (1 << 13)  # + manage messages
 
+DM_CHANNEL = 1
+
 OPTION_TYPES = {"sub_command": 1, "sub_command_group": 2, "string": 3, "integer": 4, "boolean": 5}
 
 
@@ -90,6 +92,8 @@ class FakeUser:
     username: str
     global_name: str | None = None
     bot: bool = False
+    # False: the user does not accept DMs from this bot (Discord answers 50007 to a message in their DM).
+    accepts_dms: bool = True
 
     def payload(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -108,16 +112,29 @@ class FakeUser:
 
 @dataclass
 class FakeChannel:
-    """A guild text channel; `nsfw` matters for content policy tests."""
+    """A guild text channel (`nsfw` matters for content policy tests), or a DM (type 1, no guild)."""
 
     id: str
-    guild_id: str
+    guild_id: str  # "" for a DM
     name: str
     nsfw: bool = False
     position: int = 0
     type: int = 0
+    recipient: FakeUser | None = None  # a DM's other end
+
+    @property
+    def is_dm(self) -> bool:
+        return self.type == DM_CHANNEL
 
     def payload(self, *, with_guild: bool = True) -> dict[str, Any]:
+        if self.recipient is not None:
+            return {
+                "id": self.id,
+                "type": self.type,
+                "recipients": [self.recipient.payload()],
+                "last_message_id": None,
+                "flags": 0,
+            }
         data: dict[str, Any] = {
             "id": self.id,
             "type": self.type,

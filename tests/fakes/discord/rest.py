@@ -19,6 +19,7 @@ from aiohttp import web
 from .model import (
     ADMINISTRATOR,
     ATTACH_FILES,
+    DEFAULT_ATTACHMENT_LIMIT,
     IS_COMPONENTS_V2,
     SEND_MESSAGES,
     SUPPRESS_EMBEDS,
@@ -52,6 +53,7 @@ class RestApi:
         for scope in ("", "/guilds/{guild_id}"):
             r.add_put(f"{api}/applications/{{app_id}}{scope}/commands", self.h_put_commands)
             r.add_get(f"{api}/applications/{{app_id}}{scope}/commands", self.h_get_commands)
+        r.add_post(f"{api}/users/@me/channels", self.h_open_dm)
         r.add_get(f"{api}/channels/{{channel_id}}", self.h_get_channel)
         r.add_post(f"{api}/channels/{{channel_id}}/messages", self.h_channel_post)
         r.add_post(f"{api}/channels/{{channel_id}}/typing", self.h_typing)
@@ -189,7 +191,24 @@ class RestApi:
         return json_response({**self.fake.bot_user.payload(), "verified": True, "mfa_enabled": False})
 
     async def h_app(self, request: web.Request) -> web.Response:
-        owner = {"id": self.fake.snowflake(), "username": "owner", "discriminator": "0", "avatar": None}
+        fake = self.fake
+        team = None
+        if fake.team_id is not None and fake.team_owner is not None:
+            member = {
+                "user": fake.team_owner.payload(),
+                "team_id": fake.team_id,
+                "membership_state": 2,
+                "permissions": ["*"],
+                "role": "admin",
+            }
+            team = {
+                "id": fake.team_id,
+                "name": "The Team",
+                "icon": None,
+                "owner_user_id": fake.team_owner.id,
+                "members": [member],
+            }
+        owner = {**fake.app_owner.payload(), "flags": 1024 if team else 0}
         return json_response(
             {
                 "id": self.fake.app_id,
@@ -201,7 +220,7 @@ class RestApi:
                 "owner": owner,
                 "verify_key": "0" * 64,
                 "flags": 0,
-                "team": None,
+                "team": team,
                 "bot": self.fake.bot_user.payload(),
             }
         )
@@ -297,11 +316,24 @@ class RestApi:
 
     # ------------------------------------------------------------------ messages
 
+    async def h_open_dm(self, request: web.Request) -> web.Response:
+        """POST /users/@me/channels {recipient_id}: always succeeds for a known user (refusal comes later)."""
+        recipient = str((request[BODY_KEY].json or {}).get("recipient_id") or "")
+        if recipient not in self.fake.users:
+            raise ApiError(400, "Unknown User", 10013)
+        return json_response(self.fake.open_dm(recipient).payload())
+
     async def h_channel_post(self, request: web.Request) -> web.Response:
         channel = self.fake.message_store.channel_or_404(request.match_info["channel_id"])
-        guild = self.fake.guilds[channel.guild_id]
         body: Body = request[BODY_KEY]
         payload = body.json or {}
+        if channel.recipient is not None:
+            if not channel.recipient.accepts_dms:
+                raise ApiError(403, "Cannot send messages to this user", 50007)
+            self.fake.message_store.validate(payload, body.uploads, DEFAULT_ATTACHMENT_LIMIT, creating=True)
+            msg = self.fake.message_store.create(channel, payload, body.uploads)
+            return json_response(msg.payload(self.fake.base_url))
+        guild = self.fake.guilds[channel.guild_id]
         perms = guild.bot_permissions
         if not perms & ADMINISTRATOR and (perms & (VIEW_CHANNEL | SEND_MESSAGES)) != (
             VIEW_CHANNEL | SEND_MESSAGES
