@@ -280,7 +280,7 @@ async def test_empty_v0_file_is_migrated_and_the_setup_is_applied(
     path.touch()
     store = await open_store(path)
     await store.save_job(make_job("j"))
-    assert user_version(path) == len(store_module.MIGRATIONS) == 2
+    assert user_version(path) == len(store_module.MIGRATIONS) == 3
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
@@ -298,7 +298,7 @@ async def test_older_schema_is_migrated_forward(
     monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, v2])
     store = await open_store(path)
     assert await store.get_job("kept") is not None
-    assert user_version(path) == 3
+    assert user_version(path) == 4
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT note FROM jobs").fetchall() == [("migrated",)]
 
@@ -320,7 +320,7 @@ async def test_a_version_1_database_gains_backend_ref(tmp_path: Path, open_store
     job.backend_ref = "abc"
     await store.save_job(job)
     assert (await store.get_job("old")).backend_ref == "abc"  # type: ignore[union-attr]
-    assert user_version(path) == 2
+    assert user_version(path) == len(store_module.MIGRATIONS)
 
 
 async def test_a_failing_migration_rolls_back(
@@ -332,7 +332,7 @@ async def test_a_failing_migration_rolls_back(
     monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, broken])
     with pytest.raises(StoreError):
         await JobStore(path).open()
-    assert user_version(path) == 2
+    assert user_version(path) == 3
     with sqlite3.connect(path) as db:
         columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
     assert "note" not in columns
@@ -343,7 +343,7 @@ async def test_a_newer_schema_refuses_to_open(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA user_version = 99")
     store = JobStore(path)
-    with pytest.raises(StoreError, match=r"schema version 99, newer than this bot understands \(2\)") as info:
+    with pytest.raises(StoreError, match=r"schema version 99, newer than this bot understands \(3\)") as info:
         await store.open()
     assert type(info.value) is StoreError
     assert "\n" not in info.value.message
@@ -451,3 +451,61 @@ async def test_grouped_image_counts_and_all_guild_settings_for_start_up(open_sto
         "INSERT INTO guild_settings (guild_id, settings, updated_at) VALUES (3, 'not json', 0)"
     )
     assert await store.all_guild_settings() == {1: {"daily_images": 5}, 2: {"nsfw": "never"}}
+
+
+async def test_a_version_2_database_gains_delivery_columns_and_its_history_counts_as_delivered(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    """Upgrading must not make a restart post every job the old release ever finished."""
+    path = tmp_path / "bot.sqlite3"
+    with sqlite3.connect(path) as db:
+        for migration in store_module.MIGRATIONS[:2]:
+            for statement in migration:
+                db.execute(statement)
+        insert = (
+            "INSERT INTO jobs (id, request, guild_id, user_id, state, created_at, finished_at, message_ref) "
+            "VALUES (?, '{\"prompt\": \"p\"}', 1, 2, ?, 10.0, ?, '{}')"
+        )
+        db.execute(insert, ("old-done", "succeeded", 11.0))
+        db.execute(insert, ("old-queued", "queued", None))
+        db.execute("PRAGMA user_version = 2")
+    store = await open_store(path)
+    assert user_version(path) == 3
+    done = await store.get_job("old-done")
+    assert done is not None and done.delivered_at == 11.0 and done.delivery_error is None
+    queued = await store.get_job("old-queued")
+    assert queued is not None and queued.delivered_at is None
+    assert await store.undelivered_jobs() == []
+
+
+async def test_a_finished_job_is_undelivered_until_marked(open_store: OpenStore) -> None:
+    store = await open_store()
+    posted = make_job("posted", state=JobState.SUCCEEDED, message_ref={"token": "t"}, created_at=1.0)
+    failed_post = make_job("refused", state=JobState.FAILED, message_ref={"token": "t"}, created_at=2.0)
+    pending = make_job("pending", state=JobState.SUCCEEDED, message_ref={"token": "t"}, created_at=3.0)
+    silent = make_job("silent", state=JobState.SUCCEEDED, created_at=4.0)  # no message: nothing to post
+    running = make_job("running", state=JobState.RUNNING, message_ref={"token": "t"}, created_at=5.0)
+    for job in (posted, failed_post, pending, silent, running):
+        await store.save_job(job)
+    assert [j.id for j in await store.undelivered_jobs()] == ["posted", "refused", "pending"]
+
+    await store.mark_delivered("posted", at=100.0)
+    await store.mark_delivered("refused", at=101.0, error="the bot may not post in this channel")
+    assert [j.id for j in await store.undelivered_jobs()] == ["pending"]
+    loaded = await store.get_job("posted")
+    assert loaded is not None and loaded.delivered_at == 100.0 and loaded.state is JobState.SUCCEEDED
+    refused = await store.get_job("refused")
+    assert refused is not None and refused.delivered_at is None
+    assert refused.delivery_error == "the bot may not post in this channel"
+
+
+async def test_a_state_write_after_delivery_keeps_the_delivery_record(open_store: OpenStore) -> None:
+    """save_job writes the state only: a late write of a stale in-memory job cannot undo a delivery."""
+    store = await open_store()
+    job = make_job("j", state=JobState.SUCCEEDED, message_ref={"token": "t"}, finished_at=5.0)
+    await store.save_job(job)
+    await store.mark_delivered("j", at=6.0)
+    job.error_message = "written again"
+    await store.save_job(job)  # job.delivered_at is still None in memory
+    loaded = await store.get_job("j")
+    assert loaded is not None and loaded.delivered_at == 6.0 and loaded.error_message == "written again"
