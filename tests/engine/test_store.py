@@ -1,4 +1,10 @@
-"""The job store against real SQLite files in a temporary directory."""
+"""The job store, one suite for both kinds: real SQLite files in a temporary directory and a real PostgreSQL
+database (a fresh one per test, on the session's cluster: tests/pg.py).
+
+Tests taking ``kind``/``open_any`` run on both stores; tests about SQLite files (corruption moved aside, a
+locked file, old file versions) stay SQLite-only, and PostgreSQL's own faults (concurrent migrations, a
+server stopped and started again) are in the PostgreSQL section at the end.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +15,107 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
+import asyncpg
 import pytest
 
 from bot.engine import store as store_module
+from bot.engine import store_pg as store_pg_module
 from bot.engine.models import ImageRequest, Job, JobState
 from bot.engine.store import JobStore, StoreCorrupt, StoreError, StoreLocked
+from bot.engine.store_pg import PgJobStore
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 OpenStore = Callable[..., Awaitable[JobStore]]
+AnyStore = JobStore | PgJobStore
 
 
 @pytest.fixture
 async def open_store(tmp_path: Path) -> AsyncIterator[OpenStore]:
-    """Factory that opens stores (default file in tmp_path) and closes every one it opened."""
+    """Factory that opens SQLite stores (default file in tmp_path) and closes every one it opened."""
     opened: list[JobStore] = []
 
     async def factory(path: Path | None = None, **kwargs: float) -> JobStore:
         store = JobStore(path or tmp_path / "data" / "bot.sqlite3", **kwargs)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        await store.close()
+
+
+@dataclass
+class Kind:
+    """One kind of store on one (empty) database, and how a test reaches that database from outside."""
+
+    name: str
+    module: ModuleType  # holds the kind's MIGRATIONS
+    location: str  # a file path or a URL
+    raw: Callable[[str], Awaitable[list[tuple[Any, ...]]]]  # SQL run beside the store, not through it
+
+    def make(self) -> AnyStore:
+        """A new, unopened store on this kind's database."""
+        if self.name == "sqlite":
+            return JobStore(Path(self.location))
+        return PgJobStore(self.location)
+
+    def constructor(self) -> str:
+        """Python source building the same store in another process."""
+        if self.name == "sqlite":
+            return f"__import__('bot.engine.store').engine.store.JobStore(Path({self.location!r}))"
+        return f"__import__('bot.engine.store_pg').engine.store_pg.PgJobStore({self.location!r})"
+
+    async def version(self) -> int:
+        if self.name == "sqlite":
+            return (await self.raw("PRAGMA user_version"))[0][0]
+        return (await self.raw("SELECT COALESCE(MAX(version), 0) FROM schema_version"))[0][0]
+
+    async def columns(self) -> list[str]:
+        if self.name == "sqlite":
+            return [row[1] for row in await self.raw("PRAGMA table_info(jobs)")]
+        rows = await self.raw("SELECT column_name FROM information_schema.columns WHERE table_name = 'jobs'")
+        return [row[0] for row in rows]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def kind(request: pytest.FixtureRequest, tmp_path: Path) -> Kind:
+    if request.param == "sqlite":
+        path = tmp_path / "data" / "bot.sqlite3"
+
+        async def raw_sqlite(sql: str) -> list[tuple[Any, ...]]:
+            with sqlite3.connect(path, isolation_level=None) as db:
+                return list(db.execute(sql).fetchall())
+
+        return Kind("sqlite", store_module, str(path), raw_sqlite)
+    url: str = request.getfixturevalue("pg_url")
+
+    async def raw_pg(sql: str) -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [tuple(row) for row in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    return Kind("postgres", store_pg_module, url, raw_pg)
+
+
+OpenAny = Callable[[], Awaitable[AnyStore]]
+
+
+@pytest.fixture
+async def open_any(kind: Kind) -> AsyncIterator[OpenAny]:
+    """Factory that opens stores of the test's kind on its database and closes every one it opened."""
+    opened: list[AnyStore] = []
+
+    async def factory() -> AnyStore:
+        store = kind.make()
         await store.open()
         opened.append(store)
         return store
@@ -102,8 +189,8 @@ PERSISTED = [
 ]
 
 
-async def test_round_trip_of_every_persisted_field(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_round_trip_of_every_persisted_field(open_any: OpenAny) -> None:
+    store = await open_any()
     job = full_job()
     await store.save_job(job)
     loaded = await store.get_job(job.id)
@@ -114,8 +201,8 @@ async def test_round_trip_of_every_persisted_field(open_store: OpenStore) -> Non
     assert loaded.result is None and loaded.progress is None and loaded.queue_position is None
 
 
-async def test_save_job_updates_in_place(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_save_job_updates_in_place(open_any: OpenAny) -> None:
+    store = await open_any()
     job = make_job("j1")
     await store.save_job(job)
     job.state = JobState.SUCCEEDED
@@ -142,18 +229,17 @@ def run_python(code: str) -> str:
     return completed.stdout
 
 
-async def test_a_job_written_here_is_read_by_another_process(open_store: OpenStore, tmp_path: Path) -> None:
-    store = await open_store()
+async def test_a_job_written_here_is_read_by_another_process(open_any: OpenAny, kind: Kind) -> None:
+    store = await open_any()
     await store.save_job(full_job())
     # No close(): save_job alone must have made it durable and visible.
     out = run_python(
         f"""
         import asyncio
         from pathlib import Path
-        from bot.engine.store import JobStore
 
         async def main():
-            async with JobStore(Path({str(store.path)!r})) as store:
+            async with {kind.constructor()} as store:
                 job = await store.get_job("job-full")
                 print(job.request.prompt, job.state.value, job.seeds, job.message_ref["message"])
 
@@ -163,19 +249,15 @@ async def test_a_job_written_here_is_read_by_another_process(open_store: OpenSto
     assert out.strip() == "a lighthouse at dusk failed [7, None] 777"
 
 
-async def test_a_job_written_by_a_dead_process_is_found_unfinished(
-    tmp_path: Path, open_store: OpenStore
-) -> None:
-    path = tmp_path / "data" / "bot.sqlite3"
+async def test_a_job_written_by_a_dead_process_is_found_unfinished(open_any: OpenAny, kind: Kind) -> None:
     run_python(
         f"""
         import asyncio, os
         from pathlib import Path
         from bot.engine.models import ImageRequest, Job, JobState
-        from bot.engine.store import JobStore
 
         async def main():
-            store = JobStore(Path({str(path)!r}))
+            store = {kind.constructor()}
             await store.open()
             await store.save_job(Job(id="left", request=ImageRequest("cat"), guild_id=1, user_id=2,
                                      state=JobState.RUNNING, created_at=5.0))
@@ -184,13 +266,13 @@ async def test_a_job_written_by_a_dead_process_is_found_unfinished(
         asyncio.run(main())
         """
     )
-    store = await open_store(path)
+    store = await open_any()
     unfinished = await store.unfinished_jobs()
     assert [(j.id, j.state) for j in unfinished] == [("left", JobState.RUNNING)]
 
 
-async def test_unfinished_jobs_are_queued_or_running_oldest_first(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_unfinished_jobs_are_queued_or_running_oldest_first(open_any: OpenAny) -> None:
+    store = await open_any()
     await store.save_job(make_job("new-queued", state=JobState.QUEUED, created_at=30.0))
     await store.save_job(make_job("old-running", state=JobState.RUNNING, created_at=10.0))
     await store.save_job(make_job("mid-queued", state=JobState.QUEUED, created_at=20.0))
@@ -200,8 +282,8 @@ async def test_unfinished_jobs_are_queued_or_running_oldest_first(open_store: Op
     assert ids == ["old-running", "mid-queued", "new-queued"]
 
 
-async def test_list_jobs_filters_and_orders_newest_first(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_list_jobs_filters_and_orders_newest_first(open_any: OpenAny) -> None:
+    store = await open_any()
     await store.save_job(make_job("a", guild_id=1, user_id=10, state=JobState.SUCCEEDED, created_at=1.0))
     await store.save_job(make_job("b", guild_id=1, user_id=11, state=JobState.FAILED, created_at=2.0))
     await store.save_job(make_job("c", guild_id=2, user_id=10, state=JobState.SUCCEEDED, created_at=3.0))
@@ -220,8 +302,8 @@ async def test_list_jobs_filters_and_orders_newest_first(open_store: OpenStore) 
     assert await ids(limit=2) == ["d", "c"]
 
 
-async def test_count_images_since_counts_only_fresh_successes_in_range(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_count_images_since_counts_only_fresh_successes_in_range(open_any: OpenAny) -> None:
+    store = await open_any()
     # Images are counted by their seeds (one per image, None when unknown): image refs exist only with a cache.
     two, three = [1, None], [5, 6, 7]
 
@@ -242,8 +324,8 @@ async def test_count_images_since_counts_only_fresh_successes_in_range(open_stor
     assert await store.count_images_since(guild_id=5, user_id=5, since=0.0) == 0
 
 
-async def test_guild_settings_and_meta(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_guild_settings_and_meta(open_any: OpenAny) -> None:
+    store = await open_any()
     assert await store.get_guild_settings(1) == {}
     await store.set_guild_settings(1, {"nsfw": True, "max_count": 2, "models": ["a", "b"]})
     await store.set_guild_settings(2, {"nsfw": False})
@@ -258,8 +340,8 @@ async def test_guild_settings_and_meta(open_store: OpenStore) -> None:
     assert await store.get_meta("commands_hash") == "def"
 
 
-async def test_ping_and_closed_store(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "bot.sqlite3")
+async def test_ping_and_closed_store(kind: Kind) -> None:
+    store = kind.make()
     assert await store.ping() is False
     async with store:
         assert await store.ping() is True
@@ -288,19 +370,17 @@ async def test_empty_v0_file_is_migrated_and_the_setup_is_applied(
 
 
 async def test_older_schema_is_migrated_forward(
-    tmp_path: Path, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+    open_any: OpenAny, kind: Kind, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "bot.sqlite3"
-    store = await open_store(path)
+    store = await open_any()
     await store.save_job(make_job("kept"))
     await store.close()
-    v2 = ["ALTER TABLE jobs ADD COLUMN note TEXT", "UPDATE jobs SET note = 'migrated'"]
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, v2])
-    store = await open_store(path)
+    v4 = ["ALTER TABLE jobs ADD COLUMN note TEXT", "UPDATE jobs SET note = 'migrated'"]
+    monkeypatch.setattr(kind.module, "MIGRATIONS", [*kind.module.MIGRATIONS, v4])
+    store = await open_any()
     assert await store.get_job("kept") is not None
-    assert user_version(path) == 4
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT note FROM jobs").fetchall() == [("migrated",)]
+    assert await kind.version() == 4
+    assert await kind.raw("SELECT note FROM jobs") == [("migrated",)]
 
 
 async def test_a_version_1_database_gains_backend_ref(tmp_path: Path, open_store: OpenStore) -> None:
@@ -324,31 +404,31 @@ async def test_a_version_1_database_gains_backend_ref(tmp_path: Path, open_store
 
 
 async def test_a_failing_migration_rolls_back(
-    tmp_path: Path, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+    open_any: OpenAny, kind: Kind, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "bot.sqlite3"
-    await (await open_store(path)).close()
+    await (await open_any()).close()
     broken = ["ALTER TABLE jobs ADD COLUMN note TEXT", "THIS IS NOT SQL"]
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, broken])
-    with pytest.raises(StoreError):
-        await JobStore(path).open()
-    assert user_version(path) == 3
-    with sqlite3.connect(path) as db:
-        columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
-    assert "note" not in columns
+    monkeypatch.setattr(kind.module, "MIGRATIONS", [*kind.module.MIGRATIONS, broken])
+    with pytest.raises(StoreError) as info:
+        await kind.make().open()
+    assert "\n" not in info.value.message
+    assert await kind.version() == 3
+    assert "note" not in await kind.columns()
 
 
-async def test_a_newer_schema_refuses_to_open(tmp_path: Path) -> None:
-    path = tmp_path / "bot.sqlite3"
-    with sqlite3.connect(path) as db:
-        db.execute("PRAGMA user_version = 99")
-    store = JobStore(path)
+async def test_a_newer_schema_refuses_to_open(open_any: OpenAny, kind: Kind) -> None:
+    await (await open_any()).close()
+    if kind.name == "sqlite":
+        await kind.raw("PRAGMA user_version = 99")
+    else:
+        await kind.raw("INSERT INTO schema_version (version) VALUES (99)")
+    store = kind.make()
     with pytest.raises(StoreError, match=r"schema version 99, newer than this bot understands \(3\)") as info:
         await store.open()
     assert type(info.value) is StoreError
     assert "\n" not in info.value.message
     assert await store.ping() is False
-    assert user_version(path) == 99  # left untouched
+    assert await kind.version() == 99  # left untouched
 
 
 @pytest.mark.parametrize("garbage", [b"this is not a database" * 200, b"x"], ids=["long", "one-byte"])
@@ -411,19 +491,20 @@ async def test_an_unusable_directory_is_named(tmp_path: Path) -> None:
     assert str(not_a_dir / "sub") in info.value.message
 
 
-async def test_an_unreadable_row_is_skipped_not_fatal(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_an_unreadable_row_is_skipped_not_fatal(open_any: OpenAny, kind: Kind) -> None:
+    store = await open_any()
     await store.save_job(make_job("good", created_at=1.0))
     await store.save_job(make_job("bad", created_at=2.0))
-    with sqlite3.connect(store.path) as db:
-        db.execute("UPDATE jobs SET state = 'exploded', request = ? WHERE id = 'bad'", (json.dumps({}),))
+    await kind.raw(f"UPDATE jobs SET state = 'exploded', request = '{json.dumps({})}' WHERE id = 'bad'")
     assert [job.id for job in await store.list_jobs()] == ["good"]
     assert await store.get_job("bad") is None
 
 
-async def test_grouped_image_counts_and_all_guild_settings_for_start_up(open_store: OpenStore) -> None:
+async def test_grouped_image_counts_and_all_guild_settings_for_start_up(
+    open_any: OpenAny, kind: Kind
+) -> None:
     """What the guild policy loads at start-up: today's counts per (guild, user) and every settings document."""
-    store = await open_store()
+    store = await open_any()
 
     def done(job_id: str, **fields: object) -> Job:
         values: dict[str, object] = {
@@ -447,9 +528,7 @@ async def test_grouped_image_counts_and_all_guild_settings_for_start_up(open_sto
     assert await store.all_guild_settings() == {}
     await store.set_guild_settings(1, {"daily_images": 5})
     await store.set_guild_settings(2, {"nsfw": "never"})
-    await store._query(
-        "INSERT INTO guild_settings (guild_id, settings, updated_at) VALUES (3, 'not json', 0)"
-    )
+    await kind.raw("INSERT INTO guild_settings (guild_id, settings, updated_at) VALUES (3, 'not json', 0)")
     assert await store.all_guild_settings() == {1: {"daily_images": 5}, 2: {"nsfw": "never"}}
 
 
@@ -478,8 +557,8 @@ async def test_a_version_2_database_gains_delivery_columns_and_its_history_count
     assert await store.undelivered_jobs() == []
 
 
-async def test_a_finished_job_is_undelivered_until_marked(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_a_finished_job_is_undelivered_until_marked(open_any: OpenAny) -> None:
+    store = await open_any()
     posted = make_job("posted", state=JobState.SUCCEEDED, message_ref={"token": "t"}, created_at=1.0)
     failed_post = make_job("refused", state=JobState.FAILED, message_ref={"token": "t"}, created_at=2.0)
     pending = make_job("pending", state=JobState.SUCCEEDED, message_ref={"token": "t"}, created_at=3.0)
@@ -499,9 +578,9 @@ async def test_a_finished_job_is_undelivered_until_marked(open_store: OpenStore)
     assert refused.delivery_error == "the bot may not post in this channel"
 
 
-async def test_a_state_write_after_delivery_keeps_the_delivery_record(open_store: OpenStore) -> None:
+async def test_a_state_write_after_delivery_keeps_the_delivery_record(open_any: OpenAny) -> None:
     """save_job writes the state only: a late write of a stale in-memory job cannot undo a delivery."""
-    store = await open_store()
+    store = await open_any()
     job = make_job("j", state=JobState.SUCCEEDED, message_ref={"token": "t"}, finished_at=5.0)
     await store.save_job(job)
     await store.mark_delivered("j", at=6.0)
