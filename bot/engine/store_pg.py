@@ -114,6 +114,9 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # Raised by a pooled connection the server dropped in the middle of a statement ("another operation is
+    # in progress"): seen when PostgreSQL stops under load.
+    asyncpg.InternalClientError,
 )
 
 
@@ -290,7 +293,9 @@ class PgJobStore:
             try:
                 async with pool.acquire(timeout=self.connect_timeout_s) as conn:
                     return await getattr(conn, method)(sql, *params)
-            except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+            except StoreError:
+                raise
+            except Exception as exc:  # anything from the driver: a caller sees StoreError, never asyncpg's
                 if attempt == 2 or self._pool is None or not is_connection_error(exc):
                     raise self._translate(exc, "run a query") from None
                 log.debug("PostgreSQL connection lost (%s); retrying once", self._scrub(_describe(exc)))

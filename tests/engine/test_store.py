@@ -8,6 +8,7 @@ server stopped and started again) are in the PostgreSQL section at the end.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import subprocess
@@ -28,6 +29,7 @@ from bot.engine import store_pg as store_pg_module
 from bot.engine.models import ImageRequest, Job, JobState
 from bot.engine.store import JobStore, StoreCorrupt, StoreError, StoreLocked
 from bot.engine.store_pg import PgJobStore
+from tests.pg import PASSWORD, PgCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -588,3 +590,137 @@ async def test_a_state_write_after_delivery_keeps_the_delivery_record(open_any: 
     await store.save_job(job)  # job.delivered_at is still None in memory
     loaded = await store.get_job("j")
     assert loaded is not None and loaded.delivered_at == 6.0 and loaded.error_message == "written again"
+
+
+# -- PostgreSQL only ---------------------------------------------------------------------------------------
+
+
+async def test_postgres_processes_starting_together_migrate_once(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five stores opened at once on an empty database, then five more at once onto a new version."""
+    # Not idempotent on purpose: a migration that ran twice leaves two rows.
+    counted = ["INSERT INTO meta (key, value) VALUES ('ran-' || gen_random_uuid(), 'v4')"]
+
+    async def open_many() -> list[PgJobStore]:
+        stores = [PgJobStore(pg_url) for _ in range(5)]
+        await asyncio.gather(*(store.open() for store in stores))
+        return stores
+
+    for store in await open_many():
+        assert await store.ping()
+        await store.close()
+    monkeypatch.setattr(store_pg_module, "MIGRATIONS", [*store_pg_module.MIGRATIONS, counted])
+    stores = await open_many()
+    try:
+        conn = await asyncpg.connect(pg_url)
+        try:
+            versions = [row[0] for row in await conn.fetch("SELECT version FROM schema_version ORDER BY 1")]
+            runs = await conn.fetchval("SELECT count(*) FROM meta WHERE key LIKE 'ran-%'")
+        finally:
+            await conn.close()
+        assert versions == [1, 2, 3, 4]
+        assert runs == 1
+    finally:
+        for store in stores:
+            await store.close()
+
+
+def assert_readable(error: StoreError, store: PgJobStore) -> None:
+    """One line, names the database without its password, says what to check."""
+    assert "\n" not in error.message and "Traceback" not in error.message
+    assert PASSWORD not in error.message and PASSWORD not in str(error)
+    assert store.name in error.message and "DATABASE_URL" in error.message
+
+
+async def test_postgres_stopped_then_started_again_fails_readably_then_recovers(
+    pg_cluster: PgCluster, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the server is down every call raises StoreError (from writers busy at the time too); once it is
+    back the same store works again without being reopened."""
+    caplog.set_level("DEBUG")
+    store = PgJobStore(pg_url, min_size=2, max_size=4, connect_timeout_s=2)
+    await store.open()
+    stop_writing = asyncio.Event()
+    outcomes: list[str] = []
+
+    async def writer(n: int) -> None:
+        i = 0
+        while not stop_writing.is_set():
+            i += 1
+            try:
+                await store.save_job(make_job(f"w{n}-{i}"))
+                outcomes.append("ok")
+            except StoreError as exc:
+                assert_readable(exc, store)
+                outcomes.append("StoreError")
+            await asyncio.sleep(0.01)
+
+    writers = [asyncio.create_task(writer(n)) for n in range(4)]
+    try:
+        await store.save_job(make_job("before"))
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(pg_cluster.stop)
+        try:
+            for call in (store.get_job("before"), store.list_jobs(), store.set_meta("k", "v")):
+                with pytest.raises(StoreError, match="Cannot reach the PostgreSQL database") as info:
+                    await call
+                assert_readable(info.value, store)
+            assert await store.ping() is False
+            with pytest.raises(StoreError, match="Cannot connect to the PostgreSQL database") as info:
+                await PgJobStore(pg_url, connect_timeout_s=2).open()
+            assert_readable(info.value, store)
+        finally:
+            await asyncio.to_thread(pg_cluster.start)
+        # The first call after the restart works: the pool replaces the connections the server dropped.
+        job = await store.get_job("before")
+        assert job is not None and job.id == "before"
+        await store.save_job(make_job("after"))
+        assert await store.get_job("after") is not None
+        assert await store.ping() is True
+        await asyncio.sleep(0.2)
+    finally:
+        stop_writing.set()
+        await asyncio.gather(*writers)
+        await store.close()
+    assert "StoreError" in outcomes and outcomes[-4:] == ["ok"] * 4
+    assert PASSWORD not in caplog.text
+
+
+async def test_postgres_bad_login_and_missing_database_are_named_without_the_password(
+    pg_cluster: PgCluster, pg_url: str
+) -> None:
+    wrong = PgJobStore(pg_cluster.url("postgres", password="not-the-" + PASSWORD))
+    with pytest.raises(StoreError, match="refused the login") as info:
+        await wrong.open()
+    assert "not-the-" not in info.value.message and PASSWORD not in info.value.message
+    assert await wrong.ping() is False
+
+    missing = PgJobStore(pg_cluster.url("no_such_database"))
+    with pytest.raises(StoreError, match="does not exist") as info:
+        await missing.open()
+    assert_readable(info.value, missing)
+
+
+def test_safe_dsn_and_secrets_never_show_the_password() -> None:
+    from bot.engine.store_pg import dsn_secrets, safe_dsn
+
+    url = "postgresql://bot:p%40ss:w0rd@db.example:5433/imagine?sslmode=require"
+    assert safe_dsn(url) == "postgresql://bot@db.example:5433/imagine"
+    assert dsn_secrets(url) == ["p%40ss:w0rd", "p@ss:w0rd"]
+    assert repr(PgJobStore(url)) == "PgJobStore('postgresql://bot@db.example:5433/imagine')"
+    assert dsn_secrets("postgresql://bot@db/imagine") == []
+
+
+async def test_postgres_a_connection_dropped_unseen_is_replaced_by_the_first_call(
+    pg_cluster: PgCluster, pg_url: str
+) -> None:
+    """A restart the pool has not noticed yet (no chance to read the socket's EOF): the first call finds its
+    connection dead, and the store retries it once on a new one instead of failing it."""
+    async with PgJobStore(pg_url, min_size=1, max_size=1) as store:
+        await store.save_job(make_job("kept"))
+        # Blocking on purpose: the event loop must not run between stop and start.
+        pg_cluster.stop()
+        pg_cluster.start()
+        job = await store.get_job("kept")
+        assert job is not None and job.id == "kept"
