@@ -26,6 +26,13 @@ def restore_discord_endpoints() -> Any:
     discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
 
 
+@pytest.fixture(autouse=True)
+def no_database_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DATABASE_URL in the environment running the tests (CI services often set one) must not move every
+    test's bot onto that database: tests that want PostgreSQL ask for ``pg_url``."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+
+
 @pytest.fixture
 async def fake_discord() -> AsyncIterator[FakeDiscord]:
     async with FakeDiscord(token=TOKEN) as fake:

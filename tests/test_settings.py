@@ -32,6 +32,7 @@ ALL_NAMES = [
     "DATA_DIR",
     "CACHE_TTL_S",
     "CACHE_MAX_MB",
+    "DATABASE_URL",
     "HTTP_PORT",
     "LOG_LEVEL",
     "LOG_FORMAT",
@@ -169,3 +170,16 @@ def test_blank_values_in_env_file_mean_default(tmp_path: Path) -> None:
     assert settings.backend_concurrency == 4
     assert settings.discord_token is None
     assert settings.dev_guild_id is None
+
+
+def test_database_url_is_a_secret_and_must_be_postgresql(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().database_url is None  # unset: SQLite in DATA_DIR, as before
+    monkeypatch.setenv("DATABASE_URL", "mysql://bot:hunter2-secret@db/imagine")
+    with pytest.raises(SettingsError, match=r"DATABASE_URL: must be a postgresql://") as error:
+        load_settings(env_file=None)
+    assert "hunter2-secret" not in str(error.value)
+    monkeypatch.setenv("DATABASE_URL", " postgresql://bot:hunter2-secret@db:5432/imagine ")
+    settings = load_settings(env_file=None)
+    assert settings.database_url is not None
+    assert settings.database_url.get_secret_value() == "postgresql://bot:hunter2-secret@db:5432/imagine"
+    assert "hunter2-secret" not in repr(settings) and "hunter2-secret" not in str(settings.model_dump())
