@@ -55,13 +55,14 @@ async def fake_a1111() -> AsyncIterator[FakeA1111]:
 def pg_cluster() -> Iterator[PgCluster]:
     """One real PostgreSQL server for the whole session (started on first use, removed at the end).
 
-    Fails in CI and skips elsewhere when PostgreSQL is missing or will not start (see tests/pg.py); pytest
+    Fails in CI when PostgreSQL is missing or will not start, skips on a developer machine without the
+    binaries (see tests/pg.py); pytest
     remembers that outcome, so the other PostgreSQL tests report it without trying again.
     """
     try:
         cluster = start_cluster()
     except ClusterError as exc:
-        unavailable(str(exc))
+        unavailable(str(exc), missing=exc.missing)
     yield cluster
     cluster.destroy()
 

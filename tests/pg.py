@@ -5,7 +5,7 @@
 directory, listening on a free TCP port on 127.0.0.1 only. The superuser logs in over TCP with a password
 (scram), so the tests exercise the same ``postgresql://user:pass@host:port/db`` URLs operators write.
 
-Where the binaries come from: ``PG_BINDIR``, else ``pg_config --bindir``, else the newest
+Where the binaries come from: ``PG_BINDIR`` (only there, when set), else ``pg_config --bindir``, else the newest
 ``/usr/lib/postgresql/*/bin``, else ``initdb`` on PATH. When none is found, or the server will not start,
 :func:`unavailable` fails the test in CI (``CI`` set to true: ``.ci/run`` installs the server, so a missing
 one is a broken CI, not a reason to skip) and skips it, with the reason, on a developer machine.
@@ -34,25 +34,36 @@ START_TIMEOUT_S = 60
 
 
 class ClusterError(Exception):
-    """PostgreSQL could not be found or started; the message says which and how to fix it."""
+    """PostgreSQL could not be found or started; the message says which and how to fix it.
+
+    ``missing`` is True when the binaries are not installed (the only case a developer machine may skip).
+    """
+
+    def __init__(self, message: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
 
-def unavailable(reason: str) -> NoReturn:
-    """Fail in CI, skip elsewhere: a CI run must never pass without having run the PostgreSQL tests."""
+def unavailable(reason: str, *, missing: bool = True) -> NoReturn:
+    """Skip only when the binaries are missing on a developer machine; fail otherwise: a CI run must never
+    pass without having run the PostgreSQL tests, and a server that is installed but will not start is a bug."""
     if in_ci():
         pytest.fail(f"PostgreSQL tests cannot run in CI: {reason}", pytrace=False)
+    if not missing:
+        pytest.fail(f"PostgreSQL could not be started: {reason}", pytrace=False)
     pytest.skip(f"PostgreSQL not available: {reason}")
 
 
 def find_bindir() -> Path | None:
     """The directory holding ``initdb`` and ``pg_ctl``, or None."""
     candidates: list[Path] = []
-    if os.environ.get("PG_BINDIR"):
-        candidates.append(Path(os.environ["PG_BINDIR"]))
+    if os.environ.get("PG_BINDIR"):  # explicit: the only place to look
+        directory = Path(os.environ["PG_BINDIR"])
+        return directory if (directory / "initdb").is_file() and (directory / "pg_ctl").is_file() else None
     pg_config = shutil.which("pg_config")
     if pg_config:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -213,14 +224,21 @@ def start_cluster() -> PgCluster:
     """Find the binaries, init and start a cluster; ClusterError with the reason when that is impossible."""
     bindir = find_bindir()
     if bindir is None:
-        raise ClusterError(
-            "initdb/pg_ctl not found (looked at PG_BINDIR, pg_config --bindir, /usr/lib/postgresql/*/bin "
-            "and PATH); install the server package: apt-get install postgresql"
+        where = (
+            f"PG_BINDIR={os.environ['PG_BINDIR']} has no initdb/pg_ctl"
+            if os.environ.get("PG_BINDIR")
+            else "initdb/pg_ctl not found (looked at pg_config --bindir, /usr/lib/postgresql/*/bin and PATH)"
         )
+        raise ClusterError(f"{where}; install the server package: apt-get install postgresql", missing=True)
     cluster = PgCluster(bindir)
     try:
         cluster.init()
-        cluster.start()
+        try:
+            cluster.start()
+        except ClusterError:
+            # The free port may have been taken between choosing it and binding it: one more go.
+            cluster.port = free_port()
+            cluster.start()
     except BaseException:
         cluster.destroy()
         raise
