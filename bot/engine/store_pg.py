@@ -120,6 +120,14 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: Errors that mean "this address, user or password is wrong": retrying will not help.
+_LOGIN_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+)
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True when ``exc`` says the connection or server is gone (worth one retry on a fresh connection)."""
     # DataError (a value of the wrong type) subclasses InterfaceError but is the caller's mistake.
@@ -152,21 +160,24 @@ def dsn_secrets(dsn: str) -> list[str]:
 
 
 def _describe(exc: BaseException) -> str:
-    """One line about ``exc``: its first line of text, or its type when it has none."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, asyncio.TimeoutError) or not text:
-        return "timed out" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
-    return text
+    """One line about ``exc``: its first line of text, or what it is when it has none."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class PgJobStore:
     """Jobs, per-guild settings and small key/value metadata in a PostgreSQL database (``DATABASE_URL``)."""
 
+    #: ``min_size`` 0: connections open on demand and stay for asyncpg's idle lifetime (300 s), so a busy bot
+    #: keeps them warm, while an outage does not start asyncpg's "restore the floor" loop, which logs a
+    #: traceback per attempt.
     def __init__(
         self,
         dsn: str,
         *,
-        min_size: int = 1,
+        min_size: int = 0,
         max_size: int = 10,
         connect_timeout_s: float = 5.0,
         command_timeout_s: float = 10.0,
@@ -190,6 +201,13 @@ class PgJobStore:
         if self._pool is not None:
             return
         try:
+            _ = urlsplit(self._dsn).port  # parses host and port, raising ValueError for a bad one
+        except ValueError as exc:
+            raise StoreError(
+                f"DATABASE_URL is not a valid URL ({self._scrub(_describe(exc))}); "
+                "expected postgresql://user:pass@host:5432/db."
+            ) from None
+        try:
             pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=self.min_size,
@@ -205,6 +223,9 @@ class PgJobStore:
             pool.terminate()
             if isinstance(exc, StoreError):
                 raise
+            if is_connection_error(exc):
+                # The pool connects lazily (min_size 0): the migration is where a bad address shows.
+                raise self._unreachable(exc, "connect to") from None
             if isinstance(exc, Exception):
                 raise self._translate(exc, "migrate") from None
             raise
@@ -277,6 +298,8 @@ class PgJobStore:
         )
 
     def _translate(self, exc: BaseException, action: str) -> StoreError:
+        if isinstance(exc, _LOGIN_ERRORS):
+            return self._unreachable(exc, "connect to")
         if is_connection_error(exc):
             return self._unreachable(exc, "reach")
         return StoreError(f"Job store failed to {action} ({self.name}): {self._scrub(_describe(exc))}")

@@ -712,6 +712,17 @@ def test_safe_dsn_and_secrets_never_show_the_password() -> None:
     assert dsn_secrets("postgresql://bot@db/imagine") == []
 
 
+@pytest.mark.parametrize(
+    "url", ["postgresql://u:pw-secret@127.0.0.1:notaport/db", "postgresql://u:pw-secret@[::1/db"]
+)
+async def test_a_malformed_database_url_is_named_as_such(url: str) -> None:
+    with pytest.raises(
+        StoreError, match=r"DATABASE_URL is not a valid URL .*; expected postgresql://"
+    ) as info:
+        await PgJobStore(url).open()
+    assert "pw-secret" not in info.value.message
+
+
 async def test_postgres_a_connection_dropped_unseen_is_replaced_by_the_first_call(
     pg_cluster: PgCluster, pg_url: str
 ) -> None:
