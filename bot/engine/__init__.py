@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from bot.engine.cache import ResultCache
     from bot.engine.manager import JobManager
     from bot.engine.store import JobStore
+    from bot.engine.store_pg import PgJobStore
     from bot.settings import Settings
 
 
@@ -25,7 +26,7 @@ class Engine:
 
     settings: Settings
     session: aiohttp.ClientSession
-    store: JobStore
+    store: JobStore | PgJobStore  # SQLite in DATA_DIR, or PostgreSQL with DATABASE_URL: the same interface
     cache: ResultCache
     backend: Backend
     manager: JobManager

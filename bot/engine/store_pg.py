@@ -109,9 +109,8 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,  # includes ConnectionDoesNotExistError's siblings ("connection is closed")
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,  # "connection is closed", "pool is closing"
+    asyncpg.CannotConnectNowError,  # "the database system is starting up / shutting down"
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     # Raised by a pooled connection the server dropped in the middle of a statement ("another operation is
@@ -282,7 +281,7 @@ class PgJobStore:
         return text
 
     def _unreachable(self, exc: BaseException, action: str) -> StoreError:
-        if isinstance(exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError):
+        if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):  # wrong user or password
             return StoreError(
                 f"PostgreSQL refused the login to {self.name}: {self._scrub(_describe(exc))}; "
                 "check the user and password in DATABASE_URL."
@@ -309,13 +308,17 @@ class PgJobStore:
             raise StoreError(f"The job store {self.name} is not open.")
         return self._pool
 
-    async def _run(self, method: str, sql: str, params: Sequence[Any]) -> Any:
-        """One statement on a pooled connection, retried once if its connection turned out to be dead."""
+    async def _run(self, sql: str, params: Sequence[Any], *, rows: bool) -> list[Any]:
+        """One statement on a pooled connection (its rows when ``rows``), retried once if the connection
+        turned out to be dead; every failure becomes StoreError."""
         pool = self._require()
         for attempt in (1, 2):
             try:
                 async with pool.acquire(timeout=self.connect_timeout_s) as conn:
-                    return await getattr(conn, method)(sql, *params)
+                    if rows:
+                        return list(await conn.fetch(sql, *params))
+                    await conn.execute(sql, *params)
+                    return []
             except StoreError:
                 raise
             except Exception as exc:  # anything from the driver: a caller sees StoreError, never asyncpg's
@@ -325,8 +328,12 @@ class PgJobStore:
         raise AssertionError("unreachable")
 
     async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        """Rows of one statement (committed on return); every failure becomes StoreError."""
-        return list(await self._run("fetch", sql, params))
+        """Rows of one statement (committed on return)."""
+        return await self._run(sql, params, rows=True)
+
+    async def _execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """One statement whose rows nobody reads (committed on return)."""
+        await self._run(sql, params, rows=False)
 
     # -- health ---------------------------------------------------------------------------------------------
 
@@ -346,7 +353,7 @@ class PgJobStore:
 
     async def save_job(self, job: Job) -> None:
         """Insert or update every persisted field; durable when this returns."""
-        await self._run("execute", _UPSERT_JOB, _job_params(job))
+        await self._execute(_UPSERT_JOB, _job_params(job))
 
     async def get_job(self, job_id: str) -> Job | None:
         rows = await self._query(f"{_SELECT_JOBS} WHERE id = $1", (job_id,))
@@ -370,8 +377,7 @@ class PgJobStore:
 
     async def mark_delivered(self, job_id: str, *, at: float, error: str | None = None) -> None:
         """Record that a finished job's outcome was posted (``error`` None) or could not be (``error`` says why)."""
-        await self._run(
-            "execute",
+        await self._execute(
             "UPDATE jobs SET delivered_at = $1, delivery_error = $2 WHERE id = $3",
             (None if error else float(at), error, job_id),
         )
@@ -456,8 +462,7 @@ class PgJobStore:
     async def set_guild_settings(self, guild_id: int, values: dict[str, Any]) -> None:
         """Replace the guild's whole settings document."""
         document = json.dumps(values, separators=(",", ":"), sort_keys=True)
-        await self._run(
-            "execute",
+        await self._execute(
             "INSERT INTO guild_settings (guild_id, settings, updated_at) VALUES ($1, $2, $3) "
             "ON CONFLICT (guild_id) DO UPDATE SET settings = EXCLUDED.settings, updated_at = EXCLUDED.updated_at",
             (guild_id, document, time.time()),
@@ -468,8 +473,7 @@ class PgJobStore:
         return rows[0][0] if rows else None
 
     async def set_meta(self, key: str, value: str) -> None:
-        await self._run(
-            "execute",
+        await self._execute(
             "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
             (key, value),
         )
