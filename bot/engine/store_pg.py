@@ -199,13 +199,7 @@ class PgJobStore:
         """Connect and migrate; raise a one-line StoreError if the database cannot be used."""
         if self._pool is not None:
             return
-        try:
-            _ = urlsplit(self._dsn).port  # parses host and port, raising ValueError for a bad one
-        except ValueError as exc:
-            raise StoreError(
-                f"DATABASE_URL is not a valid URL ({self._scrub(_describe(exc))}); "
-                "expected postgresql://user:pass@host:5432/db."
-            ) from None
+        self._check_url()
         try:
             pool = await asyncpg.create_pool(
                 self._dsn,
@@ -230,6 +224,47 @@ class PgJobStore:
             raise
         self._pool = pool
         log.info("job store open at %s (schema v%d)", self.name, version)
+
+    def _check_url(self) -> None:
+        try:
+            _ = urlsplit(self._dsn).port  # parses host and port, raising ValueError for a bad one
+        except ValueError as exc:
+            raise StoreError(
+                f"DATABASE_URL is not a valid URL ({self._scrub(_describe(exc))}); "
+                "expected postgresql://user:pass@host:5432/db."
+            ) from None
+
+    async def probe(self) -> str:
+        """For ``python -m bot check``: connect once, change nothing, and describe the server and the schema;
+        StoreError (the same sentences as ``open``) when the database cannot be used."""
+        self._check_url()
+        try:
+            conn = await asyncpg.connect(self._dsn, timeout=self.connect_timeout_s)
+        except Exception as exc:
+            raise self._unreachable(exc, "connect to") from None
+        try:
+            server = conn.get_server_version()
+            if await conn.fetchval("SELECT to_regclass('schema_version') IS NULL"):
+                version = 0
+            else:
+                version = int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version"))
+        except Exception as exc:
+            raise self._translate(exc, "read the schema version") from None
+        finally:
+            await conn.close(timeout=self.connect_timeout_s)
+        target = len(MIGRATIONS)
+        if version > target:
+            raise StoreError(
+                f"The database {self.name} has schema version {version}, newer than this bot "
+                f"understands ({target}); run a newer version of the bot or point DATABASE_URL elsewhere."
+            )
+        if version == 0:
+            schema = "empty: the bot creates its tables on the first start"
+        elif version < target:
+            schema = f"schema v{version}, upgraded to v{target} on the next start"
+        else:
+            schema = f"schema v{version}"
+        return f"{self.name}, PostgreSQL {server.major}.{server.minor}, {schema}"
 
     async def _migrate(self, pool: asyncpg.Pool) -> int:
         target = len(MIGRATIONS)

@@ -14,7 +14,7 @@ from bot.service.check import invite_url, required_permissions, run_check
 from bot.settings import load_settings
 from tests.conftest import TOKEN
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (what PYTHONPATH must name)
 
 #: View Channel (1<<10) + Send Messages (1<<11) + Embed Links (1<<14) + Attach Files (1<<15)
 #: + Read Message History (1<<16), written out so a change to required_permissions() shows up here.
@@ -140,3 +140,35 @@ def test_permissions_are_exactly_what_the_bot_needs() -> None:
         f"&permissions={PERMISSIONS}"
     )
     assert discord.Permissions(PERMISSIONS) == perms
+
+
+async def test_check_with_database_url_describes_the_database_and_changes_nothing(
+    fake_discord, fake_openai, tmp_path, pg_cluster, pg_url
+) -> None:
+    from bot.engine.store_pg import PgJobStore, safe_dsn
+    from tests.pg import PASSWORD
+
+    common = {
+        "discord_token": TOKEN,
+        "discord_api_base": fake_discord.api_base,
+        "image_backend": "openai",
+        "image_backend_url": fake_openai.url,
+        "data_dir": tmp_path / "data",
+    }
+    status, out, err = await run_cli(tmp_path, database_url=pg_url, **common)
+    assert status == 0, out + err
+    assert f"database: ok ({safe_dsn(pg_url)}, PostgreSQL 1" in out
+    assert "empty: the bot creates its tables on the first start" in out
+    async with PgJobStore(pg_url):  # a first start creates the tables
+        pass
+    status, out, err = await run_cli(tmp_path, database_url=pg_url, **common)
+    assert status == 0 and "schema v3)" in out, out + err
+
+    wrong = pg_cluster.url("postgres", password="wrong-" + PASSWORD)
+    status, out, err = await run_cli(tmp_path, database_url=wrong, **common)
+    assert status == 1
+    problems = [line for line in out.splitlines() if "problem:" in line]
+    assert len(problems) == 1 and problems[0].startswith("database: problem: PostgreSQL refused the login"), (
+        out
+    )
+    assert PASSWORD not in out + err and "Traceback" not in out + err
