@@ -64,6 +64,16 @@ def fail(message: str, status: int = 1) -> int:
     return status
 
 
+def log_secrets(settings: Settings) -> list[str]:
+    """Every secret the logs must scrub: the token, the backend key and the database password."""
+    secrets = [s.get_secret_value() for s in (settings.discord_token, settings.image_backend_api_key) if s]
+    if settings.database_url is not None:
+        from bot.engine.store_pg import dsn_secrets
+
+        secrets.extend(dsn_secrets(settings.database_url.get_secret_value()))
+    return secrets
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -72,8 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc), EXIT_CONFIG)
     from bot.logs import configure_logging
 
-    secrets = [s.get_secret_value() for s in (settings.discord_token, settings.image_backend_api_key) if s]
-    configure_logging(settings.log_level, settings.log_format, secrets)
+    configure_logging(settings.log_level, settings.log_format, log_secrets(settings))
     try:
         return asyncio.run(_dispatch(settings, args))
     except KeyboardInterrupt:

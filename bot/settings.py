@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(default=7 * 24 * 3600, ge=0)
     cache_max_mb: int = Field(default=1024, ge=0)
 
+    # Database: unset, the job store is SQLite in DATA_DIR (one process); set, it is this PostgreSQL database.
+    database_url: SecretStr | None = Field(
+        default=None, description="postgresql://user:pass@host:5432/db; the password is a secret"
+    )
+
     # Operations
     http_port: int = Field(default=8080, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -174,6 +179,21 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value.strip() if isinstance(value, str) else value
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _database_url(cls, value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if not value:
+            return None
+        # The message never repeats the value: it holds a password.
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql://user:pass@host:5432/db URL")
+        return value
 
     @field_validator("discord_api_base", "discord_gateway_url", "image_backend_url")
     @classmethod

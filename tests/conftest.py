@@ -1,8 +1,9 @@
-"""Fixtures every test package shares: the wire-level fakes, started and stopped per test."""
+"""Fixtures every test package shares: the wire-level fakes, started and stopped per test, and one real
+PostgreSQL cluster per session with a fresh database per test."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import discord
@@ -11,6 +12,7 @@ import pytest
 from tests.fakes.a1111 import FakeA1111
 from tests.fakes.discord import FakeDiscord
 from tests.fakes.openai_api import FakeOpenAI
+from tests.pg import ClusterError, PgCluster, start_cluster, unavailable
 
 #: The bot token the fake Discord accepts in tests.
 TOKEN = "test-token-abcdef123456"
@@ -22,6 +24,13 @@ def restore_discord_endpoints() -> Any:
     base, gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
     yield
     discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
+
+
+@pytest.fixture(autouse=True)
+def no_database_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DATABASE_URL in the environment running the tests (CI services often set one) must not move every
+    test's bot onto that database: tests that want PostgreSQL ask for ``pg_url``."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
 
 
 @pytest.fixture
@@ -40,3 +49,25 @@ async def fake_openai() -> AsyncIterator[FakeOpenAI]:
 async def fake_a1111() -> AsyncIterator[FakeA1111]:
     async with FakeA1111() as fake:
         yield fake
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One real PostgreSQL server for the whole session (started on first use, removed at the end).
+
+    Fails in CI when PostgreSQL is missing or will not start, skips on a developer machine without the
+    binaries (see tests/pg.py); pytest
+    remembers that outcome, so the other PostgreSQL tests report it without trying again.
+    """
+    try:
+        cluster = start_cluster()
+    except ClusterError as exc:
+        unavailable(str(exc), missing=exc.missing)
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    """The URL of a fresh, empty database on the session's cluster (its own for each test)."""
+    return pg_cluster.create_database()

@@ -101,3 +101,19 @@ def test_interaction_tokens_are_redacted_too(stderr) -> None:
     out = stderr()
     assert token not in out and "aW50ZXJhY3Rpb246" not in out
     assert "/webhooks/1/[redacted]/messages/@original" in out
+
+
+def test_the_database_password_never_appears(stderr, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DATABASE_URL's password is scrubbed like the token, as written (percent-encoded) and decoded."""
+    from bot.__main__ import log_secrets
+    from bot.settings import load_settings
+
+    url = "postgresql://bot:p%40ss-w0rd-xyz@db:5432/imagine"
+    monkeypatch.setenv("DATABASE_URL", url)
+    configure_logging("INFO", "text", log_secrets(load_settings(env_file=None)))
+    log = logging.getLogger("bot.test")
+    log.warning("connecting to %s", url)
+    log.warning("driver said: password p@ss-w0rd-xyz rejected")
+    output = stderr()
+    assert "p%40ss-w0rd-xyz" not in output and "p@ss-w0rd-xyz" not in output
+    assert output.count("[redacted]") == 2

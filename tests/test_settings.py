@@ -192,3 +192,16 @@ def test_settings_know_which_env_file_they_read(tmp_path: Path, monkeypatch: pyt
     assert settings.user_max_jobs == 5
     assert settings.env_file_read == tmp_path / ".env"
     assert settings.env_file_note() == f"read {tmp_path / '.env'}"
+
+
+def test_database_url_is_a_secret_and_must_be_postgresql(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().database_url is None  # unset: SQLite in DATA_DIR, as before
+    monkeypatch.setenv("DATABASE_URL", "mysql://bot:hunter2-secret@db/imagine")
+    with pytest.raises(SettingsError, match=r"DATABASE_URL: must be a postgresql://") as error:
+        load_settings(env_file=None)
+    assert "hunter2-secret" not in str(error.value)
+    monkeypatch.setenv("DATABASE_URL", " postgresql://bot:hunter2-secret@db:5432/imagine ")
+    settings = load_settings(env_file=None)
+    assert settings.database_url is not None
+    assert settings.database_url.get_secret_value() == "postgresql://bot:hunter2-secret@db:5432/imagine"
+    assert "hunter2-secret" not in repr(settings) and "hunter2-secret" not in str(settings.model_dump())

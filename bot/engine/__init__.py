@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from bot.engine.manager import JobManager
     from bot.engine.retention import RetentionTask
     from bot.engine.store import JobStore
+    from bot.engine.store_pg import PgJobStore
     from bot.settings import Settings
 
 
@@ -26,7 +27,7 @@ class Engine:
 
     settings: Settings
     session: aiohttp.ClientSession
-    store: JobStore
+    store: JobStore | PgJobStore  # SQLite in DATA_DIR, or PostgreSQL with DATABASE_URL: the same interface
     cache: ResultCache
     backend: Backend
     manager: JobManager

@@ -516,6 +516,7 @@ class JobManager:
             except GenerationError as exc:
                 self._leave(tracked)
                 self.alerts.report(exc)
+                job.error_advice = exc.advice
                 state = JobState.TIMED_OUT if exc.reason is FailureReason.TIMEOUT else JobState.FAILED
                 await self._finish(tracked, state, error_reason=exc.reason.value, error_message=exc.message)
             except Exception:

@@ -176,8 +176,15 @@ class Job:
     cancelled_by: str | None = None
     #: The backend's own id for the submitted generation (AI Horde), to follow it up after a restart.
     backend_ref: str | None = None
+    #: When the outcome was posted to the requester (or why it could not be): the job is done for the user.
+    #: Beside the state, not a state: quotas, /show and metrics keep reading SUCCEEDED. Written only by
+    #: ``JobStore.mark_delivered``, so a state write racing a delivery can never undo its record.
+    delivered_at: float | None = None
+    delivery_error: str | None = None
     #: Not persisted: live only for this process.
     result: GenerationResult | None = None
+    #: What the operator should change, when the failure was theirs to fix (never shown to members).
+    error_advice: str | None = None
     queue_position: int | None = None
     progress: Progress | None = None
 

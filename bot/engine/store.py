@@ -2,6 +2,10 @@
 
 Every write commits before it returns (autocommit, WAL). A damaged file is moved aside, never deleted, so an
 operator can still look at it; the bot then starts with an empty store instead of crash-looping.
+
+A job's state and its delivery are separate facts: ``save_job`` writes the state (the manager's), and
+``mark_delivered`` records that the outcome reached the requester (the frontend's). A finished job with a
+message and neither ``delivered_at`` nor ``delivery_error`` was never posted: ``undelivered_jobs`` finds it.
 """
 
 from __future__ import annotations
@@ -64,6 +68,14 @@ MIGRATIONS: list[Sequence[str]] = [
     ),
     # v2: the backend's own id for a submitted generation (AI Horde), so a restart can follow it up.
     ("ALTER TABLE jobs ADD COLUMN backend_ref TEXT",),
+    # v3: delivery is recorded beside the state. Jobs already finished before the upgrade count as delivered
+    # (the old process posted them or never will), so a restart does not post years of history again.
+    (
+        "ALTER TABLE jobs ADD COLUMN delivered_at REAL",
+        "ALTER TABLE jobs ADD COLUMN delivery_error TEXT",
+        "UPDATE jobs SET delivered_at = COALESCE(finished_at, created_at) WHERE state NOT IN ('queued', 'running')",
+        "CREATE INDEX jobs_undelivered ON jobs (state) WHERE delivered_at IS NULL AND delivery_error IS NULL",
+    ),
 ]
 
 _JOB_COLUMNS = (
@@ -87,12 +99,15 @@ _JOB_COLUMNS = (
     "cancelled_by",
     "backend_ref",
 )
-_SELECT_JOBS = f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs"
+#: Read with the rest, written only by ``mark_delivered``: ``save_job`` never touches them.
+_DELIVERY_COLUMNS = ("delivered_at", "delivery_error")
+_SELECT_JOBS = f"SELECT {', '.join(_JOB_COLUMNS + _DELIVERY_COLUMNS)} FROM jobs"
 # One statement, the same text every time: sqlite3's statement cache prepares it once per connection.
 _UPSERT_JOB = (
     f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({', '.join('?' * len(_JOB_COLUMNS))}) "
     f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _JOB_COLUMNS[1:])}"
 )
+_UNFINISHED = (JobState.QUEUED.value, JobState.RUNNING.value)
 
 # SQLite primary result codes (exceptions carry the extended code; the low byte is the primary one).
 _SQLITE_PERM = 3
@@ -219,7 +234,7 @@ def _job_params(job: Job) -> tuple[Any, ...]:
 
 def _job_from_row(row: Sequence[Any]) -> Job | None:
     """Rebuild a Job; a row this code cannot read is logged and skipped rather than failing the whole query."""
-    values = dict(zip(_JOB_COLUMNS, row, strict=True))
+    values = dict(zip(_JOB_COLUMNS + _DELIVERY_COLUMNS, row, strict=True))
     try:
         return Job(
             id=values["id"],
@@ -241,6 +256,8 @@ def _job_from_row(row: Sequence[Any]) -> Job | None:
             error_message=values["error_message"],
             cancelled_by=values["cancelled_by"],
             backend_ref=values["backend_ref"],
+            delivered_at=values["delivered_at"],
+            delivery_error=values["delivery_error"],
         )
     except (ValueError, TypeError, KeyError) as exc:
         log.warning("skipping unreadable job row %r: %s", values.get("id"), exc)
@@ -423,9 +440,29 @@ class JobStore:
         """Jobs still queued or running, oldest first: after a restart these were left by a dead process."""
         rows = await self._query(
             f"{_SELECT_JOBS} WHERE state IN (?, ?) ORDER BY created_at, rowid",
-            (JobState.QUEUED.value, JobState.RUNNING.value),
+            _UNFINISHED,
         )
         return [job for row in rows if (job := _job_from_row(row)) is not None]
+
+    async def undelivered_jobs(self) -> list[Job]:
+        """Finished jobs with a Discord message whose outcome was never posted (the process died while posting
+        or before), oldest first: after a restart these are posted again."""
+        rows = await self._query(
+            f"{_SELECT_JOBS} WHERE state NOT IN (?, ?) AND delivered_at IS NULL AND delivery_error IS NULL "
+            "AND message_ref IS NOT NULL ORDER BY created_at, rowid",
+            _UNFINISHED,
+        )
+        return [job for row in rows if (job := _job_from_row(row)) is not None]
+
+    async def mark_delivered(self, job_id: str, *, at: float, error: str | None = None) -> None:
+        """Record that a finished job's outcome was posted (``error`` None) or could not be (``error`` says why).
+
+        Either way the job is settled for delivery: a restart does not post it again.
+        """
+        await self._query(
+            "UPDATE jobs SET delivered_at = ?, delivery_error = ? WHERE id = ?",
+            (None if error else at, error, job_id),
+        )
 
     async def list_jobs(
         self,

@@ -93,7 +93,12 @@ class Report:
 
 def _secrets(settings: Settings) -> list[str]:
     values = (settings.discord_token, settings.image_backend_api_key)
-    return [s.get_secret_value().strip() for s in values if s and len(s.get_secret_value().strip()) >= 4]
+    secrets = [s.get_secret_value().strip() for s in values if s and len(s.get_secret_value().strip()) >= 4]
+    if settings.database_url is not None:
+        from bot.engine.store_pg import dsn_secrets
+
+        secrets.extend(dsn_secrets(settings.database_url.get_secret_value()))
+    return secrets
 
 
 def _short(exc: BaseException) -> str:
@@ -285,6 +290,21 @@ async def check_data_dir(settings: Settings, report: Report) -> None:
     report.ok("data dir", f"{directory} is writable")
 
 
+async def check_database(settings: Settings, report: Report) -> None:
+    """With DATABASE_URL: PostgreSQL answers, the login works and the schema is one this bot can use."""
+    if settings.database_url is None:
+        return
+    from bot.engine.store import StoreError
+    from bot.engine.store_pg import PgJobStore
+
+    try:
+        detail = await PgJobStore(settings.database_url.get_secret_value()).probe()
+    except StoreError as exc:
+        report.problem("database", exc.message)
+        return
+    report.ok("database", detail)
+
+
 async def run_check(settings: Settings) -> int:
     """Runs every check (one failing does not stop the others); 0 when all passed, 1 otherwise."""
     report = Report(secrets=_secrets(settings))
@@ -297,6 +317,7 @@ async def run_check(settings: Settings) -> int:
             await check_backend(settings, session, report)
             await check_discord(settings, session, report)
         await check_data_dir(settings, report)
+        await check_database(settings, report)
     except Exception as exc:  # a bug in a check must still end in a line, not a traceback
         report.problem("check", f"unexpected error: {_short(exc)}")
     return _summary(report, report.problems)

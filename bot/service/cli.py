@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -50,6 +51,8 @@ async def run_imagine(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     from bot.service.runtime import open_engine
 
+    # The operator's WARNING line would say again what the one error line below says.
+    logging.getLogger("bot.engine.alerts").setLevel(logging.ERROR)
     async with open_engine(settings) as engine:
         if not args.size:
             width, height = engine.backend.capabilities.default_size
@@ -70,7 +73,8 @@ async def run_imagine(settings: Settings, args: argparse.Namespace) -> int:
             return 2
         await engine.manager.wait(job.id)
         if job.state is not JobState.SUCCEEDED or job.result is None:
-            print(f"error: {job.error_message or job.state.value}", file=sys.stderr)
+            # Whoever runs the command line is the operator: the advice is for them.
+            print(f"error: {job.error_advice or job.error_message or job.state.value}", file=sys.stderr)
             return 1
         images = job.result.images
         paths = output_paths(args.out, len(images), images[0].extension)

@@ -14,6 +14,7 @@ from bot.engine.cache import ResultCache
 from bot.engine.manager import JobManager
 from bot.engine.retention import RetentionTask
 from bot.engine.store import JobStore
+from bot.engine.store_pg import PgJobStore
 from bot.settings import Settings
 
 USER_AGENT = f"imagine-bot/{__version__} (+self-hosted)"
@@ -28,14 +29,23 @@ def make_session() -> aiohttp.ClientSession:
     )
 
 
+def open_store(settings: Settings) -> JobStore | PgJobStore:
+    """The job store the settings ask for (not yet opened): PostgreSQL with DATABASE_URL, else SQLite."""
+    if settings.database_url is not None:
+        return PgJobStore(settings.database_url.get_secret_value())
+    return JobStore(settings.data_dir / "bot.sqlite3")
+
+
 @contextlib.asynccontextmanager
 async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
     """Store, cache, HTTP session, backend, manager and the retention task, opened in order, closed in reverse.
 
+    The store is PostgreSQL when DATABASE_URL is set; the image cache stays in DATA_DIR either way.
+
     The manager is shut down with no grace here; callers that want a drain call ``shutdown`` first.
     """
     data_dir = settings.data_dir
-    store = JobStore(data_dir / "bot.sqlite3")
+    store = open_store(settings)
     await store.open()
     try:
         cache = ResultCache(

@@ -1,7 +1,14 @@
-"""The job store against real SQLite files in a temporary directory."""
+"""The job store, one suite for both kinds: real SQLite files in a temporary directory and a real PostgreSQL
+database (a fresh one per test, on the session's cluster: tests/pg.py).
+
+Tests taking ``kind``/``open_any`` run on both stores; tests about SQLite files (corruption moved aside, a
+locked file, old file versions) stay SQLite-only, and PostgreSQL's own faults (concurrent migrations, a
+server stopped and started again) are in the PostgreSQL section at the end.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import subprocess
@@ -9,26 +16,108 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
+import asyncpg
 import pytest
 
 from bot.engine import store as store_module
+from bot.engine import store_pg as store_pg_module
 from bot.engine.models import ImageRequest, Job, JobState
 from bot.engine.store import JobStore, StoreCorrupt, StoreError, StoreLocked
+from bot.engine.store_pg import PgJobStore
+from tests.pg import PASSWORD, PgCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 OpenStore = Callable[..., Awaitable[JobStore]]
+AnyStore = JobStore | PgJobStore
 
 
 @pytest.fixture
 async def open_store(tmp_path: Path) -> AsyncIterator[OpenStore]:
-    """Factory that opens stores (default file in tmp_path) and closes every one it opened."""
+    """Factory that opens SQLite stores (default file in tmp_path) and closes every one it opened."""
     opened: list[JobStore] = []
 
     async def factory(path: Path | None = None, **kwargs: float) -> JobStore:
         store = JobStore(path or tmp_path / "data" / "bot.sqlite3", **kwargs)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        await store.close()
+
+
+@dataclass
+class Kind:
+    """One kind of store on one (empty) database, and how a test reaches that database from outside."""
+
+    name: str
+    module: ModuleType  # holds the kind's MIGRATIONS
+    location: str  # a file path or a URL
+    raw: Callable[[str], Awaitable[list[tuple[Any, ...]]]]  # SQL run beside the store, not through it
+
+    def make(self) -> AnyStore:
+        """A new, unopened store on this kind's database."""
+        if self.name == "sqlite":
+            return JobStore(Path(self.location))
+        return PgJobStore(self.location)
+
+    def constructor(self) -> str:
+        """Python source building the same store in another process."""
+        if self.name == "sqlite":
+            return f"__import__('bot.engine.store').engine.store.JobStore(Path({self.location!r}))"
+        return f"__import__('bot.engine.store_pg').engine.store_pg.PgJobStore({self.location!r})"
+
+    async def version(self) -> int:
+        if self.name == "sqlite":
+            return (await self.raw("PRAGMA user_version"))[0][0]
+        return (await self.raw("SELECT COALESCE(MAX(version), 0) FROM schema_version"))[0][0]
+
+    async def columns(self) -> list[str]:
+        if self.name == "sqlite":
+            return [row[1] for row in await self.raw("PRAGMA table_info(jobs)")]
+        rows = await self.raw("SELECT column_name FROM information_schema.columns WHERE table_name = 'jobs'")
+        return [row[0] for row in rows]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def kind(request: pytest.FixtureRequest, tmp_path: Path) -> Kind:
+    if request.param == "sqlite":
+        path = tmp_path / "data" / "bot.sqlite3"
+
+        async def raw_sqlite(sql: str) -> list[tuple[Any, ...]]:
+            with sqlite3.connect(path, isolation_level=None) as db:
+                return list(db.execute(sql).fetchall())
+
+        return Kind("sqlite", store_module, str(path), raw_sqlite)
+    url: str = request.getfixturevalue("pg_url")
+
+    async def raw_pg(sql: str) -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [tuple(row) for row in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    return Kind("postgres", store_pg_module, url, raw_pg)
+
+
+OpenAny = Callable[[], Awaitable[AnyStore]]
+
+
+@pytest.fixture
+async def open_any(kind: Kind) -> AsyncIterator[OpenAny]:
+    """Factory that opens stores of the test's kind on its database and closes every one it opened."""
+    opened: list[AnyStore] = []
+
+    async def factory() -> AnyStore:
+        store = kind.make()
         await store.open()
         opened.append(store)
         return store
@@ -102,8 +191,8 @@ PERSISTED = [
 ]
 
 
-async def test_round_trip_of_every_persisted_field(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_round_trip_of_every_persisted_field(open_any: OpenAny) -> None:
+    store = await open_any()
     job = full_job()
     await store.save_job(job)
     loaded = await store.get_job(job.id)
@@ -114,8 +203,8 @@ async def test_round_trip_of_every_persisted_field(open_store: OpenStore) -> Non
     assert loaded.result is None and loaded.progress is None and loaded.queue_position is None
 
 
-async def test_save_job_updates_in_place(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_save_job_updates_in_place(open_any: OpenAny) -> None:
+    store = await open_any()
     job = make_job("j1")
     await store.save_job(job)
     job.state = JobState.SUCCEEDED
@@ -142,18 +231,17 @@ def run_python(code: str) -> str:
     return completed.stdout
 
 
-async def test_a_job_written_here_is_read_by_another_process(open_store: OpenStore, tmp_path: Path) -> None:
-    store = await open_store()
+async def test_a_job_written_here_is_read_by_another_process(open_any: OpenAny, kind: Kind) -> None:
+    store = await open_any()
     await store.save_job(full_job())
     # No close(): save_job alone must have made it durable and visible.
     out = run_python(
         f"""
         import asyncio
         from pathlib import Path
-        from bot.engine.store import JobStore
 
         async def main():
-            async with JobStore(Path({str(store.path)!r})) as store:
+            async with {kind.constructor()} as store:
                 job = await store.get_job("job-full")
                 print(job.request.prompt, job.state.value, job.seeds, job.message_ref["message"])
 
@@ -163,19 +251,15 @@ async def test_a_job_written_here_is_read_by_another_process(open_store: OpenSto
     assert out.strip() == "a lighthouse at dusk failed [7, None] 777"
 
 
-async def test_a_job_written_by_a_dead_process_is_found_unfinished(
-    tmp_path: Path, open_store: OpenStore
-) -> None:
-    path = tmp_path / "data" / "bot.sqlite3"
+async def test_a_job_written_by_a_dead_process_is_found_unfinished(open_any: OpenAny, kind: Kind) -> None:
     run_python(
         f"""
         import asyncio, os
         from pathlib import Path
         from bot.engine.models import ImageRequest, Job, JobState
-        from bot.engine.store import JobStore
 
         async def main():
-            store = JobStore(Path({str(path)!r}))
+            store = {kind.constructor()}
             await store.open()
             await store.save_job(Job(id="left", request=ImageRequest("cat"), guild_id=1, user_id=2,
                                      state=JobState.RUNNING, created_at=5.0))
@@ -184,13 +268,13 @@ async def test_a_job_written_by_a_dead_process_is_found_unfinished(
         asyncio.run(main())
         """
     )
-    store = await open_store(path)
+    store = await open_any()
     unfinished = await store.unfinished_jobs()
     assert [(j.id, j.state) for j in unfinished] == [("left", JobState.RUNNING)]
 
 
-async def test_unfinished_jobs_are_queued_or_running_oldest_first(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_unfinished_jobs_are_queued_or_running_oldest_first(open_any: OpenAny) -> None:
+    store = await open_any()
     await store.save_job(make_job("new-queued", state=JobState.QUEUED, created_at=30.0))
     await store.save_job(make_job("old-running", state=JobState.RUNNING, created_at=10.0))
     await store.save_job(make_job("mid-queued", state=JobState.QUEUED, created_at=20.0))
@@ -200,8 +284,8 @@ async def test_unfinished_jobs_are_queued_or_running_oldest_first(open_store: Op
     assert ids == ["old-running", "mid-queued", "new-queued"]
 
 
-async def test_list_jobs_filters_and_orders_newest_first(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_list_jobs_filters_and_orders_newest_first(open_any: OpenAny) -> None:
+    store = await open_any()
     await store.save_job(make_job("a", guild_id=1, user_id=10, state=JobState.SUCCEEDED, created_at=1.0))
     await store.save_job(make_job("b", guild_id=1, user_id=11, state=JobState.FAILED, created_at=2.0))
     await store.save_job(make_job("c", guild_id=2, user_id=10, state=JobState.SUCCEEDED, created_at=3.0))
@@ -220,8 +304,8 @@ async def test_list_jobs_filters_and_orders_newest_first(open_store: OpenStore) 
     assert await ids(limit=2) == ["d", "c"]
 
 
-async def test_count_images_since_counts_only_fresh_successes_in_range(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_count_images_since_counts_only_fresh_successes_in_range(open_any: OpenAny) -> None:
+    store = await open_any()
     # Images are counted by their seeds (one per image, None when unknown): image refs exist only with a cache.
     two, three = [1, None], [5, 6, 7]
 
@@ -242,8 +326,8 @@ async def test_count_images_since_counts_only_fresh_successes_in_range(open_stor
     assert await store.count_images_since(guild_id=5, user_id=5, since=0.0) == 0
 
 
-async def test_guild_settings_and_meta(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_guild_settings_and_meta(open_any: OpenAny) -> None:
+    store = await open_any()
     assert await store.get_guild_settings(1) == {}
     await store.set_guild_settings(1, {"nsfw": True, "max_count": 2, "models": ["a", "b"]})
     await store.set_guild_settings(2, {"nsfw": False})
@@ -258,8 +342,8 @@ async def test_guild_settings_and_meta(open_store: OpenStore) -> None:
     assert await store.get_meta("commands_hash") == "def"
 
 
-async def test_ping_and_closed_store(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "bot.sqlite3")
+async def test_ping_and_closed_store(kind: Kind) -> None:
+    store = kind.make()
     assert await store.ping() is False
     async with store:
         assert await store.ping() is True
@@ -280,7 +364,7 @@ async def test_empty_v0_file_is_migrated_and_the_setup_is_applied(
     path.touch()
     store = await open_store(path)
     await store.save_job(make_job("j"))
-    assert user_version(path) == len(store_module.MIGRATIONS) == 2
+    assert user_version(path) == len(store_module.MIGRATIONS) == 3
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
@@ -288,19 +372,17 @@ async def test_empty_v0_file_is_migrated_and_the_setup_is_applied(
 
 
 async def test_older_schema_is_migrated_forward(
-    tmp_path: Path, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+    open_any: OpenAny, kind: Kind, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "bot.sqlite3"
-    store = await open_store(path)
+    store = await open_any()
     await store.save_job(make_job("kept"))
     await store.close()
-    v2 = ["ALTER TABLE jobs ADD COLUMN note TEXT", "UPDATE jobs SET note = 'migrated'"]
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, v2])
-    store = await open_store(path)
+    v4 = ["ALTER TABLE jobs ADD COLUMN note TEXT", "UPDATE jobs SET note = 'migrated'"]
+    monkeypatch.setattr(kind.module, "MIGRATIONS", [*kind.module.MIGRATIONS, v4])
+    store = await open_any()
     assert await store.get_job("kept") is not None
-    assert user_version(path) == 3
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT note FROM jobs").fetchall() == [("migrated",)]
+    assert await kind.version() == 4
+    assert await kind.raw("SELECT note FROM jobs") == [("migrated",)]
 
 
 async def test_a_version_1_database_gains_backend_ref(tmp_path: Path, open_store: OpenStore) -> None:
@@ -320,35 +402,35 @@ async def test_a_version_1_database_gains_backend_ref(tmp_path: Path, open_store
     job.backend_ref = "abc"
     await store.save_job(job)
     assert (await store.get_job("old")).backend_ref == "abc"  # type: ignore[union-attr]
-    assert user_version(path) == 2
+    assert user_version(path) == len(store_module.MIGRATIONS)
 
 
 async def test_a_failing_migration_rolls_back(
-    tmp_path: Path, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+    open_any: OpenAny, kind: Kind, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "bot.sqlite3"
-    await (await open_store(path)).close()
+    await (await open_any()).close()
     broken = ["ALTER TABLE jobs ADD COLUMN note TEXT", "THIS IS NOT SQL"]
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, broken])
-    with pytest.raises(StoreError):
-        await JobStore(path).open()
-    assert user_version(path) == 2
-    with sqlite3.connect(path) as db:
-        columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
-    assert "note" not in columns
+    monkeypatch.setattr(kind.module, "MIGRATIONS", [*kind.module.MIGRATIONS, broken])
+    with pytest.raises(StoreError) as info:
+        await kind.make().open()
+    assert "\n" not in info.value.message
+    assert await kind.version() == 3
+    assert "note" not in await kind.columns()
 
 
-async def test_a_newer_schema_refuses_to_open(tmp_path: Path) -> None:
-    path = tmp_path / "bot.sqlite3"
-    with sqlite3.connect(path) as db:
-        db.execute("PRAGMA user_version = 99")
-    store = JobStore(path)
-    with pytest.raises(StoreError, match=r"schema version 99, newer than this bot understands \(2\)") as info:
+async def test_a_newer_schema_refuses_to_open(open_any: OpenAny, kind: Kind) -> None:
+    await (await open_any()).close()
+    if kind.name == "sqlite":
+        await kind.raw("PRAGMA user_version = 99")
+    else:
+        await kind.raw("INSERT INTO schema_version (version) VALUES (99)")
+    store = kind.make()
+    with pytest.raises(StoreError, match=r"schema version 99, newer than this bot understands \(3\)") as info:
         await store.open()
     assert type(info.value) is StoreError
     assert "\n" not in info.value.message
     assert await store.ping() is False
-    assert user_version(path) == 99  # left untouched
+    assert await kind.version() == 99  # left untouched
 
 
 @pytest.mark.parametrize("garbage", [b"this is not a database" * 200, b"x"], ids=["long", "one-byte"])
@@ -411,19 +493,20 @@ async def test_an_unusable_directory_is_named(tmp_path: Path) -> None:
     assert str(not_a_dir / "sub") in info.value.message
 
 
-async def test_an_unreadable_row_is_skipped_not_fatal(open_store: OpenStore) -> None:
-    store = await open_store()
+async def test_an_unreadable_row_is_skipped_not_fatal(open_any: OpenAny, kind: Kind) -> None:
+    store = await open_any()
     await store.save_job(make_job("good", created_at=1.0))
     await store.save_job(make_job("bad", created_at=2.0))
-    with sqlite3.connect(store.path) as db:
-        db.execute("UPDATE jobs SET state = 'exploded', request = ? WHERE id = 'bad'", (json.dumps({}),))
+    await kind.raw(f"UPDATE jobs SET state = 'exploded', request = '{json.dumps({})}' WHERE id = 'bad'")
     assert [job.id for job in await store.list_jobs()] == ["good"]
     assert await store.get_job("bad") is None
 
 
-async def test_grouped_image_counts_and_all_guild_settings_for_start_up(open_store: OpenStore) -> None:
+async def test_grouped_image_counts_and_all_guild_settings_for_start_up(
+    open_any: OpenAny, kind: Kind
+) -> None:
     """What the guild policy loads at start-up: today's counts per (guild, user) and every settings document."""
-    store = await open_store()
+    store = await open_any()
 
     def done(job_id: str, **fields: object) -> Job:
         values: dict[str, object] = {
@@ -447,7 +530,233 @@ async def test_grouped_image_counts_and_all_guild_settings_for_start_up(open_sto
     assert await store.all_guild_settings() == {}
     await store.set_guild_settings(1, {"daily_images": 5})
     await store.set_guild_settings(2, {"nsfw": "never"})
-    await store._query(
-        "INSERT INTO guild_settings (guild_id, settings, updated_at) VALUES (3, 'not json', 0)"
-    )
+    await kind.raw("INSERT INTO guild_settings (guild_id, settings, updated_at) VALUES (3, 'not json', 0)")
     assert await store.all_guild_settings() == {1: {"daily_images": 5}, 2: {"nsfw": "never"}}
+
+
+async def test_a_version_2_database_gains_delivery_columns_and_its_history_counts_as_delivered(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    """Upgrading must not make a restart post every job the old release ever finished."""
+    path = tmp_path / "bot.sqlite3"
+    with sqlite3.connect(path) as db:
+        for migration in store_module.MIGRATIONS[:2]:
+            for statement in migration:
+                db.execute(statement)
+        insert = (
+            "INSERT INTO jobs (id, request, guild_id, user_id, state, created_at, finished_at, message_ref) "
+            "VALUES (?, '{\"prompt\": \"p\"}', 1, 2, ?, 10.0, ?, '{}')"
+        )
+        db.execute(insert, ("old-done", "succeeded", 11.0))
+        db.execute(insert, ("old-queued", "queued", None))
+        db.execute("PRAGMA user_version = 2")
+    store = await open_store(path)
+    assert user_version(path) == 3
+    done = await store.get_job("old-done")
+    assert done is not None and done.delivered_at == 11.0 and done.delivery_error is None
+    queued = await store.get_job("old-queued")
+    assert queued is not None and queued.delivered_at is None
+    assert await store.undelivered_jobs() == []
+
+
+async def test_a_finished_job_is_undelivered_until_marked(open_any: OpenAny) -> None:
+    store = await open_any()
+    posted = make_job("posted", state=JobState.SUCCEEDED, message_ref={"token": "t"}, created_at=1.0)
+    failed_post = make_job("refused", state=JobState.FAILED, message_ref={"token": "t"}, created_at=2.0)
+    pending = make_job("pending", state=JobState.SUCCEEDED, message_ref={"token": "t"}, created_at=3.0)
+    silent = make_job("silent", state=JobState.SUCCEEDED, created_at=4.0)  # no message: nothing to post
+    running = make_job("running", state=JobState.RUNNING, message_ref={"token": "t"}, created_at=5.0)
+    for job in (posted, failed_post, pending, silent, running):
+        await store.save_job(job)
+    assert [j.id for j in await store.undelivered_jobs()] == ["posted", "refused", "pending"]
+
+    await store.mark_delivered("posted", at=100.0)
+    await store.mark_delivered("refused", at=101.0, error="the bot may not post in this channel")
+    assert [j.id for j in await store.undelivered_jobs()] == ["pending"]
+    loaded = await store.get_job("posted")
+    assert loaded is not None and loaded.delivered_at == 100.0 and loaded.state is JobState.SUCCEEDED
+    refused = await store.get_job("refused")
+    assert refused is not None and refused.delivered_at is None
+    assert refused.delivery_error == "the bot may not post in this channel"
+
+
+async def test_a_state_write_after_delivery_keeps_the_delivery_record(open_any: OpenAny) -> None:
+    """save_job writes the state only: a late write of a stale in-memory job cannot undo a delivery."""
+    store = await open_any()
+    job = make_job("j", state=JobState.SUCCEEDED, message_ref={"token": "t"}, finished_at=5.0)
+    await store.save_job(job)
+    await store.mark_delivered("j", at=6.0)
+    job.error_message = "written again"
+    await store.save_job(job)  # job.delivered_at is still None in memory
+    loaded = await store.get_job("j")
+    assert loaded is not None and loaded.delivered_at == 6.0 and loaded.error_message == "written again"
+
+
+# -- PostgreSQL only ---------------------------------------------------------------------------------------
+
+
+async def test_pruning_takes_old_finished_jobs_oldest_first_and_references_are_found(
+    open_any: OpenAny,
+) -> None:
+    """What retention and Delete ask of either store: old finished rows go in batches, oldest first, live
+    ones never; which image hashes some remaining job still lists."""
+    store = await open_any()
+    done = {"state": JobState.SUCCEEDED}
+    await store.save_job(make_job("old-1", finished_at=100.0, image_refs=["a", "b"], **done))
+    await store.save_job(make_job("old-2", finished_at=200.0, image_refs=["b"], **done))
+    await store.save_job(make_job("queued-long-ago", created_at=1.0))
+    await store.save_job(make_job("new", finished_at=1000.0, image_refs=["c"], **done))
+
+    first = await store.prune_finished_before(500.0, limit=1)
+    assert [job.id for job in first] == ["old-1"] and first[0].image_refs == ["a", "b"]
+    assert await store.referenced_image_refs(["a", "b", "c", "zzz"]) == {"b", "c"}
+    assert await store.referenced_image_refs([]) == set()
+
+    rest = await store.prune_finished_before(500.0, limit=10)
+    assert [job.id for job in rest] == ["old-2"]
+    assert await store.prune_finished_before(500.0) == []
+    remaining = {job.id for job in await store.list_jobs(limit=10)}
+    assert remaining == {"queued-long-ago", "new"}
+    assert await store.referenced_image_refs(["a", "b", "c"]) == {"c"}
+
+
+async def test_postgres_processes_starting_together_migrate_once(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five stores opened at once on an empty database, then five more at once onto a new version."""
+    # Not idempotent on purpose: a migration that ran twice leaves two rows.
+    counted = ["INSERT INTO meta (key, value) VALUES ('ran-' || gen_random_uuid(), 'v4')"]
+
+    async def open_many() -> list[PgJobStore]:
+        stores = [PgJobStore(pg_url) for _ in range(5)]
+        await asyncio.gather(*(store.open() for store in stores))
+        return stores
+
+    for store in await open_many():
+        assert await store.ping()
+        await store.close()
+    monkeypatch.setattr(store_pg_module, "MIGRATIONS", [*store_pg_module.MIGRATIONS, counted])
+    stores = await open_many()
+    try:
+        conn = await asyncpg.connect(pg_url)
+        try:
+            versions = [row[0] for row in await conn.fetch("SELECT version FROM schema_version ORDER BY 1")]
+            runs = await conn.fetchval("SELECT count(*) FROM meta WHERE key LIKE 'ran-%'")
+        finally:
+            await conn.close()
+        assert versions == [1, 2, 3, 4]
+        assert runs == 1
+    finally:
+        for store in stores:
+            await store.close()
+
+
+def assert_readable(error: StoreError, store: PgJobStore) -> None:
+    """One line, names the database without its password, says what to check."""
+    assert "\n" not in error.message and "Traceback" not in error.message
+    assert PASSWORD not in error.message and PASSWORD not in str(error)
+    assert store.name in error.message and "DATABASE_URL" in error.message
+
+
+async def test_postgres_stopped_then_started_again_fails_readably_then_recovers(
+    pg_cluster: PgCluster, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the server is down every call raises StoreError (from writers busy at the time too); once it is
+    back the same store works again without being reopened."""
+    caplog.set_level("DEBUG")
+    store = PgJobStore(pg_url, min_size=2, max_size=4, connect_timeout_s=2)
+    await store.open()
+    stop_writing = asyncio.Event()
+    outcomes: list[str] = []
+
+    async def writer(n: int) -> None:
+        i = 0
+        while not stop_writing.is_set():
+            i += 1
+            try:
+                await store.save_job(make_job(f"w{n}-{i}"))
+                outcomes.append("ok")
+            except StoreError as exc:
+                assert_readable(exc, store)
+                outcomes.append("StoreError")
+            await asyncio.sleep(0.01)
+
+    writers = [asyncio.create_task(writer(n)) for n in range(4)]
+    try:
+        await store.save_job(make_job("before"))
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(pg_cluster.stop)
+        try:
+            for call in (store.get_job("before"), store.list_jobs(), store.set_meta("k", "v")):
+                with pytest.raises(StoreError, match="Cannot reach the PostgreSQL database") as info:
+                    await call
+                assert_readable(info.value, store)
+            assert await store.ping() is False
+            with pytest.raises(StoreError, match="Cannot connect to the PostgreSQL database") as info:
+                await PgJobStore(pg_url, connect_timeout_s=2).open()
+            assert_readable(info.value, store)
+        finally:
+            await asyncio.to_thread(pg_cluster.start)
+        # The first call after the restart works: the pool replaces the connections the server dropped.
+        job = await store.get_job("before")
+        assert job is not None and job.id == "before"
+        await store.save_job(make_job("after"))
+        assert await store.get_job("after") is not None
+        assert await store.ping() is True
+        await asyncio.sleep(0.2)
+    finally:
+        stop_writing.set()
+        await asyncio.gather(*writers)
+        await store.close()
+    assert "StoreError" in outcomes and outcomes[-4:] == ["ok"] * 4
+    assert PASSWORD not in caplog.text
+
+
+async def test_postgres_bad_login_and_missing_database_are_named_without_the_password(
+    pg_cluster: PgCluster, pg_url: str
+) -> None:
+    wrong = PgJobStore(pg_cluster.url("postgres", password="not-the-" + PASSWORD))
+    with pytest.raises(StoreError, match="refused the login") as info:
+        await wrong.open()
+    assert "not-the-" not in info.value.message and PASSWORD not in info.value.message
+    assert await wrong.ping() is False
+
+    missing = PgJobStore(pg_cluster.url("no_such_database"))
+    with pytest.raises(StoreError, match="does not exist") as info:
+        await missing.open()
+    assert_readable(info.value, missing)
+
+
+def test_safe_dsn_and_secrets_never_show_the_password() -> None:
+    from bot.engine.store_pg import dsn_secrets, safe_dsn
+
+    url = "postgresql://bot:p%40ss:w0rd@db.example:5433/imagine?sslmode=require"
+    assert safe_dsn(url) == "postgresql://bot@db.example:5433/imagine"
+    assert dsn_secrets(url) == ["p%40ss:w0rd", "p@ss:w0rd"]
+    assert repr(PgJobStore(url)) == "PgJobStore('postgresql://bot@db.example:5433/imagine')"
+    assert dsn_secrets("postgresql://bot@db/imagine") == []
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://u:pw-secret@127.0.0.1:notaport/db", "postgresql://u:pw-secret@[::1/db"]
+)
+async def test_a_malformed_database_url_is_named_as_such(url: str) -> None:
+    with pytest.raises(
+        StoreError, match=r"DATABASE_URL is not a valid URL .*; expected postgresql://"
+    ) as info:
+        await PgJobStore(url).open()
+    assert "pw-secret" not in info.value.message
+
+
+async def test_postgres_a_connection_dropped_unseen_is_replaced_by_the_first_call(
+    pg_cluster: PgCluster, pg_url: str
+) -> None:
+    """A restart the pool has not noticed yet (no chance to read the socket's EOF): the first call finds its
+    connection dead, and the store retries it once on a new one instead of failing it."""
+    async with PgJobStore(pg_url, min_size=1, max_size=1) as store:
+        await store.save_job(make_job("kept"))
+        # Blocking on purpose: the event loop must not run between stop and start.
+        pg_cluster.stop()
+        pg_cluster.start()
+        job = await store.get_job("kept")
+        assert job is not None and job.id == "kept"

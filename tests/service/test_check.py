@@ -156,3 +156,35 @@ async def test_check_says_which_env_file_it_read(fake_openai, tmp_path) -> None:
         f".env: none found at {elsewhere / '.env'} (settings come from the environment only)"
         in out.splitlines()
     )
+
+
+async def test_check_with_database_url_describes_the_database_and_changes_nothing(
+    fake_discord, fake_openai, tmp_path, pg_cluster, pg_url
+) -> None:
+    from bot.engine.store_pg import PgJobStore, safe_dsn
+    from tests.pg import PASSWORD
+
+    common = {
+        "discord_token": TOKEN,
+        "discord_api_base": fake_discord.api_base,
+        "image_backend": "openai",
+        "image_backend_url": fake_openai.url,
+        "data_dir": tmp_path / "data",
+    }
+    status, out, err = await run_cli(tmp_path, database_url=pg_url, **common)
+    assert status == 0, out + err
+    assert f"database: ok ({safe_dsn(pg_url)}, PostgreSQL 1" in out
+    assert "empty: the bot creates its tables on the first start" in out
+    async with PgJobStore(pg_url):  # a first start creates the tables
+        pass
+    status, out, err = await run_cli(tmp_path, database_url=pg_url, **common)
+    assert status == 0 and "schema v3)" in out, out + err
+
+    wrong = pg_cluster.url("postgres", password="wrong-" + PASSWORD)
+    status, out, err = await run_cli(tmp_path, database_url=wrong, **common)
+    assert status == 1
+    problems = [line for line in out.splitlines() if "problem:" in line]
+    assert len(problems) == 1 and problems[0].startswith("database: problem: PostgreSQL refused the login"), (
+        out
+    )
+    assert PASSWORD not in out + err and "Traceback" not in out + err

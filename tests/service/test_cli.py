@@ -10,12 +10,17 @@ from pathlib import Path
 
 from PIL import Image
 
+from bot.engine.models import JobState
+from bot.engine.store_pg import PgJobStore
 from tests.fakes.a1111 import FakeA1111
+from tests.pg import PASSWORD, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def run_cli(tmp_path: Path, backend_url: str, *args: str) -> tuple[int, str, str]:
+async def run_cli(
+    tmp_path: Path, backend_url: str, *args: str, extra_env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCORD_", "IMAGE_", "CACHE_"))}
     env.update(
         {
@@ -24,6 +29,7 @@ async def run_cli(tmp_path: Path, backend_url: str, *args: str) -> tuple[int, st
             "IMAGE_BACKEND_URL": backend_url,
             "DATA_DIR": str(tmp_path / "data"),
             "LOG_LEVEL": "WARNING",
+            **(extra_env or {}),
         }
     )
     proc = await asyncio.create_subprocess_exec(
@@ -139,3 +145,42 @@ async def test_an_unwritable_out_path_is_refused_before_generating(tmp_path: Pat
             assert out == ""
         # Checked before generating: nothing was spent at the backend.
         assert backend.state.txt2img_calls == 0
+
+
+async def test_with_database_url_the_jobs_live_in_postgresql(tmp_path: Path, pg_url: str) -> None:
+    """DATABASE_URL set: the job is recorded in PostgreSQL and no SQLite file appears; the cache stays on disk."""
+    async with FakeA1111() as backend:
+        status, _out, err = await run_cli(
+            tmp_path,
+            backend.url,
+            "a quiet harbour",
+            "--out",
+            str(tmp_path / "one.png"),
+            extra_env={"DATABASE_URL": pg_url},
+        )
+    assert status == 0, err
+    assert (tmp_path / "one.png").exists()
+    assert not (tmp_path / "data" / "bot.sqlite3").exists()
+    async with PgJobStore(pg_url) as store:
+        jobs = await store.list_jobs()
+    assert [(job.request.prompt, job.state) for job in jobs] == [("a quiet harbour", JobState.SUCCEEDED)]
+
+
+async def test_an_unreachable_database_stops_start_up_with_one_line_and_no_password(tmp_path: Path) -> None:
+    url = f"postgresql://bot:{PASSWORD}@127.0.0.1:{free_port()}/imagine"  # nothing listens there
+    async with FakeA1111() as backend:
+        status, out, err = await run_cli(
+            tmp_path,
+            backend.url,
+            "anything",
+            "--out",
+            str(tmp_path / "x.png"),
+            extra_env={"DATABASE_URL": url},
+        )
+        assert backend.state.txt2img_calls == 0
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Cannot connect to the PostgreSQL database postgresql://bot@127.0.0.1:" in lines[0]
+    assert "DATABASE_URL" in lines[0] and "Traceback" not in err
+    assert PASSWORD not in err + out

@@ -1,0 +1,548 @@
+"""The job store on PostgreSQL (``DATABASE_URL``): the same interface and behaviour as the SQLite ``JobStore``.
+
+What is the same: every public method, its arguments, its ordering (oldest/newest first, ties in insertion
+order) and its errors (``StoreError`` with one readable line). Jobs are encoded by the SQLite store's own
+row helpers, so a job reads back identically from either store.
+
+What PostgreSQL adds:
+
+- **A pool** (asyncpg). Every write commits before it returns (one statement, autocommit). A connection the
+  server dropped is replaced on the next acquire, so after an outage the store works again by itself.
+- **A database that goes away** (restart, failover, network): each operation raises ``StoreError`` saying the
+  database is unreachable, never an asyncpg traceback. A statement that failed because its connection died
+  is retried once on a fresh connection: every operation here is idempotent (upserts, reads, set-to-value
+  updates), and that retry makes the first call after a server restart succeed instead of failing.
+- **Migrations** (``MIGRATIONS``, versions kept in ``schema_version``) run in one transaction under
+  ``pg_advisory_xact_lock``, so processes starting together migrate exactly once; the others wait for the
+  lock, see the new version and go on. DDL is transactional here: a failing migration leaves nothing behind.
+- **No password anywhere**: the store names its database by ``safe_dsn`` (no password), and any text from
+  the driver is scrubbed of the password before it becomes part of an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import asyncpg
+
+from bot.engine.models import Job, JobState
+from bot.engine.store import (
+    _DELIVERY_COLUMNS,
+    _JOB_COLUMNS,
+    _UNFINISHED,
+    StoreError,
+    _job_from_row,
+    _job_params,
+)
+
+log = logging.getLogger(__name__)
+
+#: Forward migrations, numbered like the SQLite store's (v1 tables, v2 backend_ref, v3 delivery) so one
+#: schema version means the same columns in both. ``seq`` stands in for SQLite's rowid: insertion order,
+#: the tie-break of every "oldest/newest first". Never edit a shipped entry: add a new one.
+MIGRATIONS: list[Sequence[str]] = [
+    (
+        """
+        CREATE TABLE jobs (
+            seq           BIGINT GENERATED ALWAYS AS IDENTITY,
+            id            TEXT PRIMARY KEY,
+            request       TEXT NOT NULL,
+            guild_id      BIGINT NOT NULL,
+            channel_id    BIGINT,
+            user_id       BIGINT NOT NULL,
+            state         TEXT NOT NULL,
+            created_at    DOUBLE PRECISION NOT NULL,
+            started_at    DOUBLE PRECISION,
+            finished_at   DOUBLE PRECISION,
+            backend       TEXT,
+            message_ref   TEXT,
+            cache_key     TEXT,
+            image_refs    TEXT NOT NULL DEFAULT '[]',
+            seeds         TEXT NOT NULL DEFAULT '[]',
+            from_cache    INTEGER NOT NULL DEFAULT 0,
+            error_reason  TEXT,
+            error_message TEXT,
+            cancelled_by  TEXT
+        )
+        """,
+        "CREATE INDEX jobs_guild_user_state ON jobs (guild_id, user_id, state)",
+        "CREATE INDEX jobs_state ON jobs (state)",
+        "CREATE INDEX jobs_finished_at ON jobs (finished_at)",
+        "CREATE INDEX jobs_created_at ON jobs (created_at, seq)",
+        """
+        CREATE TABLE guild_settings (
+            guild_id   BIGINT PRIMARY KEY,
+            settings   TEXT NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )
+        """,
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
+    ("ALTER TABLE jobs ADD COLUMN backend_ref TEXT",),
+    (
+        "ALTER TABLE jobs ADD COLUMN delivered_at DOUBLE PRECISION",
+        "ALTER TABLE jobs ADD COLUMN delivery_error TEXT",
+        "UPDATE jobs SET delivered_at = COALESCE(finished_at, created_at) WHERE state NOT IN ('queued', 'running')",
+        "CREATE INDEX jobs_undelivered ON jobs (state) WHERE delivered_at IS NULL AND delivery_error IS NULL",
+    ),
+]
+
+#: The advisory lock every migrating process takes (one bigint; any constant unique to this application).
+MIGRATION_LOCK_KEY = 0x696D6167696E65  # "imagine"
+
+_SELECT_JOBS = f"SELECT {', '.join(_JOB_COLUMNS + _DELIVERY_COLUMNS)} FROM jobs"
+_UPSERT_JOB = (
+    f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_JOB_COLUMNS) + 1))}) "
+    f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _JOB_COLUMNS[1:])}"
+)
+
+#: Errors that mean "the connection or the server is gone", not "this statement is wrong".
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # "connection is closed", "pool is closing"
+    asyncpg.CannotConnectNowError,  # "the database system is starting up / shutting down"
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    # Raised by a pooled connection the server dropped in the middle of a statement ("another operation is
+    # in progress"): seen when PostgreSQL stops under load.
+    asyncpg.InternalClientError,
+)
+
+
+#: Errors that mean "this address, user or password is wrong": retrying will not help.
+_LOGIN_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when ``exc`` says the connection or server is gone (worth one retry on a fresh connection)."""
+    # DataError (a value of the wrong type) subclasses InterfaceError but is the caller's mistake.
+    return isinstance(exc, _CONNECTION_ERRORS) and not isinstance(exc, asyncpg.DataError)
+
+
+def safe_dsn(dsn: str) -> str:
+    """``dsn`` without its password (and query string), fit for logs and error messages."""
+    try:
+        parts = urlsplit(dsn)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "postgresql://(unparseable DATABASE_URL)"
+    user = f"{unquote(parts.username)}@" if parts.username else ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+
+
+def dsn_secrets(dsn: str) -> list[str]:
+    """The password as written in the URL and decoded: both must be scrubbed wherever text is logged."""
+    try:
+        raw = urlsplit(dsn).password
+    except ValueError:
+        return []
+    if not raw:
+        return []
+    return sorted({raw, unquote(raw)}, key=len, reverse=True)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line about ``exc``: its first line of text, or what it is when it has none."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class PgJobStore:
+    """Jobs, per-guild settings and small key/value metadata in a PostgreSQL database (``DATABASE_URL``)."""
+
+    #: ``min_size`` 0: connections open on demand and stay for asyncpg's idle lifetime (300 s), so a busy bot
+    #: keeps them warm, while an outage does not start asyncpg's "restore the floor" loop, which logs a
+    #: traceback per attempt.
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 0,
+        max_size: int = 10,
+        connect_timeout_s: float = 5.0,
+        command_timeout_s: float = 10.0,
+    ) -> None:
+        self._dsn = dsn
+        self.name = safe_dsn(dsn)
+        self._secrets = dsn_secrets(dsn)
+        self.min_size = min_size
+        self.max_size = max_size
+        self.connect_timeout_s = connect_timeout_s
+        self.command_timeout_s = command_timeout_s
+        self._pool: asyncpg.Pool | None = None
+
+    def __repr__(self) -> str:
+        return f"PgJobStore({self.name!r})"
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect and migrate; raise a one-line StoreError if the database cannot be used."""
+        if self._pool is not None:
+            return
+        self._check_url()
+        try:
+            pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                timeout=self.connect_timeout_s,
+                command_timeout=self.command_timeout_s,
+            )
+        except Exception as exc:
+            raise self._unreachable(exc, "connect to") from None
+        try:
+            version = await self._migrate(pool)
+        except BaseException as exc:
+            pool.terminate()
+            if isinstance(exc, StoreError):
+                raise
+            if is_connection_error(exc):
+                # The pool connects lazily (min_size 0): the migration is where a bad address shows.
+                raise self._unreachable(exc, "connect to") from None
+            if isinstance(exc, Exception):
+                raise self._translate(exc, "migrate") from None
+            raise
+        self._pool = pool
+        log.info("job store open at %s (schema v%d)", self.name, version)
+
+    def _check_url(self) -> None:
+        try:
+            _ = urlsplit(self._dsn).port  # parses host and port, raising ValueError for a bad one
+        except ValueError as exc:
+            raise StoreError(
+                f"DATABASE_URL is not a valid URL ({self._scrub(_describe(exc))}); "
+                "expected postgresql://user:pass@host:5432/db."
+            ) from None
+
+    async def probe(self) -> str:
+        """For ``python -m bot check``: connect once, change nothing, and describe the server and the schema;
+        StoreError (the same sentences as ``open``) when the database cannot be used."""
+        self._check_url()
+        try:
+            conn = await asyncpg.connect(self._dsn, timeout=self.connect_timeout_s)
+        except Exception as exc:
+            raise self._unreachable(exc, "connect to") from None
+        try:
+            server = conn.get_server_version()
+            if await conn.fetchval("SELECT to_regclass('schema_version') IS NULL"):
+                version = 0
+            else:
+                version = int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version"))
+        except Exception as exc:
+            raise self._translate(exc, "read the schema version") from None
+        finally:
+            await conn.close(timeout=self.connect_timeout_s)
+        target = len(MIGRATIONS)
+        if version > target:
+            raise StoreError(
+                f"The database {self.name} has schema version {version}, newer than this bot "
+                f"understands ({target}); run a newer version of the bot or point DATABASE_URL elsewhere."
+            )
+        if version == 0:
+            schema = "empty: the bot creates its tables on the first start"
+        elif version < target:
+            schema = f"schema v{version}, upgraded to v{target} on the next start"
+        else:
+            schema = f"schema v{version}"
+        return f"{self.name}, PostgreSQL {server.major}.{server.minor}, {schema}"
+
+    async def _migrate(self, pool: asyncpg.Pool) -> int:
+        target = len(MIGRATIONS)
+        async with pool.acquire() as conn, conn.transaction():
+            # Held to the end of this transaction: a second process starting now waits here, then finds
+            # the schema current. The version table is created under the lock too (IF NOT EXISTS races).
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                "version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            version = int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version"))
+            if version > target:
+                raise StoreError(
+                    f"The database {self.name} has schema version {version}, newer than this bot "
+                    f"understands ({target}); run a newer version of the bot or point DATABASE_URL elsewhere."
+                )
+            for number in range(version, target):
+                for statement in MIGRATIONS[number]:
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", number + 1)
+                log.info("migrated %s to schema v%d", self.name, number + 1)
+        return target
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), self.command_timeout_s)
+        except Exception as exc:  # a server that is gone cannot say goodbye: drop the sockets
+            log.debug("closing the PostgreSQL pool: %s", self._scrub(_describe(exc)))
+            pool.terminate()
+
+    async def __aenter__(self) -> PgJobStore:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- errors ---------------------------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
+    def _unreachable(self, exc: BaseException, action: str) -> StoreError:
+        if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):  # wrong user or password
+            return StoreError(
+                f"PostgreSQL refused the login to {self.name}: {self._scrub(_describe(exc))}; "
+                "check the user and password in DATABASE_URL."
+            )
+        if isinstance(exc, asyncpg.InvalidCatalogNameError):
+            return StoreError(
+                f"The PostgreSQL database {self.name} does not exist: {self._scrub(_describe(exc))}; "
+                "create it (createdb) or fix DATABASE_URL."
+            )
+        return StoreError(
+            f"Cannot {action} the PostgreSQL database {self.name} ({self._scrub(_describe(exc))}); "
+            "check DATABASE_URL and that the server is running."
+        )
+
+    def _translate(self, exc: BaseException, action: str) -> StoreError:
+        if isinstance(exc, _LOGIN_ERRORS):
+            return self._unreachable(exc, "connect to")
+        if is_connection_error(exc):
+            return self._unreachable(exc, "reach")
+        return StoreError(f"Job store failed to {action} ({self.name}): {self._scrub(_describe(exc))}")
+
+    def _require(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreError(f"The job store {self.name} is not open.")
+        return self._pool
+
+    async def _run(self, sql: str, params: Sequence[Any], *, rows: bool) -> list[Any]:
+        """One statement on a pooled connection (its rows when ``rows``), retried once if the connection
+        turned out to be dead; every failure becomes StoreError."""
+        pool = self._require()
+        for attempt in (1, 2):
+            try:
+                async with pool.acquire(timeout=self.connect_timeout_s) as conn:
+                    if rows:
+                        return list(await conn.fetch(sql, *params))
+                    await conn.execute(sql, *params)
+                    return []
+            except StoreError:
+                raise
+            except Exception as exc:  # anything from the driver: a caller sees StoreError, never asyncpg's
+                if attempt == 2 or self._pool is None or not is_connection_error(exc):
+                    raise self._translate(exc, "run a query") from None
+                log.debug("PostgreSQL connection lost (%s); retrying once", self._scrub(_describe(exc)))
+        raise AssertionError("unreachable")
+
+    async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Rows of one statement (committed on return)."""
+        return await self._run(sql, params, rows=True)
+
+    async def _execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """One statement whose rows nobody reads (committed on return)."""
+        await self._run(sql, params, rows=False)
+
+    # -- health ---------------------------------------------------------------------------------------------
+
+    async def ping(self, timeout_s: float = 1.0) -> bool:
+        """For /healthz: True when a trivial query answers quickly."""
+        pool = self._pool
+        if pool is None:
+            return False
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with pool.acquire() as conn:
+                    return await conn.fetchval("SELECT 1") == 1
+        except Exception:
+            return False
+
+    # -- jobs -----------------------------------------------------------------------------------------------
+
+    async def save_job(self, job: Job) -> None:
+        """Insert or update every persisted field; durable when this returns."""
+        await self._execute(_UPSERT_JOB, _job_params(job))
+
+    async def get_job(self, job_id: str) -> Job | None:
+        rows = await self._query(f"{_SELECT_JOBS} WHERE id = $1", (job_id,))
+        return _job_from_row(tuple(rows[0])) if rows else None
+
+    async def unfinished_jobs(self) -> list[Job]:
+        """Jobs still queued or running, oldest first: after a restart these were left by a dead process."""
+        rows = await self._query(
+            f"{_SELECT_JOBS} WHERE state IN ($1, $2) ORDER BY created_at, seq", _UNFINISHED
+        )
+        return _jobs(rows)
+
+    async def undelivered_jobs(self) -> list[Job]:
+        """Finished jobs with a Discord message whose outcome was never posted, oldest first."""
+        rows = await self._query(
+            f"{_SELECT_JOBS} WHERE state NOT IN ($1, $2) AND delivered_at IS NULL AND delivery_error IS NULL "
+            "AND message_ref IS NOT NULL ORDER BY created_at, seq",
+            _UNFINISHED,
+        )
+        return _jobs(rows)
+
+    async def mark_delivered(self, job_id: str, *, at: float, error: str | None = None) -> None:
+        """Record that a finished job's outcome was posted (``error`` None) or could not be (``error`` says why)."""
+        await self._execute(
+            "UPDATE jobs SET delivered_at = $1, delivery_error = $2 WHERE id = $3",
+            (None if error else float(at), error, job_id),
+        )
+
+    async def list_jobs(
+        self,
+        *,
+        guild_id: int | None = None,
+        user_id: int | None = None,
+        states: Iterable[JobState] | None = None,
+        limit: int = 25,
+    ) -> list[Job]:
+        """Newest first, optionally filtered by guild, user and state."""
+        clauses: list[str] = []
+        params: list[Any] = []
+
+        def bind(value: Any) -> str:
+            params.append(value)
+            return f"${len(params)}"
+
+        if guild_id is not None:
+            clauses.append(f"guild_id = {bind(guild_id)}")
+        if user_id is not None:
+            clauses.append(f"user_id = {bind(user_id)}")
+        if states is not None:
+            wanted = [JobState(s).value for s in states]
+            if not wanted:
+                return []
+            clauses.append(f"state = ANY({bind(wanted)}::text[])")
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        limit_param = bind(max(0, int(limit)))
+        rows = await self._query(
+            f"{_SELECT_JOBS}{where} ORDER BY created_at DESC, seq DESC LIMIT {limit_param}", params
+        )
+        return _jobs(rows)
+
+    async def count_images_since(self, *, guild_id: int, user_id: int, since: float) -> int:
+        """Images a user really generated (not served from cache) since ``since``: the daily-quota count."""
+        rows = await self._query(
+            "SELECT COALESCE(SUM(json_array_length(seeds::json)), 0) FROM jobs "
+            "WHERE guild_id = $1 AND user_id = $2 AND state = $3 AND from_cache = 0 AND finished_at >= $4",
+            (guild_id, user_id, JobState.SUCCEEDED.value, float(since)),
+        )
+        return int(rows[0][0])
+
+    async def count_images_by_user_since(self, since: float) -> dict[tuple[int, int], int]:
+        """``count_images_since`` for every (guild, user) at once: loads today's quotas at start-up."""
+        rows = await self._query(
+            "SELECT guild_id, user_id, COALESCE(SUM(json_array_length(seeds::json)), 0) FROM jobs "
+            "WHERE state = $1 AND from_cache = 0 AND finished_at >= $2 GROUP BY guild_id, user_id",
+            (JobState.SUCCEEDED.value, float(since)),
+        )
+        return {(int(g), int(u)): int(n) for g, u, n in rows if n}
+
+    # -- guild settings and meta ------------------------------------------------------------------------------
+
+    # -- retention ------------------------------------------------------------------------------------------
+
+    async def referenced_image_refs(self, refs: Iterable[str]) -> set[str]:
+        """Those of ``refs`` (image content hashes) that some job in the store still lists."""
+        wanted = sorted(set(refs))
+        if not wanted:
+            return set()
+        rows = await self._query(
+            "SELECT DISTINCT ref FROM jobs, jsonb_array_elements_text(jobs.image_refs::jsonb) AS ref "
+            "WHERE jobs.image_refs <> '[]' AND ref = ANY($1::text[])",
+            (wanted,),
+        )
+        return {str(row[0]) for row in rows}
+
+    async def prune_finished_before(self, before: float, *, limit: int = 500) -> list[Job]:
+        """Delete up to ``limit`` finished jobs whose ``finished_at`` is before ``before``; return them.
+
+        Oldest first, through the ``finished_at`` index; one statement, so a crash deletes all or none.
+        Queued and running jobs are never pruned.
+        """
+        terminal = [state.value for state in JobState if state.is_terminal]
+        columns = ", ".join(_JOB_COLUMNS + _DELIVERY_COLUMNS)
+        rows = await self._query(
+            f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < $1 "
+            f"AND state = ANY($2::text[]) ORDER BY finished_at LIMIT $3) RETURNING {columns}",
+            (float(before), terminal, max(1, int(limit))),
+        )
+        jobs = _jobs(rows)
+        return sorted(jobs, key=lambda job: job.finished_at or 0.0)
+
+    async def all_guild_settings(self) -> dict[int, dict[str, Any]]:
+        """Every guild's settings document (unreadable ones skipped with a warning): loaded at start-up."""
+        rows = await self._query("SELECT guild_id, settings FROM guild_settings")
+        out: dict[int, dict[str, Any]] = {}
+        for guild_id, text in rows:
+            try:
+                value = json.loads(text)
+            except ValueError as exc:
+                log.warning("guild %s settings are unreadable, using defaults: %s", guild_id, exc)
+                continue
+            if isinstance(value, dict):
+                out[int(guild_id)] = value
+        return out
+
+    async def get_guild_settings(self, guild_id: int) -> dict[str, Any]:
+        rows = await self._query("SELECT settings FROM guild_settings WHERE guild_id = $1", (guild_id,))
+        if not rows:
+            return {}
+        try:
+            value = json.loads(rows[0][0])
+        except ValueError as exc:
+            log.warning("guild %s settings are unreadable, using defaults: %s", guild_id, exc)
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    async def set_guild_settings(self, guild_id: int, values: dict[str, Any]) -> None:
+        """Replace the guild's whole settings document."""
+        document = json.dumps(values, separators=(",", ":"), sort_keys=True)
+        await self._execute(
+            "INSERT INTO guild_settings (guild_id, settings, updated_at) VALUES ($1, $2, $3) "
+            "ON CONFLICT (guild_id) DO UPDATE SET settings = EXCLUDED.settings, updated_at = EXCLUDED.updated_at",
+            (guild_id, document, time.time()),
+        )
+
+    async def get_meta(self, key: str) -> str | None:
+        rows = await self._query("SELECT value FROM meta WHERE key = $1", (key,))
+        return rows[0][0] if rows else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._execute(
+            "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            (key, value),
+        )
+
+
+def _jobs(rows: Iterable[Any]) -> list[Job]:
+    return [job for row in rows if (job := _job_from_row(tuple(row))) is not None]
