@@ -10,6 +10,7 @@ import aiohttp
 from bot.backends import create_backend
 from bot.engine import Engine
 from bot.engine.cache import ResultCache
+from bot.engine.catalog import ModelCatalog
 from bot.engine.manager import JobManager
 from bot.engine.store import JobStore
 from bot.settings import Settings
@@ -28,7 +29,7 @@ def make_session() -> aiohttp.ClientSession:
 
 @contextlib.asynccontextmanager
 async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
-    """Store, cache, HTTP session, backend and manager, opened in order and closed in reverse.
+    """Store, cache, HTTP session, backend, manager and model catalog, opened in order and closed in reverse.
 
     The manager is shut down with no grace here; callers that want a drain call ``shutdown`` first.
     """
@@ -46,10 +47,19 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
             async with make_session() as session:
                 backend = create_backend(settings, session)
                 manager = JobManager.from_settings(settings, backend, store=store, cache=cache)
+                # With IMAGE_MODELS empty, members choose among the backend's own list, kept fresh here.
+                catalog = ModelCatalog(
+                    backend, configured=settings.image_models, default=manager.default_model
+                )
+                manager.catalog = catalog
+                await catalog.start()
                 try:
                     yield Engine(settings, session, store, cache, backend, manager)
                 finally:
-                    await manager.shutdown(0)
+                    try:
+                        await manager.shutdown(0)
+                    finally:
+                        await catalog.close()
         finally:
             await cache.close()
     finally:
