@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot.engine.errors import RequestRejected
 from bot.engine.manager import AdmissionContext, JobEvent
-from bot.engine.models import ImageRequest, Job, JobState, parse_size
+from bot.engine.models import ImageRequest, Job, JobState, model_refusal, parse_size
 from bot.engine.wordfilter import WordMatcher
 
 if TYPE_CHECKING:
@@ -200,10 +200,10 @@ class GuildSettings:
             default_size = f"{width}x{height}"
         if self.default_model is not None and self.default_model not in models:
             if not models:
-                raise SettingsError("This bot offers no model choice (IMAGE_MODELS is empty).")
-            raise SettingsError(
-                f"Model {self.default_model!r} is not offered; choose one of {', '.join(models)}."
-            )
+                raise SettingsError(
+                    "This bot offers no model choice (IMAGE_MODELS is empty and the backend lists none)."
+                )
+            raise SettingsError(model_refusal(self.default_model, models))  # names a few of a long list
         if len(set(self.channels)) > MAX_CHANNELS:
             raise SettingsError(f"At most {MAX_CHANNELS} channels.")
         words = BlockedWords(self.blocked_words)  # validates and normalises every entry, and the count
