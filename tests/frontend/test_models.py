@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from bot.frontend.interactions import model_choices
 from tests.fakes.a1111 import DEFAULT_MODELS, FakeA1111
 from tests.fakes.discord import FakeDiscord
 from tests.fakes.horde import FakeHorde
@@ -102,3 +103,12 @@ async def test_openai_offers_only_image_model(
             content = await refusal(h, user.id, "gpt-image-1")
             assert "gpt-image-1" in content
             assert openai.state.generations == 0
+
+
+def test_autocomplete_puts_names_starting_with_the_text_first_and_skips_names_too_long_to_send() -> None:
+    too_long = "flux-" + "x" * 100  # a choice value holds 100 characters: cut short it would name no model
+    models = ["sdxl-flux-mix", too_long, "Flux-dev", "other", *[f"flux-{i}" for i in range(30)]]
+    offered = [c.value for c in model_choices(models, "flux")]
+    assert offered[:2] == ["Flux-dev", "flux-0"] and "sdxl-flux-mix" not in offered  # 25 starting with it
+    assert too_long not in offered and len(offered) == 25
+    assert [c.value for c in model_choices(models[:4], "FLUX")] == ["Flux-dev", "sdxl-flux-mix"]
