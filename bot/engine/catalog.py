@@ -10,7 +10,8 @@ Sources, in order:
    last list and is logged; until a first list arrives it is retried every ``retry_s``;
 3. otherwise nothing: a request naming a model is refused, and one naming none runs the default.
 
-The default model (``IMAGE_MODEL``, or the backend's own) is always allowed. A model nobody allowed is refused
+The default model (``IMAGE_MODEL``, or the backend's own) is always allowed. The operator's command line
+(``python -m bot imagine --model``) uses an unrestricted catalog: the limit protects the operator from members. A model nobody allowed is refused
 at admission (:meth:`bot.engine.manager.JobManager.check_admission`), so it never reaches the backend.
 Reading :attr:`models` is memory only, within Discord's 3-second deadline.
 """
@@ -46,13 +47,16 @@ class ModelCatalog:
         retry_s: float = RETRY_S,
         first_fetch_timeout_s: float = FIRST_FETCH_TIMEOUT_S,
         sleep: Sleep = asyncio.sleep,
+        restricted: bool = True,
     ) -> None:
+        """``restricted=False``: any model may be named (the operator's own command line), nothing fetched."""
+        self.restricted = restricted
         self.configured: tuple[str, ...] = tuple(dict.fromkeys(configured))
         self.default = default
         #: The backend asked for its list; None when the configured list or nothing is all there is.
         self.backend = (
             backend
-            if backend is not None and not self.configured and backend.lists_choosable_models
+            if restricted and backend is not None and not self.configured and backend.lists_choosable_models
             else None
         )
         self.refresh_s = refresh_s
@@ -85,8 +89,13 @@ class ModelCatalog:
             models = (self.default, *models)
         return models
 
+    @property
+    def allowed(self) -> tuple[str, ...] | None:
+        """What admission checks against: :attr:`models`, or None when any model may be named."""
+        return self.models if self.restricted else None
+
     def allows(self, model: str | None) -> bool:
-        return model is None or model in self.models
+        return model is None or not self.restricted or model in self.models
 
     # -- the backend's list ------------------------------------------------------------------------------
     async def refresh(self) -> bool:

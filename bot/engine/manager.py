@@ -320,7 +320,7 @@ class JobManager:
             request = apply_defaults(request, context)
         request = self.normalise(request)
         caps = self.backend.capabilities
-        validate_request(request, models=self.models, sizes=caps.sizes, max_count=caps.max_count)
+        validate_request(request, models=self.catalog.allowed, sizes=caps.sizes, max_count=caps.max_count)
         if request.negative_prompt and not caps.negative_prompt:
             raise RequestRejected(f"The {self.backend.name} backend does not take a negative prompt.")
         limit = self.user_limit(guild_id)

@@ -44,7 +44,8 @@ async def run_imagine(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     from bot.service.runtime import open_engine
 
-    async with open_engine(settings) as engine:
+    # The operator's own command: any --model may be named, and no model list is fetched first.
+    async with open_engine(settings, restrict_models=False) as engine:
         if not args.size:
             width, height = engine.backend.capabilities.default_size
         request = ImageRequest(

@@ -28,8 +28,10 @@ def make_session() -> aiohttp.ClientSession:
 
 
 @contextlib.asynccontextmanager
-async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
+async def open_engine(settings: Settings, *, restrict_models: bool = True) -> AsyncIterator[Engine]:
     """Store, cache, HTTP session, backend, manager and model catalog, opened in order and closed in reverse.
+
+    ``restrict_models=False`` (the operator's command line): any model may be named and no list is fetched.
 
     The manager is shut down with no grace here; callers that want a drain call ``shutdown`` first.
     """
@@ -49,7 +51,10 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
                 manager = JobManager.from_settings(settings, backend, store=store, cache=cache)
                 # With IMAGE_MODELS empty, members choose among the backend's own list, kept fresh here.
                 catalog = ModelCatalog(
-                    backend, configured=settings.image_models, default=manager.default_model
+                    backend,
+                    configured=settings.image_models,
+                    default=manager.default_model,
+                    restricted=restrict_models,
                 )
                 manager.catalog = catalog
                 await catalog.start()

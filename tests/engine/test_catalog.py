@@ -192,3 +192,13 @@ def test_a_long_list_is_named_in_part() -> None:
     text = refused.value.message
     assert f"model-{MODELS_NAMED - 1}," in text or f"model-{MODELS_NAMED - 1} " in text
     assert f"model-{MODELS_NAMED}," not in text and "290 more" in text and len(text) < 2000
+
+
+async def test_an_unrestricted_catalog_lets_any_model_through_and_fetches_nothing() -> None:
+    backend = ListingBackend(["a"])
+    catalog = ModelCatalog(backend, restricted=False)
+    await catalog.start()
+    assert catalog.allowed is None and catalog.allows("anything") and backend.asked == 0
+    manager = JobManager(ControlledBackend())
+    manager.catalog = catalog
+    assert manager.check_admission(ImageRequest("x", model="anything"), 1, 1).model == "anything"

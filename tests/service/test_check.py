@@ -14,7 +14,7 @@ from bot.service.check import invite_url, required_permissions, run_check
 from bot.settings import load_settings
 from tests.conftest import TOKEN
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: View Channel (1<<10) + Send Messages (1<<11) + Embed Links (1<<14) + Attach Files (1<<15)
 #: + Read Message History (1<<16), written out so a change to required_permissions() shows up here.

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.fakes.a1111 import FakeA1111
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def run_cli(tmp_path: Path, backend_url: str, *args: str) -> tuple[int, str, str]:
