@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import inspect
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -46,6 +48,8 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 #: Replies larger than this are refused (a hostile or broken backend must not exhaust memory).
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_MESSAGE_CHARS = 300
+#: An ETA beyond a day is noise (and ``inf`` seconds cannot be shown): clamp to it.
+MAX_ETA_S = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,10 +169,36 @@ def decode_base64_image(text: Any) -> bytes:
         ) from None
 
 
+def _finite(value: float | None, low: float, high: float) -> float | None:
+    """``value`` clamped to ``[low, high]``; ``None`` ("unknown") for NaN, an infinity and a non-number: an
+    infinite ETA or fraction says nothing a user could be shown."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value):
+        return None
+    return min(high, max(low, float(value)))
+
+
+def clamp_progress(progress: Progress) -> Progress:
+    """Progress as the rest of the bot may trust it: a fraction in ``[0, 1]``, an ETA and a queue position
+    that are finite and never negative. A backend's JSON can say ``NaN`` or ``Infinity`` (Python's and
+    A1111's encoders emit them); one such value used to make every later progress edit fail.
+    """
+    fraction = _finite(progress.fraction, 0.0, 1.0)
+    eta = _finite(progress.eta_s, 0.0, MAX_ETA_S)
+    position = progress.queue_position
+    if position is not None:
+        position = None if isinstance(position, bool) or not isinstance(position, int) else max(0, position)
+    if (fraction, eta, position) == (progress.fraction, progress.eta_s, progress.queue_position):
+        return progress
+    return dataclasses.replace(progress, fraction=fraction, eta_s=eta, queue_position=position)
+
+
 def report(on_progress: ProgressCallback, progress: Progress) -> None:
-    """Call a progress callback; its bugs must never fail a generation."""
+    """Call a progress callback with clamped values (:func:`clamp_progress`): every backend's progress passes
+    through here, so this is the one boundary. The callback's bugs must never fail a generation."""
     try:
-        on_progress(progress)
+        on_progress(clamp_progress(progress))
     except Exception as exc:
         log.warning("progress callback failed: %s", type(exc).__name__)
 

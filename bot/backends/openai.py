@@ -117,6 +117,8 @@ class OpenAIBackend(Backend):
     """``IMAGE_BACKEND=openai``: any server speaking OpenAI's images API."""
 
     name = "openai"
+    #: /v1/models lists chat models and the priciest image models: members get IMAGE_MODEL(S) only.
+    lists_choosable_models = False
 
     def __init__(
         self,

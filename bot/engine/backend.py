@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from bot.engine.models import GeneratedImage, ImageRequest, Progress
 
@@ -57,9 +58,19 @@ class Backend(abc.ABC):
         Raises :class:`bot.engine.errors.GenerationError` with a readable reason on any failure.
         """
 
-    @abc.abstractmethod
-    async def list_models(self) -> list[str]:
-        """Names of the models the backend offers (used by ``python -m bot check``)."""
+    #: Whether :meth:`list_models` names what members may choose when ``IMAGE_MODELS`` is empty. False for
+    #: OpenAI-compatible servers: ``/v1/models`` lists chat models and the priciest image models, so there
+    #: only ``IMAGE_MODEL`` is offered (the list still serves ``python -m bot check``).
+    lists_choosable_models: ClassVar[bool] = True
+
+    async def list_models(self) -> list[str] | None:
+        """Names of the models the backend itself offers, fetched from it; ``None``: this backend cannot list.
+
+        With ``IMAGE_MODELS`` empty these are the only models members may choose
+        (:class:`bot.engine.catalog.ModelCatalog` refreshes them); ``python -m bot check`` shows them too.
+        Raises :class:`bot.engine.errors.GenerationError` when the backend cannot be asked.
+        """
+        return None
 
     def default_model(self) -> str | None:
         """The model used when a request names none (``None``: the backend decides)."""

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from bot.engine.alerts import OperatorAlerts
 from bot.engine.backend import Backend, ResumableBackend
 from bot.engine.cache import cache_key
+from bot.engine.catalog import ModelCatalog
 from bot.engine.errors import FailureReason, GenerationError, RequestRejected, ShuttingDown
 from bot.engine.models import (
     GeneratedImage,
@@ -148,8 +149,9 @@ class JobManager:
         self.user_max_jobs = user_max_jobs
         self.queue_timeout_s = queue_timeout_s
         self.job_timeout_s = job_timeout_s
-        self.models = list(models)
         self.default_model = default_model or backend.default_model()
+        #: Which models members may choose (the service swaps in one that follows the backend's own list).
+        self.catalog = ModelCatalog.fixed(models, self.default_model)
         self.clock = clock
         #: Hook run inside each job's task once it is finished (the Discord layer posts there).
         self.deliver: Delivery | None = None
@@ -200,6 +202,10 @@ class JobManager:
             models=settings.image_models,
             default_model=settings.image_model,
         )
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self.catalog.models
 
     # -- limits ---------------------------------------------------------------------------------------------
     def guild_limit(self, guild_id: int) -> int:
@@ -317,7 +323,7 @@ class JobManager:
             request = apply_defaults(request, context)
         request = self.normalise(request)
         caps = self.backend.capabilities
-        validate_request(request, models=self.models, sizes=caps.sizes, max_count=caps.max_count)
+        validate_request(request, models=self.catalog.allowed, sizes=caps.sizes, max_count=caps.max_count)
         if request.negative_prompt and not caps.negative_prompt:
             raise RequestRejected(f"The {self.backend.name} backend does not take a negative prompt.")
         limit = self.user_limit(guild_id)

@@ -64,11 +64,14 @@ def parse_size(text: str) -> tuple[int, int]:
 def validate_request(
     request: ImageRequest,
     *,
-    models: Sequence[str] = (),
+    models: Sequence[str] | None = None,
     sizes: Sequence[tuple[int, int]] = (),
     max_count: int = MAX_COUNT,
 ) -> None:
-    """Refuse a request before a job exists, with a reason the user can act on."""
+    """Refuse a request before a job exists, with a reason the user can act on.
+
+    ``models``: the models that may be named (empty: none may); ``None`` skips the check.
+    """
     prompt = request.prompt.strip()
     if not prompt:
         raise RequestRejected("The prompt is empty.")
@@ -88,10 +91,23 @@ def validate_request(
     if sizes and (request.width, request.height) not in sizes:
         allowed = ", ".join(f"{w}x{h}" for w, h in sizes)
         raise RequestRejected(f"Size {request.size} is not available here; choose one of {allowed}.")
-    if request.model is not None and models and request.model not in models:
-        raise RequestRejected(
-            f"Model {request.model!r} is not offered here; choose one of {', '.join(models)}."
-        )
+    if request.model is not None and models is not None and request.model not in models:
+        raise RequestRejected(model_refusal(request.model, models), code="model")
+
+
+#: Models named in a refusal; the rest are counted (AI Horde lists hundreds; a message holds 2,000 chars).
+MODELS_NAMED = 10
+
+
+def model_refusal(model: str, models: Sequence[str]) -> str:
+    """The sentence for a model nobody allowed: which ones are, or that there is no choice."""
+    asked = model if len(model) <= 60 else model[:59] + "…"
+    if not models:
+        return f"Model {asked!r} is not offered here; leave the model option empty to use the default."
+    named = ", ".join(m if len(m) <= 80 else m[:79] + "…" for m in models[:MODELS_NAMED])
+    more = len(models) - MODELS_NAMED
+    rest = f" and {more} more (type in the model option to see them)" if more > 0 else ""
+    return f"Model {asked!r} is not offered here; choose one of {named}{rest}."
 
 
 class JobState(StrEnum):

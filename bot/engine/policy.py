@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from bot.engine.errors import RequestRejected
 from bot.engine.manager import AdmissionContext, JobEvent
-from bot.engine.models import ImageRequest, Job, JobState, parse_size
+from bot.engine.models import ImageRequest, Job, JobState, model_refusal, parse_size
+from bot.engine.wordfilter import WordMatcher
 
 if TYPE_CHECKING:
     from bot.engine.manager import JobManager
@@ -102,21 +103,11 @@ def split_words(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _entry_pattern(entry: str) -> str:
-    """One entry as a regex: literal text (metacharacters escaped), ``*`` = any run of word characters,
-    spaces = any whitespace, and word boundaries on the sides that start/end with a word character or ``*``."""
-    pieces = []
-    for part in entry.split("*"):
-        pieces.append(r"\s+".join(re.escape(word) for word in part.split(" ")) if part else "")
-    body = r"\w*".join(pieces)
-    first, last = entry[0], entry[-1]
-    before = r"(?<!\w)" if first == "*" or re.match(r"\w", first) else ""
-    after = r"(?!\w)" if last == "*" or re.match(r"\w", last) else ""
-    return f"{before}{body}{after}"
-
-
 class BlockedWords:
     """Whole-word matching of a guild's blocked words (``*`` wildcards, no regular expressions).
+
+    ``*`` is any run of word characters within one word, a space any whitespace; an entry starting or ending
+    with a letter, digit or ``*`` matches only at a word boundary there.
 
     ``cat`` matches "a Cat!" and its fullwidth form but not "concatenate"; ``cat*`` matches "cats"; ``*cat`` "bobcat";
     ``c++`` and ``a.b`` match only themselves.
@@ -126,27 +117,24 @@ class BlockedWords:
         self.entries: tuple[str, ...] = tuple(dict.fromkeys(normalise_blocked_word(e) for e in entries))
         if len(self.entries) > MAX_BLOCKED_WORDS:
             raise SettingsError(f"At most {MAX_BLOCKED_WORDS} blocked words per server.")
-        self._regex = (
-            re.compile("|".join(f"(?:{_entry_pattern(e)})" for e in self.entries)) if self.entries else None
-        )
+        # Compiled once per list (a guild's list changes rarely; admissions are many).
+        self._matcher = WordMatcher(self.entries) if self.entries else None
 
     def __bool__(self) -> bool:
         return bool(self.entries)
 
     def find(self, *texts: str) -> str | None:
-        """The first entry found in any of ``texts`` (for logs; never shown to the user), else None."""
-        if self._regex is None:
+        """The first entry found in any of ``texts`` (for logs; never shown to the user), else None.
+
+        Linear in the texts' length whatever the list holds (:mod:`bot.engine.wordfilter`).
+        """
+        if self._matcher is None:
             return None
         for text in texts:
-            if not text:
-                continue
-            folded = fold(text)
-            match = self._regex.search(folded)
-            if match is not None:
-                for entry in self.entries:
-                    if re.fullmatch(_entry_pattern(entry), match.group(0)):
-                        return entry
-                return match.group(0)
+            if text:
+                found = self._matcher.first(fold(text))
+                if found is not None:
+                    return found
         return None
 
     def matches(self, *texts: str) -> bool:
@@ -212,10 +200,10 @@ class GuildSettings:
             default_size = f"{width}x{height}"
         if self.default_model is not None and self.default_model not in models:
             if not models:
-                raise SettingsError("This bot offers no model choice (IMAGE_MODELS is empty).")
-            raise SettingsError(
-                f"Model {self.default_model!r} is not offered; choose one of {', '.join(models)}."
-            )
+                raise SettingsError(
+                    "This bot offers no model choice (IMAGE_MODELS is empty and the backend lists none)."
+                )
+            raise SettingsError(model_refusal(self.default_model, models))  # names a few of a long list
         if len(set(self.channels)) > MAX_CHANNELS:
             raise SettingsError(f"At most {MAX_CHANNELS} channels.")
         words = BlockedWords(self.blocked_words)  # validates and normalises every entry, and the count

@@ -47,11 +47,15 @@ MAX_CHOICES = 25  # Discord's limit for choices and autocomplete answers
 
 
 def model_choices(models: Iterable[str], current: str) -> list[app_commands.Choice[str]]:
-    """Autocomplete for a model option: the operator's IMAGE_MODELS containing what was typed."""
+    """Autocomplete for a model option: the models members may choose (``manager.models``: IMAGE_MODELS, or
+    the backend's own list) containing what was typed, those starting with it first.
+
+    A name longer than a choice value may be (100) is left out: cut short, it would name no model.
+    """
     needle = current.casefold()
-    return [app_commands.Choice(name=m[:100], value=m[:100]) for m in models if needle in m.casefold()][
-        :MAX_CHOICES
-    ]
+    found = [m for m in models if len(m) <= 100 and needle in m.casefold()]
+    found.sort(key=lambda m: not m.casefold().startswith(needle))  # stable: the catalog's order within each
+    return [app_commands.Choice(name=m, value=m) for m in found[:MAX_CHOICES]]
 
 
 def is_manager(interaction: discord.Interaction) -> bool:

@@ -131,6 +131,9 @@ async def check_backend(settings: Settings, session: aiohttp.ClientSession, repo
     except Exception as exc:
         report.problem("backend", f"{where}: {_short(exc)}")
         return
+    if models is None:  # a backend that cannot list its models is still reachable
+        report.ok("backend", f"{where}; it does not list its models")
+        return
     shown = ", ".join(models[:MODELS_SHOWN]) + (", ..." if len(models) > MODELS_SHOWN else "")
     detail = f"{where}, {len(models)} model{'s' if len(models) != 1 else ''}" + (
         f": {shown}" if models else ""

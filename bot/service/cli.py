@@ -51,9 +51,10 @@ async def run_imagine(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     from bot.service.runtime import open_engine
 
-    # The operator's WARNING line would say again what the one error line below says.
+    # The operator's own command: any --model may be named, and no model list is fetched first. And the
+    # operator's WARNING line would say again what the one error line below says.
     logging.getLogger("bot.engine.alerts").setLevel(logging.ERROR)
-    async with open_engine(settings) as engine:
+    async with open_engine(settings, restrict_models=False) as engine:
         if not args.size:
             width, height = engine.backend.capabilities.default_size
         request = ImageRequest(

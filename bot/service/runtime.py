@@ -11,6 +11,7 @@ from bot import __version__
 from bot.backends import create_backend
 from bot.engine import Engine
 from bot.engine.cache import ResultCache
+from bot.engine.catalog import ModelCatalog
 from bot.engine.manager import JobManager
 from bot.engine.retention import RetentionTask
 from bot.engine.store import JobStore
@@ -37,10 +38,12 @@ def open_store(settings: Settings) -> JobStore | PgJobStore:
 
 
 @contextlib.asynccontextmanager
-async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
-    """Store, cache, HTTP session, backend, manager and the retention task, opened in order, closed in reverse.
+async def open_engine(settings: Settings, *, restrict_models: bool = True) -> AsyncIterator[Engine]:
+    """Store, cache, HTTP session, backend, manager, model catalog and the retention task, opened in order and
+    closed in reverse.
 
     The store is PostgreSQL when DATABASE_URL is set; the image cache stays in DATA_DIR either way.
+    ``restrict_models=False`` (the operator's command line): any model may be named and no list is fetched.
 
     The manager is shut down with no grace here; callers that want a drain call ``shutdown`` first.
     """
@@ -61,6 +64,15 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
                 # here, and close it after the manager stopped using them.
                 await backend.start()
                 manager = JobManager.from_settings(settings, backend, store=store, cache=cache)
+                # With IMAGE_MODELS empty, members choose among the backend's own list, kept fresh here.
+                catalog = ModelCatalog(
+                    backend,
+                    configured=settings.image_models,
+                    default=manager.default_model,
+                    restricted=restrict_models,
+                )
+                manager.catalog = catalog
+                await catalog.start()
                 retention = RetentionTask(store, cache, retention_days=settings.history_retention_days)
                 retention.start()
                 try:
@@ -70,6 +82,7 @@ async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
                         await retention.stop()
                         await manager.shutdown(0)
                     finally:
+                        await catalog.close()
                         await backend.aclose()
         finally:
             await cache.close()

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
+from bot.backends import http
 from bot.backends.a1111 import A1111Backend
 from bot.engine.errors import FailureReason, GenerationError
 from bot.engine.models import ImageRequest, Progress
@@ -75,6 +76,30 @@ async def test_progress_with_previews_from_internal_progress(session, sleeps) ->
     assert previews, "expected at least one live preview"
     with Image.open(io.BytesIO(previews[0])) as preview:
         assert preview.format == "PNG"
+
+
+@pytest.mark.parametrize("internal", [True, False], ids=["internal-progress", "global-progress"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"progress": float("nan"), "eta": float("nan"), "eta_relative": float("nan")},
+        {"progress": float("inf"), "eta": float("inf"), "eta_relative": float("inf")},
+        {"progress": float("-inf"), "eta": -5.0, "eta_relative": float("-inf")},
+        {"progress": 7.5, "eta": 1e300, "eta_relative": 1e300},
+    ],
+    ids=["nan", "inf", "negative", "huge"],
+)
+async def test_non_finite_progress_is_clamped_at_the_boundary(
+    session, sleeps, override: dict[str, float], internal: bool
+) -> None:
+    seen: list[Progress] = []
+    async with FakeA1111(delay=0.3, progress_override=override, internal_progress=internal) as fake:
+        await make(session, fake.url, sleeps).generate(REQ, seen.append)
+    assert fake.state.progress_polls + fake.state.global_progress_polls >= 2
+    assert seen, "progress was reported"
+    for progress in seen:
+        assert progress.fraction is None or 0.0 <= progress.fraction <= 1.0, progress
+        assert progress.eta_s is None or 0.0 <= progress.eta_s <= http.MAX_ETA_S, progress
 
 
 async def test_queued_behind_another_job_reports_queue_position(session, sleeps) -> None:

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from bot.backends import http
 from bot.engine.errors import FailureReason, GenerationError
+from bot.engine.models import Progress
 from tests.backends.conftest import FAST_RETRY, RecordingSleep
 
 
@@ -238,3 +239,20 @@ async def test_run_cleanup_is_bounded_and_survives_a_second_cancel() -> None:
 
     never = asyncio.Event()
     await asyncio.wait_for(http.run_cleanup(never.wait(), limit_s=0.05, what="stuck cleanup"), 1)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (Progress(fraction=float("nan"), eta_s=float("nan")), Progress()),
+        (Progress(fraction=float("inf"), eta_s=float("inf")), Progress()),
+        (Progress(fraction=float("-inf"), eta_s=-3.0), Progress(eta_s=0.0)),
+        (Progress(fraction=-0.5, eta_s=1e300), Progress(fraction=0.0, eta_s=http.MAX_ETA_S)),
+        (Progress(fraction=1.5, queue_position=-2), Progress(fraction=1.0, queue_position=0)),
+        (Progress(fraction=0.25, eta_s=12.0, queue_position=3, note="x"),) * 2,
+    ],
+)
+def test_reported_progress_is_finite_and_in_range(given: Progress, expected: Progress) -> None:
+    seen: list[Progress] = []
+    http.report(seen.append, given)
+    assert seen == [expected]

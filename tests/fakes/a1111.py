@@ -46,6 +46,11 @@ class A1111State:
     internal_progress: bool = True  # False: /internal/progress answers 404 (older forks)
     prepend_grid: bool = False
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    #: Replace fields of the progress replies while a generation runs, e.g. ``{"progress": float("nan")}``
+    #: (aiohttp's json_response writes ``NaN``/``Infinity`` like Python's json, and A1111's own encoder).
+    progress_override: dict[str, Any] = field(default_factory=dict)
+    model_list_calls: int = 0
+    fail_model_list: int = 0  # answer the next N model-list requests with a 500
 
 
 class FakeA1111(FakeServer):
@@ -58,6 +63,8 @@ class FakeA1111(FakeServer):
             "internal_progress",
             "prepend_grid",
             "models",
+            "progress_override",
+            "fail_model_list",
         }
     )
 
@@ -223,6 +230,7 @@ class FakeA1111(FakeServer):
                 "live_preview": live_preview,
                 "id_live_preview": preview_id,
                 "textinfo": f"Sampling step {self._step}/{self._steps}",
+                **self.state.progress_override,
             }
         )
 
@@ -251,6 +259,7 @@ class FakeA1111(FakeServer):
                 if running and self._preview_id
                 else None,
                 "textinfo": None,
+                **(self.state.progress_override if running else {}),
             }
         )
 
@@ -266,6 +275,10 @@ class FakeA1111(FakeServer):
     async def sd_models(self, request: web.Request) -> web.Response:
         if (denied := self._auth_failed(request)) is not None:
             return denied
+        self.state.model_list_calls += 1
+        if self.state.fail_model_list > 0:
+            self.state.fail_model_list -= 1
+            return web.json_response({"error": "OSError", "detail": "models folder unreadable"}, status=500)
         return web.json_response(
             [
                 {

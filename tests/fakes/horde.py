@@ -64,6 +64,16 @@ class HordeState:
     fail_next: list[Any] = field(default_factory=list)  # for /generate/async
     fail_next_check: list[Any] = field(default_factory=list)
     fail_next_status: list[Any] = field(default_factory=list)
+    #: ``GET /status/models``: (name, worker count, type) as the real API lists them; ``?type=image`` filters.
+    models: list[tuple[str, int, str]] = field(
+        default_factory=lambda: [
+            ("stable_diffusion", 12, "image"),
+            ("Deliberate", 30, "image"),
+            ("koboldcpp/LLaMA2-13B-Tiefighter", 4, "text"),
+        ]
+    )
+    model_list_calls: int = 0
+    fail_model_list: int = 0  # answer the next N model-list requests with a 503
 
 
 def _error(status: int, message: str, rc: str) -> web.Response:
@@ -87,6 +97,8 @@ class FakeHorde(FakeServer):
             "fail_next",
             "fail_next_check",
             "fail_next_status",
+            "models",
+            "fail_model_list",
         }
     )
 
@@ -255,24 +267,16 @@ class FakeHorde(FakeServer):
         return web.Response(body=data, content_type="image/webp")
 
     async def models(self, request: web.Request) -> web.Response:
+        self.state.model_list_calls += 1
+        if self.state.fail_model_list > 0:
+            self.state.fail_model_list -= 1
+            return _error(503, "Service is undergoing maintenance", "Maintenance")
+        wanted = request.query.get("type")
         return web.json_response(
             [
-                {
-                    "name": "stable_diffusion",
-                    "count": 12,
-                    "performance": 1.0,
-                    "queued": 0,
-                    "eta": 10,
-                    "type": "image",
-                },
-                {
-                    "name": "Deliberate",
-                    "count": 30,
-                    "performance": 1.0,
-                    "queued": 0,
-                    "eta": 5,
-                    "type": "image",
-                },
+                {"name": name, "count": count, "performance": 1.0, "queued": 0, "eta": 5, "type": kind}
+                for name, count, kind in self.state.models
+                if wanted is None or kind == wanted
             ]
         )
 

@@ -188,3 +188,25 @@ async def test_check_with_database_url_describes_the_database_and_changes_nothin
         out
     )
     assert PASSWORD not in out + err and "Traceback" not in out + err
+
+
+async def test_check_reports_a_backend_that_cannot_list_its_models(monkeypatch, tmp_path) -> None:
+    import aiohttp
+
+    import bot.backends
+    from bot.engine.backend import Backend, Capabilities
+    from bot.service.check import Report, check_backend
+
+    class CannotList(Backend):  # e.g. a backend without a model list yet: list_models() keeps its default
+        name = "silent"
+        capabilities = Capabilities()
+
+        async def generate(self, request, on_progress=None):  # type: ignore[no-untyped-def,override]
+            raise AssertionError("check never generates")
+
+    monkeypatch.setattr(bot.backends, "create_backend", lambda *args, **kwargs: CannotList())
+    settings = load_settings(env_file=None, image_backend="horde", data_dir=tmp_path)
+    report = Report()
+    async with aiohttp.ClientSession() as session:
+        await check_backend(settings, session, report)
+    assert report.problems == [] and report.lines == ["backend: ok (horde; it does not list its models)"]
