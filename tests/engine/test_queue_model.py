@@ -320,3 +320,45 @@ def test_pools_least_loaded_backend_and_eligibility() -> None:
     assert Start(model.flight_of("any").id, "big", ("any",)) in decisions  # type: ignore[union-attr]
     assert model.phase("s2") is JobPhase.WAITING
     model.check_invariants()
+
+
+# The state machine's own shrunk counterexamples with each fix reverted, replayed as they were found.
+def _machine() -> QueueMachine:
+    machine = QueueMachine()
+    machine.check = lambda: (  # type: ignore[attr-defined]
+        machine.model_invariants(),
+        machine.every_job_ends_once_and_is_counted(),
+        machine.positions_match_brute_force(),
+        machine.one_slot_per_flight(),
+    )
+    return machine
+
+
+def test_shrunk_defect1_a_finished_guild_leaves_the_rotation() -> None:
+    machine = _machine()
+    machine.admit(guild=1, member=1, prompt="a", images=1, pool=False)
+    machine.apply(machine.model.flight_ended(machine.model.flight_of("j1").id, "succeeded"))  # type: ignore[union-attr]
+    machine.live.discard("j1")
+    machine.ended.add("j1")
+    machine.check()  # type: ignore[attr-defined]
+    assert not machine.model.guilds
+
+
+def test_shrunk_defect3_the_cancelled_generation_is_not_joinable() -> None:
+    machine = _machine()
+    machine.admit(guild=1, member=1, prompt="a", images=1, pool=False)
+    machine.apply(machine.model.leave("j1", "cancelled"))
+    machine.live.discard("j1")
+    machine.ended.add("j1")
+    machine.check()  # type: ignore[attr-defined]
+    machine.admit(guild=1, member=1, prompt="a", images=1, pool=False)
+    machine.check()  # type: ignore[attr-defined]
+
+
+def test_shrunk_defect4_a_joiner_of_a_waiting_flight_gets_its_own_ticket() -> None:
+    machine = _machine()
+    machine.admit(guild=1, member=1, prompt="a", images=1, pool=False)
+    machine.admit(guild=1, member=1, prompt="b", images=1, pool=False)
+    machine.admit(guild=1, member=1, prompt="b", images=1, pool=False)
+    machine.check()  # type: ignore[attr-defined]
+    assert machine.model.waiting_in(1) == 2
