@@ -179,6 +179,8 @@ class Job:
     #: Not persisted: live only for this process.
     result: GenerationResult | None = None
     queue_position: int | None = None
+    #: Estimated seconds until it starts, from recent generation times (None: no history yet).
+    queue_eta_s: float | None = None
     progress: Progress | None = None
 
     @property
