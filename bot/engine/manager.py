@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 CANCEL_SETTLE_S = 10.0
 #: After the grace period, how long cancelled jobs get to record and report that they were stopped.
 SHUTDOWN_REPORT_S = 10.0
+#: Queue positions are announced at most this often (each announcement costs what changed, never a rescan).
+POSITION_INTERVAL_S = 0.25
 #: First wait before a failed store write is tried again (doubling up to 30 s).
 STORE_RETRY_S = 1.0
 #: A delivery (posting the result) that takes longer than this is abandoned and logged.
@@ -198,6 +200,8 @@ class JobManager:
         self._unsaved: dict[str, Job] = {}
         self._retry_task: asyncio.Task[None] | None = None
         self._listeners: list[Listener] = []
+        self._position_flush: asyncio.TimerHandle | None = None
+        self._position_flushed_at = float("-inf")
         self._accepting = True
         self._submitting = 0  # submits past admission, still writing their first record
         self._no_submits = asyncio.Event()
@@ -533,6 +537,9 @@ class JobManager:
         if remaining:
             await asyncio.gather(*remaining, return_exceptions=True)
         await self._flush_unsaved()
+        if self._position_flush is not None:
+            self._position_flush.cancel()
+            self._position_flush = None
         log.info("job manager stopped")
 
     def _unfinished_jobs(self) -> int:
@@ -579,7 +586,9 @@ class JobManager:
             elif isinstance(decision, Moved):
                 log.info("generation now counts for another guild", extra={"guild": decision.guild_id})
             elif isinstance(decision, Position):
-                tracked = self._tracked[decision.job]
+                tracked = self._tracked.get(decision.job)
+                if tracked is None:
+                    continue
                 job = tracked.job
                 if job.state is JobState.QUEUED and job.queue_position != decision.position:
                     job.queue_position = decision.position
@@ -589,6 +598,16 @@ class JobManager:
                         min(self.guild_limit(job.guild_id), sum(self.queue.backends.values())),
                     )
                     self._emit(job, JobEvent.QUEUED)
+        if self.queue.positions_pending and self._position_flush is None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._position_flushed_at + POSITION_INTERVAL_S - loop.time())
+            self._position_flush = loop.call_later(delay, self._flush_positions)
+
+    def _flush_positions(self) -> None:
+        """Announce the positions whose shown bucket changed since the last flush (coalesced bursts)."""
+        self._position_flush = None
+        self._position_flushed_at = asyncio.get_running_loop().time()
+        self._apply(list(self.queue.positions()))
 
     def _start_run(self, start: Start) -> _Run:
         first = self._tracked[start.jobs[0]]

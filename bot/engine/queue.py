@@ -140,34 +140,33 @@ def estimate_wait(position: int, recent_generation_s: Iterable[float], slots: in
     return position * mean / max(1, slots)
 
 
-def _position_candidates() -> tuple[int, ...]:
-    """Positions at which a shift by one changes what is shown (on either side of each bucket edge)."""
-    edges = set(range(1, EXACT_POSITIONS + 2))
-    for step, top in ((10, 100), (100, MAX_SHOWN_POSITION)):
-        for edge in range(step * 2 if step == 10 else step, top + 1, step):
-            edges.update((edge - 1, edge, edge + 1))
-    edges.update((EXACT_POSITIONS + 1, 99, 100, 101, MAX_SHOWN_POSITION + 1))
-    return tuple(sorted(p for p in edges if p >= 1))
-
-
-_CANDIDATES = _position_candidates()
+#: The first position of each shown bucket (a ticket moving across one of these shows something new).
+_EDGES = (*range(1, EXACT_POSITIONS + 2), *range(20, 101, 10), *range(200, MAX_SHOWN_POSITION + 1, 100), 1001)
 
 
 # -- counted structures ---------------------------------------------------------------------------------------
 class Fenwick:
-    """A sparse Fenwick (binary indexed) tree over indexes 1..2**40: counts, prefix sums and select in O(log)."""
+    """A sparse Fenwick (binary indexed) tree over indexes 1..size: counts, prefix sums and select in O(log).
 
-    __slots__ = ("_tree", "total")
-    _SIZE = 1 << 40
+    ``size`` doubles as larger indexes arrive (node ``2 * size`` then covers everything before it), so costs
+    follow the indexes in use, not a fixed bound.
+    """
+
+    __slots__ = ("_size", "_tree", "total")
 
     def __init__(self) -> None:
         self._tree: dict[int, int] = {}
+        self._size = 1
         self.total = 0
 
     def add(self, index: int, delta: int) -> None:
+        while index > self._size:
+            self._size *= 2
+            if self.total:
+                self._tree[self._size] = self.total
         self.total += delta
-        tree = self._tree
-        while index <= self._SIZE:
+        tree, size = self._tree, self._size
+        while index <= size:
             value = tree.get(index, 0) + delta
             if value:
                 tree[index] = value
@@ -178,6 +177,7 @@ class Fenwick:
     def prefix(self, index: int) -> int:
         """Sum over 1..index."""
         total, tree = 0, self._tree
+        index = min(index, self._size)
         while index > 0:
             total += tree.get(index, 0)
             index -= index & -index
@@ -185,11 +185,11 @@ class Fenwick:
 
     def select(self, rank: int) -> int:
         """The smallest index whose prefix sum reaches ``rank`` (1-based); requires 1 <= rank <= total."""
-        index, step, tree = 0, self._SIZE, self._tree
+        index, step, tree = 0, self._size, self._tree
         while step:
             probe = index + step
             value = tree.get(probe, 0)
-            if probe <= self._SIZE and value < rank:
+            if probe <= self._size and value < rank:
                 index = probe
                 rank -= value
             step >>= 1
@@ -229,6 +229,9 @@ class GuildQueue:
         "_by_index",
         "_levels",
         "_tick",
+        "dirty_changes",
+        "dirty_from",
+        "dirty_members",
         "guild_id",
         "last_served",
         "members",
@@ -245,6 +248,10 @@ class GuildQueue:
         #: _levels[k-1][region]: members with at least k tickets, indexed by their mark in that region.
         self._levels: list[tuple[Fenwick, Fenwick]] = []
         self._by_index: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        #: Changes not yet announced: the earliest position changed, how many changes, whose tickets.
+        self.dirty_from: int | None = None
+        self.dirty_changes = 0
+        self.dirty_members: set[int] = set()
 
     # -- size ---------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -408,6 +415,7 @@ class QueueModel:
         #: Guilds that may have a grantable ticket (heap of (last served, arrival, guild); stale entries skipped).
         self._ready: list[tuple[int, int, int]] = []
         self._in_ready: set[int] = set()
+        self._dirty: set[int] = set()  # guilds with position changes not yet announced
         self._restricted = 0  # flights with an eligibility set (slow dispatch path only when > 0)
         self.ended: dict[str, str] = {}  # job -> end reason, for jobs this model ended (tests read it)
 
@@ -579,41 +587,77 @@ class QueueModel:
         entry.phase = JobPhase.WAITING
         queue.push(ticket)
         self._mark_ready(entry.guild_id)
-        self._announce(queue, decisions, ticket.member_id)
+        self._announce(queue, decisions, ticket.member_id, queue.position(ticket))
 
     def _withdraw(self, entry: JobEntry, decisions: list[Decision]) -> None:
         ticket, entry.ticket = entry.ticket, None
         assert ticket is not None
         queue = self.guilds[entry.guild_id]
+        start = queue.position(ticket)
         queue.remove(ticket)
-        self._announce(queue, decisions, ticket.member_id)
+        self._announce(queue, decisions, ticket.member_id, start)
         self._forget_if_idle(queue)
 
-    def _announce(self, queue: GuildQueue, decisions: list[Decision], member_id: int | None) -> None:
-        """After one change in a guild: tell the tickets whose shown position changed, and only them.
+    def _announce(self, queue: GuildQueue, decisions: list[Decision], member_id: int, start: int) -> None:
+        """Note one change at position ``start`` of a guild; :meth:`positions` tells the tickets it moved.
 
-        Every change shifts later positions by at most one (module docstring, invariant 6), so only tickets at
-        bucket edges and the changed member's own tickets can show something new.
+        A change shifts every later position by at most one and leaves earlier ones alone (module docstring,
+        invariant 6), so after k changes only tickets within k of a bucket edge from the earliest change on, and
+        the changed members' own tickets, can show something new.
         """
-        seen: set[int] = set()
-        candidates: list[Ticket] = []
-        member = queue.members.get(member_id) if member_id is not None else None
-        if member is not None:
-            candidates.extend(member.tickets)
-        for position in _CANDIDATES:
-            ticket = queue.at(position)
-            if ticket is None:
-                break
-            candidates.append(ticket)
-        for ticket in candidates:
-            if id(ticket) in seen:
+        queue.dirty_from = start if queue.dirty_from is None else min(queue.dirty_from, start)
+        queue.dirty_changes += 1
+        queue.dirty_members.add(member_id)
+        self._dirty.add(queue.guild_id)
+
+    def positions(self) -> list[Position]:
+        """Positions whose shown bucket changed since the last call: O(edges x changes x log n) per guild.
+
+        The manager calls it at most every POSITION_INTERVAL_S; the tests after every step (or every few).
+        """
+        decisions: list[Decision] = []
+        dirty, self._dirty = self._dirty, set()
+        for guild_id in dirty:
+            queue = self.guilds.get(guild_id)
+            if queue is None or queue.dirty_from is None:
                 continue
-            seen.add(id(ticket))
-            position = queue.position(ticket)
-            shown = shown_position(position)
-            if shown != ticket.shown:
-                ticket.shown = shown
-                decisions.append(Position(ticket.job, position))
+            start, changes, members = queue.dirty_from, queue.dirty_changes, queue.dirty_members
+            queue.dirty_from, queue.dirty_changes, queue.dirty_members = None, 0, set()
+            own: set[int] = set()
+            for member_id in members:
+                member = queue.members.get(member_id)
+                if member is None:
+                    continue
+                for ticket in member.tickets:
+                    own.add(id(ticket))
+                    self._show(ticket, queue.position(ticket), decisions)
+            size = len(queue)
+            wanted: set[int] = set()
+            for edge in _EDGES:
+                low, high = max(1, start, edge - changes), min(size, edge + changes)
+                wanted.update(range(low, high + 1))
+                if len(wanted) >= size:
+                    break
+            places = range(start, size + 1) if len(wanted) >= size else sorted(wanted)
+            for place in places:
+                ticket = queue.at(place)
+                if ticket is None:
+                    break
+                if id(ticket) not in own:
+                    self._show(ticket, place, decisions)
+        return decisions  # type: ignore[return-value]
+
+    @property
+    def positions_pending(self) -> bool:
+        """Changes not yet announced through :meth:`positions`."""
+        return bool(self._dirty)
+
+    @staticmethod
+    def _show(ticket: Ticket, position: int, decisions: list[Decision]) -> None:
+        shown = shown_position(position)
+        if shown != ticket.shown:
+            ticket.shown = shown
+            decisions.append(Position(ticket.job, position))
 
     # -- internals: slots -----------------------------------------------------------------------------------
     def _mark_ready(self, guild_id: int) -> None:
@@ -687,10 +731,10 @@ class QueueModel:
         queue.remove(ticket)
         queue.served(ticket.member_id)
         self.jobs[ticket.job].ticket = None
-        if front:
-            self._announce(queue, decisions, ticket.member_id)
-        else:
-            self._announce_all(queue, decisions)  # granted out of order (pools): positions moved unevenly
+        # Granted out of order (pools), positions move unevenly: announce the whole guild, from the start.
+        self._announce(queue, decisions, ticket.member_id, 1)
+        if not front:
+            queue.dirty_changes += len(queue)
         # The flight's other jobs give up their tickets in their own guilds: one generation, one slot.
         for job_id in flight.jobs:
             entry = self.jobs[job_id]
@@ -698,14 +742,6 @@ class QueueModel:
             if entry.ticket is not None:
                 self._withdraw(entry, decisions)
         decisions.append(Start(flight.id, backend, tuple(flight.jobs)))
-
-    def _announce_all(self, queue: GuildQueue, decisions: list[Decision]) -> None:
-        for ticket in list(queue.tickets()):
-            position = queue.position(ticket)
-            shown = shown_position(position)
-            if shown != ticket.shown:
-                ticket.shown = shown
-                decisions.append(Position(ticket.job, position))
 
     def _move_slot(self, flight: Flight, decisions: list[Decision]) -> None:
         """The holder left a flight others still wait for: charge a remaining job's guild with room, or stop."""
@@ -887,6 +923,8 @@ class QueueModel:
                 fail(f"member {key} has jobs but no record")
         # 6. positions shown are the positions.
         for queue in self.guilds.values():
+            if queue.dirty_from is not None:
+                continue  # announced at the next positions() call
             for ticket in queue.tickets():
                 if ticket.shown != shown_position(queue.position(ticket)):
                     fail(f"ticket {ticket.job} shows {ticket.shown}, is at {queue.position(ticket)}")
