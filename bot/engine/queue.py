@@ -351,6 +351,14 @@ class GuildQueue:
     def front(self) -> Ticket | None:
         return self.at(1)
 
+    def order(self) -> Iterator[Ticket]:
+        """Every waiting ticket in start order, in one pass: O(n + members x rounds), for full announcements."""
+        rotation = [self.members[m] for m in self.rotation()]
+        for k in range(len(self._levels)):
+            for member in rotation:
+                if len(member.tickets) > k:
+                    yield member.tickets[k]
+
 
 @dataclass(eq=False)
 class Flight:
@@ -632,14 +640,16 @@ class QueueModel:
                     own.add(id(ticket))
                     self._show(ticket, queue.position(ticket), decisions)
             size = len(queue)
+            if changes * 2 * len(_EDGES) >= size:
+                # So many changes that most tickets may show something new: one pass in order is cheaper.
+                for place, ticket in enumerate(queue.order(), start=1):
+                    if place >= start and id(ticket) not in own:
+                        self._show(ticket, place, decisions)
+                continue
             wanted: set[int] = set()
             for edge in _EDGES:
-                low, high = max(1, start, edge - changes), min(size, edge + changes)
-                wanted.update(range(low, high + 1))
-                if len(wanted) >= size:
-                    break
-            places = range(start, size + 1) if len(wanted) >= size else sorted(wanted)
-            for place in places:
+                wanted.update(range(max(1, start, edge - changes), min(size, edge + changes) + 1))
+            for place in sorted(wanted):
                 ticket = queue.at(place)
                 if ticket is None:
                     break
