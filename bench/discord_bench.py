@@ -14,6 +14,9 @@ Ack latency: real seconds from the fake sending INTERACTION_CREATE to the bot's 
 CPU: the bot process's user+system time (``/proc/<pid>/stat``, threads included) from just before the burst
 until the last job's final message, divided by the jobs. Wall: burst start to the last final message (bot) or
 the last ack (bare). The fake Discord runs in this process and shares the machine: both bots pay for it alike.
+``--deep N`` (issue 8): N jobs wait behind one slow backend (BACKEND_CONCURRENCY=1, ``--backend-delay`` s per
+image, one guild); once every job is acknowledged and queued, the bot's CPU and its message edits are measured
+over ``--window`` seconds while the queue moves (target: <= 5 % of a core).
 ``--profile FILE`` runs the bot under cProfile (slower; the figures are then not comparable) and prints the top
 functions.
 """
@@ -482,8 +485,64 @@ def print_profile(path: str, limit: int = 25) -> None:
         stats.sort_stats(key).print_stats(limit)
 
 
+async def deep_queue(options: argparse.Namespace) -> int:
+    """N jobs waiting behind one slow backend: the bot's CPU and edits per second while the queue moves."""
+    jobs, delay, window = options.deep, options.backend_delay, options.window
+    with tempfile.TemporaryDirectory(prefix="discord-bench-deep-") as tmp:
+        data_dir = Path(tmp)
+        async with FakeDiscord(token=TOKEN) as fake, CountingOpenAI(delay=delay) as backend:
+            world = make_world(fake, jobs, 1, 0)
+            env = bot_env(
+                fake,
+                data_dir,
+                image_backend="openai",
+                image_backend_url=backend.url,
+                backend_concurrency=1,
+                guild_concurrency=1,
+                user_max_jobs=5,
+                queue_timeout_s=840,
+                shutdown_grace_s=0,
+            )
+            async with child(["-m", "bot"], env, data_dir) as process:
+                await wait_until_connected(fake, process)
+                inters: list[FakeInteraction] = []
+                for first in range(0, jobs, 50):  # in batches: the burst itself is not what is measured here
+                    batch = [
+                        await invoke(world, who, f"deep {first + i}: a fox")
+                        for i, who in enumerate(world.burst[first : first + 50])
+                    ]
+                    await fake.wait_for_state(
+                        lambda batch=batch: all(i.callback is not None for i in batch),
+                        30,
+                        "a batch acknowledged",
+                    )
+                    inters += batch
+                await asyncio.sleep(5)  # the first positions are posted; the queue settles
+                requests0 = len(fake.requests)
+                cpu0, started = cpu_seconds(process.pid), time.monotonic()
+                await asyncio.sleep(window)
+                cpu, elapsed = cpu_seconds(process.pid) - cpu0, time.monotonic() - started
+                edits = sum(
+                    1
+                    for r in fake.requests[requests0:]
+                    if r.method == "PATCH" and r.path.endswith("/messages/@original")
+                )
+                process.check_alive("deep queue")
+    print(
+        f"{jobs} jobs waiting behind one backend of {delay:.0f} s per image, measured over {elapsed:.0f} s:"
+    )
+    print(f"bot CPU {cpu / elapsed * 100:.1f} % of a core; {edits / elapsed:.1f} message edits per second")
+    return 0
+
+
 async def main(options: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR)  # the fakes' INFO/WARNING chatter is not the result
+    if options.deep:
+        try:
+            return await deep_queue(options)
+        except BenchError as exc:
+            print(f"FAILED: {exc}", file=sys.stderr)
+            return 1
     bots: list[Result] = []
     bares: list[Result] = []
     try:
@@ -538,6 +597,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=1, help="runs; the table shows medians (default 1)")
     parser.add_argument("--skip-bare", action="store_true", help="only run the real bot")
+    parser.add_argument(
+        "--deep", type=int, default=0, help="N jobs waiting behind one slow backend (issue 8)"
+    )
+    parser.add_argument("--window", type=float, default=60.0, help="--deep: seconds measured (default 60)")
     parser.add_argument(
         "--profile", metavar="FILE", help="run the bot under cProfile, write FILE, print the top"
     )

@@ -3,7 +3,8 @@
     python -m bench.engine_bench [--jobs 10000]
 
 1. Overhead: N jobs through JobManager.submit with an instant backend (no store, no cache: the manager's own
-   bookkeeping, scheduler and tasks) next to a bare ``asyncio.gather`` of the same backend coroutines.
+   bookkeeping, queue model and tasks) next to the seed's approach, ``asyncio.gather`` of the same backend
+   coroutines under an ``asyncio.Semaphore`` of the same backend concurrency; then again with the SQLite store.
 2. Stall: a 1 ms ticker measures the longest gap between ticks while 4 images of 2048x2048 are verified
    (decoded) the way backends do it — off the event loop.
 """
@@ -15,7 +16,9 @@ import asyncio
 import io
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 from PIL import Image
 
@@ -23,6 +26,9 @@ from bot.engine.backend import Backend, Capabilities, ProgressCallback
 from bot.engine.images import verify_image
 from bot.engine.manager import JobManager
 from bot.engine.models import GeneratedImage, ImageRequest
+from bot.engine.store import JobStore
+
+BACKEND_CONCURRENCY = 16
 
 _IMAGE = GeneratedImage(data=b"", format="PNG", width=1, height=1)
 
@@ -40,21 +46,41 @@ class InstantBackend(Backend):
         return []
 
 
-async def bare(jobs: int) -> float:
+async def seed(jobs: int) -> float:
+    """The seed's approach: every request gathered, the backend gated by a semaphore."""
     backend = InstantBackend()
+    gate = asyncio.Semaphore(BACKEND_CONCURRENCY)
     requests = [ImageRequest(prompt=f"p{i}", fresh=True) for i in range(jobs)]
+
+    async def one(request: ImageRequest) -> list[GeneratedImage]:
+        async with gate:
+            return await backend.generate(request)
+
     started = time.perf_counter()
-    await asyncio.gather(*(backend.generate(r) for r in requests))
+    await asyncio.gather(*(one(r) for r in requests))
     return time.perf_counter() - started
 
 
-async def managed(jobs: int, guilds: int = 10) -> float:
+async def managed(jobs: int, guilds: int = 10, *, with_store: bool = False) -> float:
+    if with_store:
+        with tempfile.TemporaryDirectory() as folder:
+            store = JobStore(Path(folder) / "bench.sqlite3")
+            await store.open()
+            try:
+                return await _managed(jobs, guilds, store)
+            finally:
+                await store.close()
+    return await _managed(jobs, guilds, None)
+
+
+async def _managed(jobs: int, guilds: int, store: JobStore | None) -> float:
     backend = InstantBackend()
     manager = JobManager(
         backend,
+        store=store,
         guild_concurrency=4,
         guild_concurrency_max=8,
-        backend_concurrency=16,
+        backend_concurrency=BACKEND_CONCURRENCY,
         user_max_jobs=jobs,
         queue_timeout_s=600,
         job_timeout_s=60,
@@ -109,13 +135,21 @@ async def worst_stall_during_verify(count: int = 4) -> tuple[float, float, float
 
 
 async def main(jobs: int, repeats: int) -> None:
-    bare_times = [await bare(jobs) for _ in range(repeats)]
+    seed_times = [await seed(jobs) for _ in range(repeats)]
     managed_times = [await managed(jobs) for _ in range(repeats)]
-    b, m = statistics.median(bare_times), statistics.median(managed_times)
-    print(f"jobs: {jobs} (median of {repeats} runs)")
-    print(f"bare asyncio.gather:    {b * 1000:8.1f} ms  ({b / jobs * 1e6:7.1f} us/job)")
-    print(f"JobManager.submit+wait: {m * 1000:8.1f} ms  ({m / jobs * 1e6:7.1f} us/job)")
-    print(f"manager overhead:       {(m - b) / jobs * 1e6:7.1f} us/job  (ratio {m / b:.1f}x)")
+    stored_jobs = max(1, jobs // 5)  # SQLite writes dominate: fewer jobs for the same confidence
+    seed_small = statistics.median([await seed(stored_jobs) for _ in range(repeats)])
+    stored_times = [await managed(stored_jobs, with_store=True) for _ in range(repeats)]
+    b, m = statistics.median(seed_times), statistics.median(managed_times)
+    st = statistics.median(stored_times)
+    print(f"jobs: {jobs} (median of {repeats} runs); backend concurrency {BACKEND_CONCURRENCY}")
+    print(f"seed (gather under a Semaphore): {b * 1000:8.1f} ms  ({b / jobs * 1e6:7.1f} us/job)")
+    print(f"JobManager.submit+wait:          {m * 1000:8.1f} ms  ({m / jobs * 1e6:7.1f} us/job)")
+    print(f"manager overhead, no store:      {(m - b) / jobs * 1e6:7.1f} us/job  (ratio {m / b:.1f}x)")
+    print(
+        f"with the SQLite store ({stored_jobs} jobs): {st / stored_jobs * 1e6:7.1f} us/job; "
+        f"overhead {(st - seed_small) / stored_jobs * 1e6:7.1f} us/job (ratio {st / seed_small:.1f}x)"
+    )
     stall, verify_s, inline_s = await worst_stall_during_verify()
     print(
         f"verify 4 x 2048x2048 PNG off-loop: {verify_s * 1000:.0f} ms; worst event loop stall {stall * 1000:.1f} ms"

@@ -3,16 +3,39 @@ PostgreSQL cluster per session with a fresh database per test."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import discord
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.fakes.a1111 import FakeA1111
 from tests.fakes.discord import FakeDiscord
 from tests.fakes.openai_api import FakeOpenAI
 from tests.pg import ClusterError, PgCluster, start_cluster, unavailable
+
+# Property tests: CI runs a fixed, derandomized budget; HYPOTHESIS_PROFILE=long explores for as long as asked
+# (HYPOTHESIS_MAX_EXAMPLES, default 20,000).
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    max_examples=200,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile(
+    "long",
+    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "20000")),
+    stateful_step_count=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 #: The bot token the fake Discord accepts in tests.
 TOKEN = "test-token-abcdef123456"

@@ -29,6 +29,18 @@ NOT_SET_UP = "The image service is not set up correctly; the bot owner has been 
 SERVICE_DOWN = "The image service is not answering right now; the bot owner has been told. Try again later."
 
 
+class EndReason(StrEnum):
+    """Why a job ended without a result of its own making: the one name for each (a job's ``error_reason``).
+
+    Backend failures use :class:`FailureReason`; these are the ends the engine itself decides.
+    """
+
+    CANCELLED = "cancelled"  # a member or a manager pressed Cancel
+    SHUTDOWN = "shutdown"  # still queued or running when the shutdown grace ended
+    QUEUE_TIMEOUT = "timeout"  # waited QUEUE_TIMEOUT_S for a slot (the same label as FailureReason.TIMEOUT)
+    INTERRUPTED = "interrupted"  # the process died while it ran (recovery)
+
+
 class GenerationError(Exception):
     """A generation failed for a reason a user can be told about.
 

@@ -1,31 +1,35 @@
-"""The job manager: every generation is a tracked task, fairly scheduled, timed out, cancellable, awaited.
+"""The job manager: drives the queue model (:mod:`bot.engine.queue`) with tasks, timeouts, backend calls and writes.
 
 Lifecycle of a job::
 
     submit() -- admission (in memory) -> persisted as QUEUED -> task started
+                (a failed first write: no job exists, the caller gets the error to tell the user)
     task:  cache hit? -> SUCCEEDED (from cache)
-           join or lead a *flight* (one generation shared by identical requests)
-           wait for the flight to get a slot (queue timeout) -> RUNNING
-           wait for the flight's result                     -> SUCCEEDED | FAILED | TIMED_OUT
-           cancel() at any point                            -> CANCELLED
+           admitted into the queue model: joins the live *flight* with the same key, or opens one; waits with
+           its own ticket in its own guild's queue until the model grants its flight a slot -> RUNNING
+           the flight's generation ends                         -> SUCCEEDED | FAILED | TIMED_OUT
+           queue timeout, cancel(), shutdown at any point       -> TIMED_OUT | CANCELLED
            then the delivery hook (the Discord layer posts the result) runs inside the same task,
-           so shutdown's drain covers posting too.
+           so shutdown's drain covers posting too; a delivery in progress is never cancelled at grace end.
 
-A flight holds the scheduler slot and calls the backend. Jobs wait on it through ``asyncio.shield`` with a
-reference count: one waiter leaving does not stop a generation others still wait for; the last one does.
+Who waits, who runs and what each member has in flight live in the model alone; every end (cancel, queue
+timeout, backend failure, job timeout, shutdown) goes through the model's ``leave`` / ``flight_ended``. A
+generation whose last job left is stopped and keeps its slot until its backend call has wound down.
 
-Every state change is written to the store before listeners hear of it. Nothing here imports discord.
+Every state change is written to the store before listeners hear of it; a write that fails is retried until
+the store agrees with memory. Nothing here imports discord.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -34,7 +38,7 @@ from bot.engine.alerts import OperatorAlerts
 from bot.engine.backend import Backend, ResumableBackend
 from bot.engine.cache import cache_key
 from bot.engine.catalog import ModelCatalog
-from bot.engine.errors import FailureReason, GenerationError, RequestRejected, ShuttingDown
+from bot.engine.errors import EndReason, FailureReason, GenerationError, RequestRejected, ShuttingDown
 from bot.engine.models import (
     GeneratedImage,
     GenerationResult,
@@ -45,7 +49,19 @@ from bot.engine.models import (
     new_job_id,
     validate_request,
 )
-from bot.engine.scheduler import FairScheduler, Ticket
+from bot.engine.queue import (
+    Decision,
+    FlightState,
+    InvariantError,
+    JobPhase,
+    Moved,
+    Position,
+    QueueModel,
+    Requeued,
+    Start,
+    Stop,
+    estimate_wait,
+)
 from bot.logs import current_job
 
 if TYPE_CHECKING:
@@ -59,8 +75,10 @@ log = logging.getLogger(__name__)
 CANCEL_SETTLE_S = 10.0
 #: After the grace period, how long cancelled jobs get to record and report that they were stopped.
 SHUTDOWN_REPORT_S = 10.0
-#: Queue positions are recomputed at most this often per change burst (cost: one pass over a guild's queue).
+#: Queue positions are announced at most this often (each announcement costs what changed, never a rescan).
 POSITION_INTERVAL_S = 0.25
+#: First wait before a failed store write is tried again (doubling up to 30 s).
+STORE_RETRY_S = 1.0
 #: A delivery (posting the result) that takes longer than this is abandoned and logged.
 DELIVERY_TIMEOUT_S = 120.0
 
@@ -95,36 +113,51 @@ AdmissionCheck = Callable[[ImageRequest, AdmissionContext], None]
 
 
 @dataclass(eq=False)
-class _Flight:
-    """One backend generation, possibly awaited by several identical jobs."""
+class _Run:
+    """One generation on a backend (the model's flight), as the manager runs it."""
 
-    key: str
+    flight: int
     request: ImageRequest
-    ticket: Ticket
-    jobs: set[str] = field(default_factory=set)
-    started: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[GenerationResult] | None = None
+    cache_key: str
+    task: asyncio.Task[None] | None = None
     progress: Progress | None = None
     #: Follow this already-submitted backend generation instead of submitting (after a restart).
     resume_ref: str | None = None
-    #: The request's cache key (``key`` differs for private flights) and, once stored, the images' refs.
-    cache_key: str = ""
+    #: Once stored in the cache, the images' refs (every job of the flight gets them).
     image_refs: list[str] = field(default_factory=list)
 
 
 @dataclass(eq=False)
 class _Tracked:
+    """A job's live state in this process. Its place in the queue lives in the model, not here."""
+
     job: Job
     task: asyncio.Task[None] | None = None
-    flight: _Flight | None = None
-    cancel_reason: str | None = None
+    cancel_reason: EndReason | None = None
     resume_ref: str | None = None
     #: Set by the task's first step: a task cancelled before it ever ran would skip all its bookkeeping.
     started: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set whenever the model changed this job's phase (started, sent back to the queue, its flight ended).
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The job is admitted in the queue model (else it holds a reservation there: exactly one of the two).
+    in_model: bool = False
+    #: What its flight ended with: a result, or the exception to raise in the job's task.
+    outcome: GenerationResult | BaseException | None = None
+    run: _Run | None = None
+    queue_timer: asyncio.TimerHandle | None = None
+    delivering: bool = False
+    #: Stopped counting against its member (its end recorded and heard).
+    released: bool = False
 
 
 class JobManager:
+    """Runs jobs: admission, the queue model's decisions, backend calls, store writes, delivery, shutdown.
+
+    State about *who waits and who runs* lives in :class:`~bot.engine.queue.QueueModel` alone; this class
+    reacts to its decisions (start a generation, stop one, announce a position) with tasks and writes.
+    """
+
     def __init__(
         self,
         backend: Backend,
@@ -161,17 +194,17 @@ class JobManager:
 
         self._guild_limits: dict[int, int] = {}
         self._user_limits: dict[int, int] = {}
-        self._scheduler = FairScheduler(backend_concurrency, self.guild_limit)
-        self._scheduler.on_queue_change = self._announce_positions
+        self.queue = QueueModel({backend.name: backend_concurrency}, guild_limit=self.guild_limit)
         self._tracked: dict[str, _Tracked] = {}
-        self._flights: dict[str, _Flight] = {}
-        self._flight_tasks: set[asyncio.Task[GenerationResult]] = set()
-        self._ticket_flights: dict[Ticket, _Flight] = {}
-        self._position_dirty: set[int] = set()
+        self._runs: dict[int, _Run] = {}
+        self._run_tasks: set[asyncio.Task[None]] = set()
+        #: Recent generation times (seconds), for the estimated wait shown with a queue position.
+        self.recent_generation_s: deque[float] = deque(maxlen=20)
+        self._unsaved: dict[str, Job] = {}
+        self._retry_task: asyncio.Task[None] | None = None
+        self._listeners: list[Listener] = []
         self._position_flush: asyncio.TimerHandle | None = None
         self._position_flushed_at = float("-inf")
-        self._active_per_user: Counter[tuple[int, int]] = Counter()
-        self._listeners: list[Listener] = []
         self._accepting = True
         self._submitting = 0  # submits past admission, still writing their first record
         self._no_submits = asyncio.Event()
@@ -217,7 +250,7 @@ class JobManager:
             self._guild_limits.pop(guild_id, None)
         else:
             self._guild_limits[guild_id] = max(1, min(int(limit), self.guild_concurrency_max))
-        self._scheduler.limits_changed()
+        self._apply(self.queue.limits_changed())
         return self.guild_limit(guild_id)
 
     def user_limit(self, guild_id: int) -> int:
@@ -263,7 +296,14 @@ class JobManager:
         return sorted(jobs, key=lambda j: j.created_at)
 
     def active_count(self, guild_id: int, user_id: int) -> int:
-        return self._active_per_user[(guild_id, user_id)]
+        """Jobs of this member queued or running, and requests admitted but not submitted yet (the one count)."""
+        record = self.queue.member(guild_id, user_id)
+        return record.jobs + record.reserved
+
+    def images_in_flight(self, guild_id: int, user_id: int) -> int:
+        """Images this member's unfinished jobs (and admitted, unsubmitted requests) will make."""
+        record = self.queue.member(guild_id, user_id)
+        return record.images + record.reserved_images
 
     def queue_depth(self) -> int:
         return sum(1 for t in self._tracked.values() if t.job.state is JobState.QUEUED)
@@ -273,20 +313,32 @@ class JobManager:
 
     @property
     def backend_in_flight(self) -> int:
-        """Slots held at the backend gate right now."""
-        return self._scheduler.running
+        """Slots held at the backends right now (a generation winding down still holds its slot)."""
+        return self.queue.slots_held
 
     def guild_in_flight(self, guild_id: int) -> int:
-        return self._scheduler.running_in(guild_id)
+        return self.queue.running_in(guild_id)
 
     def guild_waiting(self, guild_id: int) -> int:
-        """Generations of this guild waiting for a slot."""
-        return self._scheduler.waiting_in(guild_id)
+        """Jobs of this guild waiting for a slot."""
+        return self.queue.waiting_in(guild_id)
 
     def task_count(self) -> int:
-        """Tasks this manager owns that are not finished (jobs and flights)."""
-        jobs = sum(1 for t in self._tracked.values() if t.task is not None and not t.task.done())
-        return jobs + sum(1 for t in self._flight_tasks if not t.done())
+        """Tasks this manager owns that are not finished (jobs and generations)."""
+        return len(self._pending_tasks())
+
+    def check_invariants(self) -> None:
+        """The public probe: the queue model's invariants, and that this manager agrees with the model."""
+        self.queue.check_invariants()
+        for job_id, tracked in self._tracked.items():
+            if tracked.in_model != (job_id in self.queue.jobs):
+                raise InvariantError(f"job {job_id}: manager and model disagree on whether it is queued")
+        for job_id in self.queue.jobs:
+            if job_id not in self._tracked:
+                raise InvariantError(f"the model holds job {job_id} nobody tracks")
+        live = {f.id for f in self.queue.flights.values() if f.state is not FlightState.QUEUED}
+        if set(self._runs) != live:
+            raise InvariantError(f"generations running {sorted(self._runs)} but the model has {sorted(live)}")
 
     # -- admission --------------------------------------------------------------------------------------------
     def normalise(self, request: ImageRequest) -> ImageRequest:
@@ -313,8 +365,7 @@ class JobManager:
 
         Order: shutting down? -> per-guild defaults -> backend defaults -> validation -> the user's active-job
         limit -> per-guild checks. Returns the request to run or raises :class:`RequestRejected`.
-        ``pending`` / ``pending_images``: this user's requests (and their images) the caller admitted but has
-        not submitted yet; they count against the limits too.
+        Requests held with :meth:`holding` count already; ``pending`` / ``pending_images`` add any others.
         """
         if not self._accepting:
             raise ShuttingDown()
@@ -327,7 +378,7 @@ class JobManager:
         if request.negative_prompt and not caps.negative_prompt:
             raise RequestRejected(f"The {self.backend.name} backend does not take a negative prompt.")
         limit = self.user_limit(guild_id)
-        if self._active_per_user[(guild_id, user_id)] + pending >= limit:
+        if self.active_count(guild_id, user_id) + pending >= limit:
             raise RequestRejected(
                 f"You already have {limit} image job{'s' if limit != 1 else ''} queued or running here; "
                 "wait for one to finish or cancel one.",
@@ -336,6 +387,18 @@ class JobManager:
         for check in self.admission_checks:
             check(request, context)
         return request
+
+    @contextlib.contextmanager
+    def holding(self, guild_id: int, user_id: int, images: int) -> Iterator[None]:
+        """Count an admitted request against the member's limits while the caller acknowledges it.
+
+        The caller submits right after leaving the block (no await in between), so the count never lapses.
+        """
+        self.queue.reserve(guild_id, user_id, images)
+        try:
+            yield
+        finally:
+            self.queue.unreserve(guild_id, user_id, images)
 
     async def submit(
         self,
@@ -348,7 +411,11 @@ class JobManager:
         job_id: str | None = None,
         channel_nsfw: bool = False,
     ) -> Job:
-        """Admit, persist and start a job. Raises :class:`RequestRejected` before any job exists."""
+        """Admit, persist and start a job. Raises :class:`RequestRejected` before any job exists.
+
+        If the first write fails the job never existed: the error propagates (the caller tells the user) and a
+        cancel waiting on it returns False at once.
+        """
         request = self.check_admission(
             request, guild_id, user_id, channel_id=channel_id, channel_nsfw=channel_nsfw
         )
@@ -364,11 +431,12 @@ class JobManager:
         )
         tracked = _Tracked(job)
         self._tracked[job.id] = tracked
-        self._active_per_user[(guild_id, user_id)] += 1
+        self.queue.reserve(guild_id, user_id, request.count)
         self._submitting += 1
         self._no_submits.clear()
         try:
-            await self._persist(job)
+            if self.store is not None:
+                await self.store.save_job(job)
         except BaseException:
             self._forget(tracked)
             raise
@@ -396,7 +464,7 @@ class JobManager:
         job.state = JobState.QUEUED
         tracked = _Tracked(job, resume_ref=job.backend_ref if follow_backend_ref else None)
         self._tracked[job.id] = tracked
-        self._active_per_user[(job.guild_id, job.user_id)] += 1
+        self.queue.reserve(job.guild_id, job.user_id, job.request.count)
         await self._persist(job)
         tracked.task = asyncio.create_task(self._run_job(tracked), name=f"job-{job.id}")
         tracked.task.add_done_callback(self._job_task_done)
@@ -410,20 +478,22 @@ class JobManager:
             tracked.job.message_ref = message_ref
 
     # -- cancellation -----------------------------------------------------------------------------------------
-    async def cancel(self, job_id: str, *, reason: str = "cancelled", by: str | None = None) -> bool:
+    async def cancel(
+        self, job_id: str, *, reason: EndReason | str = EndReason.CANCELLED, by: str | None = None
+    ) -> bool:
         """Cancel a queued or running job and wait until it is recorded as cancelled (its slot freed).
 
-        Returns False when the job is unknown here or already finished.
+        Returns False when the job is unknown here, already finished, or never came to exist.
         """
         tracked = self._tracked.get(job_id)
         if tracked is None or tracked.job.state.is_terminal:
             return False
-        self._request_cancel(tracked, reason, by)
+        self._request_cancel(tracked, EndReason(reason), by)
         await tracked.done.wait()
         return tracked.job.state is JobState.CANCELLED
 
     @staticmethod
-    def _request_cancel(tracked: _Tracked, reason: str, by: str | None) -> None:
+    def _request_cancel(tracked: _Tracked, reason: EndReason, by: str | None) -> None:
         """Cancel once. A job still being submitted, or whose task has not run yet, sees the reason at its start."""
         if tracked.cancel_reason is not None:
             return
@@ -445,22 +515,29 @@ class JobManager:
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, let work finish for ``grace`` seconds, cancel the rest, and await every task.
 
+        A job whose result is being delivered when the grace ends is never cancelled: deliveries get the report
+        window (SHUTDOWN_REPORT_S) after the grace, like the cancelled jobs reporting that they stopped.
         Idempotent: a second call (the bot drained, then the engine closes) finds nothing to do.
         """
         if not self._accepting and not self._pending_tasks():
             return
         self._accepting = False
         pending = self._pending_tasks()
-        log.info("draining jobs", extra={"jobs": len(pending), "grace_s": grace})
+        log.info("draining jobs", extra={"jobs": self._unfinished_jobs(), "grace_s": grace})
         if pending and grace > 0:
             await asyncio.wait(pending, timeout=grace)
         await self._wait_for_submits()
-        leftovers = [t for t in self._tracked.values() if t.task is not None and not t.task.done()]
+        leftovers = [
+            t
+            for t in self._tracked.values()
+            if t.task is not None and not t.task.done() and not t.job.state.is_terminal
+        ]
         for tracked in leftovers:
-            self._request_cancel(tracked, "shutdown", None)
+            self._request_cancel(tracked, EndReason.SHUTDOWN, None)
+        delivering = sum(1 for t in self._tracked.values() if t.delivering)
         pending = self._pending_tasks()
         if pending:
-            log.info("cancelled unfinished jobs", extra={"jobs": len(leftovers)})
+            log.info("cancelled unfinished jobs", extra={"jobs": len(leftovers), "delivering": delivering})
             await asyncio.wait(pending, timeout=SHUTDOWN_REPORT_S)
         # Anything still alive now is stuck in a delivery or a backend that ignores cancellation: cancel hard.
         for task in self._pending_tasks():
@@ -468,15 +545,15 @@ class JobManager:
         remaining = self._pending_tasks()
         if remaining:
             await asyncio.gather(*remaining, return_exceptions=True)
-        for task in list(self._flight_tasks):
-            task.cancel()
-        if self._flight_tasks:
-            await asyncio.gather(*self._flight_tasks, return_exceptions=True)
+        await self._flush_unsaved()
         if self._position_flush is not None:
             self._position_flush.cancel()
             self._position_flush = None
         await self.alerts.close()
         log.info("job manager stopped")
+
+    def _unfinished_jobs(self) -> int:
+        return sum(1 for t in self._tracked.values() if t.task is not None and not t.task.done())
 
     async def _wait_for_submits(self, limit_s: float = 5.0) -> None:
         """Submits admitted before shutdown began may still be writing their first record: let them start."""
@@ -488,8 +565,121 @@ class JobManager:
         tasks: set[asyncio.Task[object]] = {
             t.task for t in self._tracked.values() if t.task is not None and not t.task.done()
         }
-        tasks.update(t for t in self._flight_tasks if not t.done())
+        tasks.update(t for t in self._run_tasks if not t.done())
+        if self._retry_task is not None and not self._retry_task.done():
+            tasks.add(self._retry_task)
         return tasks
+
+    # -- the queue model's decisions ----------------------------------------------------------------------------
+    def _apply(self, decisions: list[Decision]) -> None:
+        """Carry out what the model decided. Synchronous: tasks are started, nothing is awaited here."""
+        for decision in decisions:
+            if isinstance(decision, Start):
+                run = self._runs.get(decision.flight)
+                if run is None:
+                    run = self._start_run(decision)
+                for job_id in decision.jobs:
+                    tracked = self._tracked[job_id]
+                    tracked.run = run
+                    self._disarm(tracked)
+                    tracked.wake.set()
+            elif isinstance(decision, Stop):
+                run = self._runs.get(decision.flight)
+                if run is not None and run.task is not None:
+                    run.task.cancel()
+            elif isinstance(decision, Requeued):
+                for job_id in decision.jobs:
+                    tracked = self._tracked[job_id]
+                    tracked.run = None
+                    self._arm(tracked)
+                    tracked.wake.set()
+            elif isinstance(decision, Moved):
+                log.info("generation now counts for another guild", extra={"guild": decision.guild_id})
+            elif isinstance(decision, Position):
+                tracked = self._tracked.get(decision.job)
+                if tracked is None:
+                    continue
+                job = tracked.job
+                if job.state is JobState.QUEUED and job.queue_position != decision.position:
+                    job.queue_position = decision.position
+                    job.queue_eta_s = estimate_wait(
+                        decision.position,
+                        self.recent_generation_s,
+                        min(self.guild_limit(job.guild_id), sum(self.queue.backends.values())),
+                    )
+                    self._emit(job, JobEvent.QUEUED)
+        if self.queue.positions_pending and self._position_flush is None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._position_flushed_at + POSITION_INTERVAL_S - loop.time())
+            self._position_flush = loop.call_later(delay, self._flush_positions)
+
+    def _flush_positions(self) -> None:
+        """Announce the positions whose shown bucket changed since the last flush (coalesced bursts)."""
+        self._position_flush = None
+        self._position_flushed_at = asyncio.get_running_loop().time()
+        self._apply(list(self.queue.positions()))
+
+    def _start_run(self, start: Start) -> _Run:
+        first = self._tracked[start.jobs[0]]
+        run = _Run(
+            start.flight,
+            first.job.request,
+            first.job.cache_key or self._key(first.job.request),
+            resume_ref=first.resume_ref,
+        )
+        self._runs[start.flight] = run
+        run.task = asyncio.create_task(self._run_flight(run), name=f"flight-{first.job.id}")
+        self._run_tasks.add(run.task)
+        run.task.add_done_callback(functools.partial(self._run_task_done, run))
+        return run
+
+    def _enter_model(self, tracked: _Tracked, key: str | None) -> None:
+        """Admit into the queue model; the reservation the job held until now is handed over (no await)."""
+        job = tracked.job
+        self.queue.unreserve(job.guild_id, job.user_id, job.request.count)
+        tracked.in_model = True
+        decisions = self.queue.admit(job.id, job.guild_id, job.user_id, key=key, images=job.request.count)
+        if self.queue.phase(job.id) is JobPhase.WAITING:
+            self._arm(tracked)
+        self._apply(decisions)
+
+    def _left_model(self, tracked: _Tracked) -> None:
+        """The model ended the job: it holds a reservation until its end is recorded (quotas count it)."""
+        job = tracked.job
+        tracked.in_model = False
+        self._disarm(tracked)
+        self.queue.reserve(job.guild_id, job.user_id, job.request.count)
+
+    def _leave_model(self, tracked: _Tracked, reason: str) -> int | None:
+        """End a job in the model early; returns the flight it stopped, if it was the last to wait for it."""
+        if not tracked.in_model:
+            return None
+        decisions = self.queue.leave(tracked.job.id, reason)
+        self._left_model(tracked)
+        self._apply(decisions)
+        run = tracked.run
+        stopped = next((d.flight for d in decisions if isinstance(d, Stop)), None)
+        return stopped if run is not None and stopped == run.flight else None
+
+    def _arm(self, tracked: _Tracked) -> None:
+        """Start the queue timeout (counted from the job's creation)."""
+        self._disarm(tracked)
+        remaining = self.queue_timeout_s - (self.clock() - tracked.job.created_at)
+        loop = asyncio.get_running_loop()
+        tracked.queue_timer = loop.call_later(max(0.0, remaining), self._queue_expired, tracked)
+
+    @staticmethod
+    def _disarm(tracked: _Tracked) -> None:
+        if tracked.queue_timer is not None:
+            tracked.queue_timer.cancel()
+            tracked.queue_timer = None
+
+    def _queue_expired(self, tracked: _Tracked) -> None:
+        tracked.queue_timer = None
+        if tracked.in_model and self.queue.phase(tracked.job.id) is JobPhase.WAITING:
+            self._leave_model(tracked, EndReason.QUEUE_TIMEOUT)
+            tracked.outcome = _QueueTimedOut()
+            tracked.wake.set()
 
     # -- the job task -----------------------------------------------------------------------------------------
     async def _run_job(self, tracked: _Tracked) -> None:
@@ -503,31 +693,29 @@ class JobManager:
                 result = await self._obtain(tracked)
             except asyncio.CancelledError:
                 self._uncancel()
-                await self._leave_flight(tracked)
-                reason = tracked.cancel_reason or "cancelled"
+                reason = tracked.cancel_reason or EndReason.CANCELLED
+                await self._stop_waiting(tracked, reason)
                 await self._finish(
                     tracked,
                     JobState.CANCELLED,
-                    error_reason="shutdown" if reason == "shutdown" else "cancelled",
+                    error_reason=EndReason.SHUTDOWN if reason is EndReason.SHUTDOWN else EndReason.CANCELLED,
                     error_message=_cancel_message(reason, job.cancelled_by),
                 )
             except _QueueTimedOut:
-                await self._leave_flight(tracked)
                 await self._finish(
                     tracked,
                     JobState.TIMED_OUT,
-                    error_reason=FailureReason.TIMEOUT.value,
+                    error_reason=EndReason.QUEUE_TIMEOUT,
                     error_message=f"Waited over {self.queue_timeout_s:.0f} s in the queue; try again later.",
                 )
             except GenerationError as exc:
-                self._leave(tracked)
                 self.alerts.report(exc)
                 job.error_advice = exc.advice
                 state = JobState.TIMED_OUT if exc.reason is FailureReason.TIMEOUT else JobState.FAILED
                 await self._finish(tracked, state, error_reason=exc.reason.value, error_message=exc.message)
             except Exception:
                 log.exception("job failed unexpectedly", extra={"job": job.id})
-                await self._leave_flight(tracked)
+                await self._stop_waiting(tracked, FailureReason.INTERNAL)
                 await self._finish(
                     tracked,
                     JobState.FAILED,
@@ -539,12 +727,14 @@ class JobManager:
                 job.from_cache = result.from_cache
                 job.seeds = [image.seed for image in result.images]
                 await self._finish(tracked, JobState.SUCCEEDED)
-            await self._deliver(job)
+            tracked.delivering = True
+            try:
+                await self._deliver(job)
+            finally:
+                tracked.delivering = False
         except asyncio.CancelledError:
             # A second cancel (the shutdown's hard stop) while recording or delivering: give up quietly.
-            if not job.state.is_terminal:
-                job.state = JobState.CANCELLED
-                self._release_user(job)
+            self._settle(tracked)
             raise
         finally:
             tracked.done.set()
@@ -560,166 +750,171 @@ class JobManager:
                 cached, job.image_refs = hit
                 log.info("job served from cache", extra={"job": job.id})
                 return cached
-        flight = self._join_flight(tracked, key)
-        remaining = self.queue_timeout_s - (self.clock() - job.created_at)
-        try:
-            async with asyncio.timeout(max(0.0, remaining)):
-                await flight.started.wait()
-        except TimeoutError:
-            raise _QueueTimedOut from None
-        await self._transition(job, JobState.RUNNING, started_at=self.clock())
-        if flight.progress is not None:  # progress that came before this job noticed the start
-            job.progress = flight.progress
-            self._emit(job, JobEvent.PROGRESS)
-        assert flight.task is not None
-        result = await asyncio.shield(flight.task)
-        self._leave(tracked)
-        job.image_refs = list(flight.image_refs)
-        return result
+        private = request.fresh or tracked.resume_ref is not None
+        self._enter_model(tracked, None if private else key)
+        if self.queue.phase(job.id) is JobPhase.RUNNING and len(self.queue.flight_of(job.id).jobs) > 1:  # type: ignore[union-attr]
+            log.info("job shares a generation in flight", extra={"job": job.id})
+        while tracked.outcome is None:
+            tracked.wake.clear()
+            phase = self.queue.phase(job.id) if tracked.in_model else None
+            if phase is JobPhase.RUNNING and job.state is JobState.QUEUED:
+                await self._transition(job, JobState.RUNNING, started_at=self.clock())
+                run = tracked.run
+                if run is not None and run.progress is not None:  # progress from before this job noticed
+                    job.progress = run.progress
+                    self._emit(job, JobEvent.PROGRESS)
+                continue
+            if phase is JobPhase.WAITING and job.state is JobState.RUNNING:
+                # Its generation stopped under it (the job holding the slot left, no guild had room): waits again.
+                job.state = JobState.QUEUED
+                job.started_at = None
+                await self._persist(job)
+                self._emit(job, JobEvent.QUEUED)
+                continue
+            await tracked.wake.wait()
+        outcome = tracked.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        job.image_refs = list(tracked.run.image_refs) if tracked.run is not None else []
+        return outcome
+
+    async def _stop_waiting(self, tracked: _Tracked, reason: str) -> None:
+        """Leave the queue model; if that stopped the generation, wait for its backend call to wind down."""
+        stopped = self._leave_model(tracked, reason)
+        run = self._runs.get(stopped) if stopped is not None else None
+        if run is None or run.task is None or run.task.done():
+            return
+        with contextlib.suppress(BaseException):
+            async with asyncio.timeout(CANCEL_SETTLE_S):
+                await asyncio.wait({run.task})
 
     def _key(self, request: ImageRequest) -> str:
         return cache_key(request, backend=self.backend.name, model=request.model)
 
-    # -- flights ----------------------------------------------------------------------------------------------
-    def _join_flight(self, tracked: _Tracked, key: str) -> _Flight:
-        job = tracked.job
-        private = job.request.fresh or tracked.resume_ref is not None
-        flight = None if private else self._flights.get(key)
-        if flight is None:
-            flight = _Flight(
-                key=f"{key}:{job.id}" if private else key,
-                request=job.request,
-                ticket=self._scheduler.new_ticket(job.guild_id, job.user_id),
-                resume_ref=tracked.resume_ref,
-                cache_key=key,
-            )
-            self._flights[flight.key] = flight
-            self._ticket_flights[flight.ticket] = flight
-            flight.task = asyncio.create_task(self._run_flight(flight), name=f"flight-{job.id}")
-            self._flight_tasks.add(flight.task)
-            flight.task.add_done_callback(self._flight_task_done)
-        else:
-            log.info("job shares a generation in flight", extra={"job": job.id})
-        flight.jobs.add(job.id)
-        tracked.flight = flight
-        return flight
-
-    def _leave(self, tracked: _Tracked) -> _Flight | None:
-        flight, tracked.flight = tracked.flight, None
-        if flight is None:
-            return None
-        flight.jobs.discard(tracked.job.id)
-        return flight
-
-    async def _leave_flight(self, tracked: _Tracked) -> None:
-        """Detach from the flight; the last waiter to leave stops the generation and waits for it to wind down."""
-        flight = self._leave(tracked)
-        if flight is None or flight.jobs or flight.task is None or flight.task.done():
-            return
-        flight.task.cancel()
-        with contextlib.suppress(BaseException):
-            async with asyncio.timeout(CANCEL_SETTLE_S):
-                await asyncio.wait({flight.task})
-
-    async def _run_flight(self, flight: _Flight) -> GenerationResult:
+    # -- generations ----------------------------------------------------------------------------------------------
+    async def _run_flight(self, run: _Run) -> None:
+        """One backend call; when it ends (result, failure, stopped), the model ends the flight and its jobs."""
+        outcome: GenerationResult | BaseException
+        reason = "succeeded"
         try:
-            await self._scheduler.acquire(flight.ticket)
+            started = time.monotonic()
             try:
-                flight.started.set()
-                started = time.monotonic()
-                try:
-                    async with asyncio.timeout(self.job_timeout_s):
-                        images = await self._call_backend(flight)
-                except TimeoutError:
-                    raise GenerationError(
-                        FailureReason.TIMEOUT,
-                        f"The image took longer than {self.job_timeout_s:.0f} s and was stopped.",
-                    ) from None
-                result = GenerationResult(
-                    images=tuple(images),
-                    backend=self.backend.name,
-                    model=flight.request.model,
-                    elapsed_s=time.monotonic() - started,
-                )
-            finally:
-                self._scheduler.release(flight.ticket)
+                async with asyncio.timeout(self.job_timeout_s):
+                    images = await self._call_backend(run)
+            except TimeoutError:
+                raise GenerationError(
+                    FailureReason.TIMEOUT,
+                    f"The image took longer than {self.job_timeout_s:.0f} s and was stopped.",
+                ) from None
+            result = GenerationResult(
+                images=tuple(images),
+                backend=self.backend.name,
+                model=run.request.model,
+                elapsed_s=time.monotonic() - started,
+            )
+            self.recent_generation_s.append(result.elapsed_s)
             # Stored once per generation, however many jobs share it (without a cache there is nowhere to
             # fetch images back from later, so no references are kept).
             if self.cache is not None:
-                flight.image_refs = await self.cache.put(flight.cache_key, result)
-            return result
+                run.image_refs = await self.cache.put(run.cache_key, result)
+            outcome = result
+        except asyncio.CancelledError as exc:
+            outcome, reason = exc, "stopped"
+            raise
+        except GenerationError as exc:
+            outcome, reason = exc, exc.reason.value
+        except Exception as exc:
+            log.error("generation crashed", exc_info=exc, extra={"flight": run.flight})
+            outcome, reason = exc, FailureReason.INTERNAL.value
         finally:
-            self._ticket_flights.pop(flight.ticket, None)
-            if self._flights.get(flight.key) is flight:
-                del self._flights[flight.key]
+            self._end_run(run, outcome, reason)
 
-    async def _call_backend(self, flight: _Flight) -> list[GeneratedImage]:
+    def _end_run(self, run: _Run, outcome: GenerationResult | BaseException, reason: str) -> None:
+        """The model ends the flight (freeing its slot) and each job still on it hears the outcome."""
+        if self._runs.get(run.flight) is not run:
+            return  # already ended
+        del self._runs[run.flight]
+        flight = self.queue.flights.get(run.flight)
+        jobs = list(flight.jobs) if flight is not None else []
+        decisions = self.queue.flight_ended(run.flight, reason)
+        for job_id in jobs:
+            tracked = self._tracked[job_id]
+            self._left_model(tracked)
+            tracked.outcome = outcome
+            tracked.wake.set()
+        self._apply(decisions)
+
+    async def _call_backend(self, run: _Run) -> list[GeneratedImage]:
         def on_progress(progress: Progress) -> None:
-            self._on_progress(flight, progress)
+            self._on_progress(run, progress)
 
         backend = self.backend
         if not isinstance(backend, ResumableBackend):
-            return await backend.generate(flight.request, on_progress)
-        if flight.resume_ref is not None:
-            return await backend.resume(flight.resume_ref, on_progress, count=flight.request.count)
+            return await backend.generate(run.request, on_progress)
+        if run.resume_ref is not None:
+            return await backend.resume(run.resume_ref, on_progress, count=run.request.count)
 
         async def remember(ref: str) -> None:
             # Stored before the wait begins, so a restart can follow this generation instead of losing it.
-            for job_id in list(flight.jobs):
-                tracked = self._tracked.get(job_id)
-                if tracked is not None:
-                    tracked.job.backend_ref = ref
-                    await self._persist(tracked.job)
+            for job in self._jobs_of(run):
+                job.backend_ref = ref
+                await self._persist(job)
 
-        return await backend.generate(flight.request, on_progress, on_submitted=remember)
+        return await backend.generate(run.request, on_progress, on_submitted=remember)
 
-    def _on_progress(self, flight: _Flight, progress: Progress) -> None:
-        flight.progress = progress
-        for job_id in list(flight.jobs):
-            tracked = self._tracked.get(job_id)
-            if tracked is not None and tracked.job.state is JobState.RUNNING:
-                tracked.job.progress = progress
-                self._emit(tracked.job, JobEvent.PROGRESS)
+    def _jobs_of(self, run: _Run) -> list[Job]:
+        flight = self.queue.flights.get(run.flight)
+        return [self._tracked[j].job for j in flight.jobs] if flight is not None else []
 
-    def _announce_positions(self, guild_id: int) -> None:
-        """Queue order changed in a guild: recompute its positions soon, at most every POSITION_INTERVAL_S.
-
-        Coalesced because a long queue moves on every start; listeners (Discord edits) are coalesced anyway.
-        """
-        self._position_dirty.add(guild_id)
-        if self._position_flush is None:
-            loop = asyncio.get_running_loop()
-            delay = max(0.0, self._position_flushed_at + POSITION_INTERVAL_S - loop.time())
-            self._position_flush = loop.call_later(delay, self._flush_positions)
-
-    def _flush_positions(self) -> None:
-        self._position_flush = None
-        self._position_flushed_at = asyncio.get_running_loop().time()
-        dirty, self._position_dirty = self._position_dirty, set()
-        for guild_id in dirty:
-            positions = self._scheduler.positions(guild_id)
-            for ticket, position in positions.items():
-                flight = self._ticket_flights.get(ticket)
-                if flight is None:
-                    continue
-                for job_id in flight.jobs:
-                    tracked = self._tracked.get(job_id)
-                    if tracked is None or tracked.job.state is not JobState.QUEUED:
-                        continue
-                    if tracked.job.queue_position != position:
-                        tracked.job.queue_position = position
-                        self._emit(tracked.job, JobEvent.QUEUED)
+    def _on_progress(self, run: _Run, progress: Progress) -> None:
+        run.progress = progress
+        for job in self._jobs_of(run):
+            if job.state is JobState.RUNNING:
+                job.progress = progress
+                self._emit(job, JobEvent.PROGRESS)
 
     # -- state changes --------------------------------------------------------------------------------------
     async def _persist(self, job: Job) -> None:
-        if self.store is not None:
+        """Write the job; a failed write is retried in the background until the store agrees with memory."""
+        if self.store is None:
+            return
+        try:
             await self.store.save_job(job)
+        except Exception:
+            log.exception("could not record a job; retrying", extra={"job": job.id})
+            self._unsaved[job.id] = job
+            if self._retry_task is None or self._retry_task.done():
+                self._retry_task = asyncio.create_task(self._retry_unsaved(), name="store-retry")
+        else:
+            self._unsaved.pop(job.id, None)
+
+    async def _retry_unsaved(self) -> None:
+        delay = STORE_RETRY_S
+        while self._unsaved:
+            await asyncio.sleep(delay)
+            await self._flush_unsaved()
+            delay = min(delay * 2, 30.0)
+
+    async def _flush_unsaved(self) -> None:
+        assert self.store is not None or not self._unsaved
+        for job_id, job in list(self._unsaved.items()):
+            try:
+                await self.store.save_job(job)  # type: ignore[union-attr]
+            except Exception:
+                log.warning("job record still not written", extra={"job": job_id})
+            else:
+                self._unsaved.pop(job_id, None)
+
+    def unsaved_jobs(self) -> list[str]:
+        """Jobs whose record in the store is behind memory (a write failed; it is being retried)."""
+        return list(self._unsaved)
 
     async def _transition(self, job: Job, state: JobState, *, started_at: float | None = None) -> None:
         job.state = state
         if started_at is not None:
             job.started_at = started_at
             job.queue_position = None
+            job.queue_eta_s = None
         await self._persist(job)
         log.info("job started", extra={"job": job.id})
         self._emit(job, JobEvent.STARTED)
@@ -736,20 +931,20 @@ class JobManager:
         job.state = state
         job.finished_at = self.clock()
         job.queue_position = None
+        job.queue_eta_s = None
         job.error_reason = error_reason
         job.error_message = error_message
-        self._release_user(job)
         self.completed[state] += 1
-        try:
-            await self._persist(job)
-        except Exception:
-            log.exception("could not record the end of a job", extra={"job": job.id})
+        await self._persist(job)
         log.info(
             "job finished",
             extra={"job": job.id, "state": state.value, **({"reason": error_reason} if error_reason else {})},
         )
         tracked.done.set()
-        self._emit(job, JobEvent.FINISHED)
+        try:
+            self._emit(job, JobEvent.FINISHED)
+        finally:
+            self._release(tracked)
 
     async def _deliver(self, job: Job) -> None:
         if self.deliver is None:
@@ -762,16 +957,29 @@ class JobManager:
         except Exception:
             log.exception("delivery failed", extra={"job": job.id})
 
-    def _release_user(self, job: Job) -> None:
-        key = (job.guild_id, job.user_id)
-        if self._active_per_user[key] > 0:
-            self._active_per_user[key] -= 1
-        if self._active_per_user[key] == 0:
-            del self._active_per_user[key]
+    def _release(self, tracked: _Tracked) -> None:
+        """The job's end is recorded and heard: it stops counting against its member (once)."""
+        if tracked.in_model:
+            self._leave_model(tracked, EndReason.CANCELLED)
+        job = tracked.job
+        if not tracked.released:
+            tracked.released = True
+            self.queue.unreserve(job.guild_id, job.user_id, job.request.count)
+
+    def _settle(self, tracked: _Tracked) -> None:
+        """A job whose task was stopped hard: end it in the books without awaiting anything."""
+        if tracked.in_model:
+            self._leave_model(tracked, EndReason.SHUTDOWN)
+        if not tracked.job.state.is_terminal:
+            tracked.job.state = JobState.CANCELLED
+            tracked.job.error_reason = EndReason.SHUTDOWN
+        self._release(tracked)
 
     def _forget(self, tracked: _Tracked) -> None:
+        """The first write failed: the job never existed. Anyone waiting on it (a cancel) returns at once."""
         self._tracked.pop(tracked.job.id, None)
-        self._release_user(tracked.job)
+        self._release(tracked)
+        tracked.done.set()
 
     @staticmethod
     def _uncancel() -> None:
@@ -786,31 +994,29 @@ class JobManager:
         tracked = self._tracked.get(job_id)
         if tracked is not None and not tracked.done.is_set():
             # Cancelled before its first step (only a shutdown's hard stop can do that): settle the books.
-            if not tracked.job.state.is_terminal:
-                tracked.job.state = JobState.CANCELLED
-                self._release_user(tracked.job)
+            self._settle(tracked)
             tracked.done.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("job task crashed", exc_info=task.exception(), extra={"job": job_id})
         if tracked is not None and tracked.task is task:
             # Finished jobs leave memory; their record lives on in the store.
             del self._tracked[job_id]
+            self.queue.forget_ended(job_id)
 
-    def _flight_task_done(self, task: asyncio.Task[GenerationResult]) -> None:
-        self._flight_tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()  # retrieved here so an unawaited failure is never "never retrieved"
-        if exc is not None and not isinstance(exc, GenerationError):
-            log.error("generation crashed", exc_info=exc, extra={"flight": task.get_name()})
+    def _run_task_done(self, run: _Run, task: asyncio.Task[None]) -> None:
+        self._run_tasks.discard(task)
+        # Cancelled before its first step (stopped at once): its body never ran to free the slot.
+        self._end_run(run, asyncio.CancelledError(), "stopped")
+        if not task.cancelled():
+            task.exception()  # retrieved here so a failure is never "never retrieved" (logged in the run)
 
 
 class _QueueTimedOut(Exception):
     """The job waited longer than QUEUE_TIMEOUT_S for a slot."""
 
 
-def _cancel_message(reason: str, by: str | None) -> str:
-    if reason == "shutdown":
+def _cancel_message(reason: EndReason, by: str | None) -> str:
+    if reason is EndReason.SHUTDOWN:
         return "Stopped by a restart."
     return f"Cancelled by {by}." if by else "Cancelled."
 

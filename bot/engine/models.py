@@ -202,6 +202,8 @@ class Job:
     #: What the operator should change, when the failure was theirs to fix (never shown to members).
     error_advice: str | None = None
     queue_position: int | None = None
+    #: Estimated seconds until it starts, from recent generation times (None: no history yet).
+    queue_eta_s: float | None = None
     progress: Progress | None = None
 
     @property

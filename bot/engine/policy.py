@@ -366,8 +366,6 @@ class GuildPolicy:
         self.clock = clock
         self.quota = QuotaTracker(clock)
         self._guilds: dict[int, _Compiled] = {}
-        #: Images asked for by jobs not finished yet (from QUEUED until FINISHED is heard).
-        self._pending: dict[str, tuple[int, int, int]] = {}
         self._lock = asyncio.Lock()
         self._installed = False
 
@@ -454,21 +452,14 @@ class GuildPolicy:
         )
 
     def _in_flight(self, guild_id: int, user_id: int) -> int:
-        total = sum(n for g, u, n in self._pending.values() if g == guild_id and u == user_id)
-        # Jobs admitted whose QUEUED event has not been heard yet.
-        for job in self.manager.active_jobs(guild_id=guild_id, user_id=user_id):
-            if job.id not in self._pending:
-                total += job.request.count
-        return total
+        # The manager keeps the one record of what a member has queued, running or admitted (its images
+        # stop counting only after FINISHED is heard here, so the quota below never has a gap).
+        return self.manager.images_in_flight(guild_id, user_id)
 
     def on_job_event(self, job: Job, event: JobEvent) -> None:
-        if event is JobEvent.FINISHED:
-            self._pending.pop(job.id, None)
-            if job.state is JobState.SUCCEEDED and not job.from_cache:
-                # Seeds, one per image, exist with or without a cache: the count a restart reloads is the same.
-                self.quota.add(job.guild_id, job.user_id, len(job.seeds) or job.request.count)
-        elif job.is_active and job.id not in self._pending:
-            self._pending[job.id] = (job.guild_id, job.user_id, job.request.count)
+        if event is JobEvent.FINISHED and job.state is JobState.SUCCEEDED and not job.from_cache:
+            # Seeds, one per image, exist with or without a cache: the count a restart reloads is the same.
+            self.quota.add(job.guild_id, job.user_id, len(job.seeds) or job.request.count)
 
     # -- admission hooks (synchronous, in memory) ---------------------------------------------------------
     def apply_defaults(self, request: ImageRequest, context: AdmissionContext) -> ImageRequest:

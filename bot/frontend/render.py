@@ -5,6 +5,7 @@ from __future__ import annotations
 import discord
 
 from bot.engine.models import Job, JobState
+from bot.engine.queue import shown_position
 
 #: custom_id prefixes; the job id follows. Kept short: custom ids are at most 100 characters.
 CANCEL_ID = "imagine:cancel:"
@@ -49,8 +50,21 @@ def excerpt(text: str, limit: int = 60) -> str:
 
 
 def _rough_position(position: int) -> str:
-    """Exact near the front; in tens further back, so a long queue does not re-edit every message per step."""
-    return str(position) if position <= 10 else f"{position // 10 * 10}+"
+    """Exact near the front, then in tens, hundreds, and "1,000+" (the engine's buckets: one edit per bucket)."""
+    value, exact = shown_position(position)
+    return str(value) if exact else f"{value:,}+"
+
+
+def _rough_wait(seconds: float | None) -> str:
+    """An estimated wait, said as roughly as it is known."""
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return " — starts in under a minute"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f" — about {minutes} min to wait"
+    return f" — about {round(seconds / 3600)} h to wait"
 
 
 def _progress_bar(fraction: float, width: int = 16) -> str:
@@ -61,7 +75,10 @@ def _progress_bar(fraction: float, width: int = 16) -> str:
 def status_line(job: Job) -> str:
     if job.state is JobState.QUEUED:
         if job.queue_position:
-            return f"Queued — position {_rough_position(job.queue_position)} in this server's queue"
+            return (
+                f"Queued — position {_rough_position(job.queue_position)} in this server's queue"
+                + _rough_wait(job.queue_eta_s)
+            )
         return "Queued"
     if job.state is JobState.RUNNING:
         progress = job.progress

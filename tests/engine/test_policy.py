@@ -283,18 +283,15 @@ async def test_quota_counts_fresh_images_and_in_flight_requests() -> None:
     await policy.load()
     await policy.update(1, daily_images=5)
     assert policy.quota_status(1, 10).remaining == 3
-    # A queued job asking for 2 images holds them until it finishes.
-    queued = Job(id="q", request=ImageRequest("x", count=2), guild_id=1, user_id=10)
-    policy.on_job_event(queued, JobEvent.QUEUED)
-    assert policy.quota_status(1, 10).remaining == 1
-    with pytest.raises(RequestRejected) as refused:
-        admit(policy, ImageRequest("x", count=2))
-    assert refused.value.code == "quota" and "1 of your 5" in refused.value.message
-    admit(policy, ImageRequest("x", count=1))
+    # A request asking for 2 images holds them until it finishes (the manager's one record counts it).
+    with policy.manager.holding(1, 10, 2):
+        assert policy.quota_status(1, 10).remaining == 1
+        with pytest.raises(RequestRejected) as refused:
+            admit(policy, ImageRequest("x", count=2))
+        assert refused.value.code == "quota" and "1 of your 5" in refused.value.message
+        admit(policy, ImageRequest("x", count=1))
     # Cache hits and failures are free; fresh successes count.
-    queued.state = JobState.SUCCEEDED
-    queued.from_cache = True
-    policy.on_job_event(queued, JobEvent.FINISHED)
+    policy.on_job_event(finished("q", 2, from_cache=True), JobEvent.FINISHED)
     policy.on_job_event(finished("f", 2, state=JobState.FAILED), JobEvent.FINISHED)
     assert policy.quota_status(1, 10).remaining == 3
     policy.on_job_event(finished("ok", 3), JobEvent.FINISHED)

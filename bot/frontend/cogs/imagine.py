@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -60,9 +59,6 @@ class ImagineCog(commands.Cog, name="Imagine"):
         self.bot = bot
         self.manager = bot.manager
         self.imagine_command = self._build_imagine_command()
-        #: Admitted requests per (guild, user) whose defer is in flight, not yet submitted to the manager.
-        self._deferring: Counter[tuple[int, int]] = Counter()
-        self._deferring_images: Counter[tuple[int, int]] = Counter()
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.imagine_command)
@@ -153,7 +149,6 @@ class ImagineCog(commands.Cog, name="Imagine"):
             await reply(interaction, "Use this in a server.")
             return None
         channel_nsfw = channel_is_nsfw(interaction)
-        key = (guild_id, user_id)
         try:
             request = self.manager.check_admission(
                 request,
@@ -161,24 +156,15 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 user_id,
                 channel_id=interaction.channel_id,
                 channel_nsfw=channel_nsfw,
-                pending=self._deferring[key],
-                pending_images=self._deferring_images[key],
             )
         except RequestRejected as refusal:
             await reply(interaction, refusal.message)
             return None
         # Until submit() counts this job, a burst of /imagine from one member would all pass the check above and
-        # be refused only after the (public) defer: count it while the defer is on the wire.
-        self._deferring[key] += 1
-        self._deferring_images[key] += request.count
-        try:
+        # be refused only after the (public) defer: the manager's one record counts it while the defer is on the
+        # wire, and submit() takes over with no await in between.
+        with self.manager.holding(guild_id, user_id, request.count):
             await interaction.response.defer(thinking=True)
-        finally:
-            self._deferring[key] -= 1
-            self._deferring_images[key] -= request.count
-            if not self._deferring[key]:
-                del self._deferring[key]
-                del self._deferring_images[key]
         try:
             job = await self.manager.submit(
                 request,

@@ -1,0 +1,261 @@
+"""The async manager driven by a hypothesis state machine on virtual time.
+
+An event loop whose clock the test owns (no real sleeps), a backend whose calls the test finishes, fails,
+hangs or lets wind down slowly, a store whose writes the test can fail: submit, cancel in every state, queue and
+job timeouts, shutdown. After every step: the model's invariants, the manager agreeing with the model, the
+backend never over capacity, every job finishing once, and the store agreeing with memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from bot.engine.backend import Backend, Capabilities
+from bot.engine.errors import FailureReason, GenerationError
+from bot.engine.manager import JobEvent, JobManager
+from bot.engine.models import GeneratedImage, ImageRequest, Job, JobState
+from tests.helpers import PNG
+
+EPOCH = 1_800_000_000.0
+CAPACITY = 3
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+
+class Call:
+    def __init__(self, request: ImageRequest) -> None:
+        self.request = request
+        self.outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.active = True
+
+
+class ScriptedBackend(Backend):
+    """Every call waits for the test; a cancel winds down for ``wind_down_s`` of virtual time."""
+
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.capabilities = Capabilities(sizes=((512, 512),))
+        self.calls: list[Call] = []
+        self.active = 0
+        self.max_active = 0
+        self.wind_down_s = 0.0
+
+    async def generate(self, request, on_progress=lambda _: None) -> list[GeneratedImage]:
+        call = Call(request)
+        self.calls.append(call)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            outcome = await call.outcome
+            if outcome == "fail":
+                raise GenerationError(FailureReason.UNAVAILABLE, "The image service is down.")
+            return [GeneratedImage(PNG, "PNG", 8, 8, seed=1)]
+        except asyncio.CancelledError:
+            if self.wind_down_s:
+                await asyncio.sleep(self.wind_down_s)
+            raise
+        finally:
+            call.active = False
+            self.active -= 1
+
+    async def list_models(self) -> list[str]:
+        return []
+
+
+class ScriptedStore:
+    def __init__(self) -> None:
+        self.records: dict[str, JobState] = {}
+        self.fail_next = 0
+
+    async def save_job(self, job: Job) -> None:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise OSError("database is locked")
+        self.records[job.id] = job.state
+
+
+class ManagerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = VirtualClock()
+        self.loop = asyncio.new_event_loop()
+        self.loop.time = lambda: self.clock.now  # type: ignore[method-assign]
+        self.backend = ScriptedBackend()
+        self.store = ScriptedStore()
+        self.manager = self.run(self._make())
+        self.jobs: dict[str, Job] = {}
+        self.finished: Counter[str] = Counter()
+        self.tasks: list[asyncio.Task[object]] = []
+        self.ids = itertools.count(1)
+        self.shut = False
+        self.manager.add_listener(self._heard)
+
+    async def _make(self) -> JobManager:
+        return JobManager(
+            self.backend,
+            store=self.store,  # type: ignore[arg-type]
+            guild_concurrency=2,
+            backend_concurrency=CAPACITY,
+            user_max_jobs=3,
+            queue_timeout_s=30,
+            job_timeout_s=20,
+            clock=lambda: EPOCH + self.clock.now,
+        )
+
+    def _heard(self, job: Job, event: JobEvent) -> None:
+        if event is JobEvent.FINISHED:
+            self.finished[job.id] += 1
+
+    # -- driving the loop -------------------------------------------------------------------------------------
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def settle(self) -> None:
+        async def drain() -> None:
+            for _ in range(30):
+                await asyncio.sleep(0)
+
+        self.run(drain())
+
+    def advance(self, seconds: float) -> None:
+        """Move virtual time forward timer by timer, settling in between (no real sleep)."""
+        target = self.clock.now + seconds
+        while True:
+            scheduled = [h.when() for h in self.loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+            upcoming = min((w for w in scheduled if w <= target), default=None)
+            if upcoming is None:
+                break
+            self.clock.now = max(self.clock.now, upcoming)
+            self.settle()
+        self.clock.now = target
+        self.settle()
+
+    def teardown(self) -> None:
+        if not self.shut:
+            self.do_shutdown()
+        self.loop.close()
+
+    # -- rules ----------------------------------------------------------------------------------------------
+    @precondition(lambda self: not self.shut)
+    @rule(guild=st.integers(1, 3), member=st.integers(1, 3), prompt=st.sampled_from(["a", "b", "fresh"]))
+    def submit(self, guild: int, member: int, prompt: str) -> None:
+        request = ImageRequest(prompt=prompt, fresh=prompt == "fresh")
+        job_id = f"j{next(self.ids)}"
+
+        async def submit() -> Job | None:
+            try:
+                return await self.manager.submit(request, guild_id=guild, user_id=member, job_id=job_id)
+            except Exception:
+                return None  # refused (member limit) or the first write failed: no job exists
+
+        job = self.run(submit())
+        if job is not None:
+            self.jobs[job.id] = job
+        else:
+            assert self.manager.get(job_id) is None
+        self.settle()
+
+    @precondition(lambda self: any(c.active and not c.outcome.done() for c in self.backend.calls))
+    @rule(data=st.data(), outcome=st.sampled_from(["ok", "fail"]))
+    def finish_call(self, data: st.DataObject, outcome: str) -> None:
+        calls = [c for c in self.backend.calls if c.active and not c.outcome.done()]
+        call = data.draw(st.sampled_from(calls))
+        call.outcome.set_result(outcome)
+        self.settle()
+
+    @precondition(lambda self: any(j.is_active for j in self.jobs.values()))
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        job = data.draw(st.sampled_from(sorted(j.id for j in self.jobs.values() if j.is_active)))
+        self.tasks.append(self.loop.create_task(self.manager.cancel(job, by="tester")))
+        self.settle()
+
+    @rule(seconds=st.sampled_from([0.5, 3.0, 12.0, 25.0]))
+    def wait(self, seconds: float) -> None:
+        self.advance(seconds)
+
+    @rule(wind_down=st.sampled_from([0.0, 2.0, 15.0]))
+    def backend_winds_down(self, wind_down: float) -> None:
+        self.backend.wind_down_s = wind_down
+
+    @rule(count=st.integers(1, 2))
+    def store_fails(self, count: int) -> None:
+        self.store.fail_next = count
+
+    @precondition(lambda self: not self.shut)
+    @rule()
+    def shutdown(self) -> None:
+        self.do_shutdown()
+
+    def do_shutdown(self) -> None:
+        self.shut = True
+        self.store.fail_next = 0
+        task = self.loop.create_task(self.manager.shutdown(grace=5))
+        for _ in range(100):
+            if task.done():
+                break
+            self.advance(5)
+        assert task.done()
+        task.result()
+        for job in self.jobs.values():
+            assert job.state.is_terminal, job
+        for pending in self.tasks:
+            assert pending.done()
+
+    # -- invariants -----------------------------------------------------------------------------------------
+    @invariant()
+    def manager_agrees_with_the_model(self) -> None:
+        self.manager.check_invariants()
+
+    @invariant()
+    def backend_never_over_capacity(self) -> None:
+        assert self.backend.max_active <= CAPACITY
+        # Every call still alive on the backend holds its slot in the model (a winding-down one too).
+        assert self.backend.active <= self.manager.backend_in_flight
+
+    @invariant()
+    def every_job_finishes_once(self) -> None:
+        for job_id, count in self.finished.items():
+            assert count == 1, job_id
+        for job in self.jobs.values():
+            if job.state.is_terminal:
+                assert self.finished[job.id] == 1, job
+
+    @invariant()
+    def the_store_agrees_with_memory(self) -> None:
+        unsaved = set(self.manager.unsaved_jobs())
+        for job in self.jobs.values():
+            if job.id not in unsaved:
+                assert self.store.records.get(job.id) is job.state, (job.id, job.state)
+
+    @invariant()
+    def memory_agrees_with_the_model(self) -> None:
+        """Once the loop is idle, a job's state is its phase in the model (a cancel may still be winding down)."""
+        for job in self.jobs.values():
+            if job.cancelled_by is not None or self.shut:
+                continue
+            phase = self.manager.queue.phase(job.id)
+            expected = {JobState.QUEUED: "waiting", JobState.RUNNING: "running"}.get(job.state)
+            assert (phase.value if phase is not None else None) == expected, (job.id, job.state, phase)
+
+    @invariant()
+    def members_counted_once(self) -> None:
+        for (guild, member), record in list(self.manager.queue.members.items()):
+            live = [
+                j
+                for j in self.jobs.values()
+                if j.guild_id == guild and j.user_id == member and self.manager.get(j.id) is not None
+            ]
+            assert record.jobs + record.reserved <= len(live) or not live
+
+
+TestManagerMachine = ManagerMachine.TestCase
