@@ -446,7 +446,10 @@ class JobManager:
         if pending and grace > 0:
             await asyncio.wait(pending, timeout=grace)
         await self._wait_for_submits()
-        leftovers = [t for t in self._tracked.values() if t.task is not None and not t.task.done()]
+        # A finished job is delivering its result: never cancelled here, it gets the report window below.
+        leftovers = [
+            t for t in self._tracked.values() if t.task is not None and not t.task.done() and t.job.is_active
+        ]
         for tracked in leftovers:
             self._request_cancel(tracked, "shutdown", None)
         pending = self._pending_tasks()
