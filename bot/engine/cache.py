@@ -6,6 +6,10 @@ a miss and a warning, never an error for the user: the cache is an optimisation.
 
 All file and index work runs in worker threads (``asyncio.to_thread``) under one lock, so an operation such
 as "store, then evict" is atomic with respect to the others and never blocks the event loop.
+
+Pins: the images of a job whose result has not been posted yet are pinned under the job's id. Eviction (TTL or
+size) may drop the entry (no more cache hits for it) but never a pinned blob file, so a restart can still post
+the result; unpinning lets the blobs no entry uses go.
 """
 
 from __future__ import annotations
@@ -63,6 +67,10 @@ _SCHEMA = (
     # Which blobs each entry uses: a blob with no row here is unreferenced and can go.
     "CREATE TABLE IF NOT EXISTS entry_blobs (key TEXT NOT NULL, ref TEXT NOT NULL, PRIMARY KEY (key, ref))",
     "CREATE INDEX IF NOT EXISTS entry_blobs_ref ON entry_blobs (ref)",
+    # Images of jobs whose result is not posted yet: kept on disk past TTL and size eviction until unpinned
+    # (a restart re-posts them from here). Entries still expire; only the pinned blobs stay.
+    "CREATE TABLE IF NOT EXISTS pins (job TEXT NOT NULL, ref TEXT NOT NULL, PRIMARY KEY (job, ref))",
+    "CREATE INDEX IF NOT EXISTS pins_ref ON pins (ref)",
     """
     CREATE TABLE IF NOT EXISTS blobs (
         ref    TEXT PRIMARY KEY,
@@ -305,6 +313,24 @@ class ResultCache:
             return 0
         removed = await asyncio.to_thread(self._guarded, self._discard_sync, keys, set(refs), set(keep))
         return removed or 0
+
+    async def pin(self, job_id: str, refs: Sequence[str]) -> None:
+        """Keep these images on disk for ``job_id`` until :meth:`unpin` (its result is being posted)."""
+        refs = [ref for ref in refs if _REF_RE.fullmatch(ref)]
+        if self.enabled and refs:
+            await asyncio.to_thread(self._guarded, self._pin_sync, job_id, refs)
+
+    async def unpin(self, job_id: str) -> None:
+        """The job's result is posted (or never will be): its images are ordinary cache blobs again."""
+        if self.enabled:
+            await asyncio.to_thread(self._guarded, self._unpin_sync, job_id)
+
+    def pinned_jobs(self) -> set[str]:
+        """Jobs holding pins (blocking: a probe for tests and checks, not for the event loop)."""
+        with self._lock:
+            if self._db is None:
+                return set()
+            return {row[0] for row in self._db.execute("SELECT DISTINCT job FROM pins")}
 
     def stats(self) -> dict[str, int]:
         return {
@@ -584,12 +610,29 @@ class ResultCache:
             evicted.append(key)
         return evicted
 
+    def _pin_sync(self, job_id: str, refs: list[str]) -> None:
+        with self._transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO pins (job, ref) VALUES (?, ?)", [(job_id, r) for r in refs])
+
+    def _unpin_sync(self, job_id: str) -> None:
+        with self._transaction() as db:
+            refs = [row[0] for row in db.execute("SELECT ref FROM pins WHERE job = ?", (job_id,))]
+            db.execute("DELETE FROM pins WHERE job = ?", (job_id,))
+            unreferenced = self._unreferenced_sync(refs)
+            db.executemany("DELETE FROM blobs WHERE ref = ?", [(ref,) for ref, _ in unreferenced])
+        self._unlink_blobs_sync(unreferenced)
+        self._refresh_totals_sync()
+
     def _unreferenced_sync(self, refs: Iterable[str]) -> list[tuple[str, str]]:
-        """Those of ``refs`` no entry uses any more, with their extensions."""
+        """Those of ``refs`` no entry uses and no job pins any more, with their extensions."""
         db = self._require_db()
         result = []
         for ref in set(refs):
-            if db.execute("SELECT 1 FROM entry_blobs WHERE ref = ? LIMIT 1", (ref,)).fetchone() is None:
+            used = db.execute(
+                "SELECT 1 FROM entry_blobs WHERE ref = ? UNION ALL SELECT 1 FROM pins WHERE ref = ? LIMIT 1",
+                (ref, ref),
+            ).fetchone()
+            if used is None:
                 row = db.execute("SELECT ext FROM blobs WHERE ref = ?", (ref,)).fetchone()
                 if row is not None:
                     result.append((ref, row[0]))

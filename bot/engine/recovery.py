@@ -6,6 +6,9 @@
 - Other running jobs (their generation died with the process), and queued jobs that can no longer be answered,
   are marked ``interrupted``: recorded first, then ``report`` tells the requester (a Reroll button, or a reply
   in the channel past the token).
+- Finished jobs whose outcome was never posted (the process died while posting: no ``delivered_at`` nor
+  ``delivery_error``) are posted again through ``report`` (an edit of ``@original`` is safe to repeat; past the
+  token, in the channel). A success whose images are gone from the cache is marked ``interrupted`` instead.
 
 The decisions are the engine's; how a job is reported is the frontend's, passed in as callbacks.
 """
@@ -20,9 +23,10 @@ from typing import TYPE_CHECKING
 
 from bot.engine.backend import ResumableBackend
 from bot.engine.errors import RequestRejected
-from bot.engine.models import Job, JobState
+from bot.engine.models import GenerationResult, Job, JobState
 
 if TYPE_CHECKING:
+    from bot.engine.cache import ResultCache
     from bot.engine.manager import JobManager
     from bot.engine.store import JobStore
 
@@ -36,6 +40,7 @@ REPORT_TIMEOUT_S = 30.0
 class RecoveryReport:
     resumed: list[str] = field(default_factory=list)
     interrupted: list[str] = field(default_factory=list)
+    redelivered: list[str] = field(default_factory=list)
 
 
 async def recover_unfinished_jobs(
@@ -45,9 +50,15 @@ async def recover_unfinished_jobs(
     can_reply: Callable[[Job], bool],
     report: Callable[[Job], Awaitable[None]],
     clock: Callable[[], float],
+    cache: ResultCache | None = None,
 ) -> RecoveryReport:
-    """Run once at start-up, before new work is admitted."""
+    """Run once at start-up, before new work is admitted.
+
+    ``report`` posts a job's outcome as it stands and records the delivery (the frontend's messenger).
+    """
     outcome = RecoveryReport()
+    for job in await store.undelivered_jobs():
+        await _redeliver(store, job, cache=cache, report=report, clock=clock, outcome=outcome)
     for job in await store.unfinished_jobs():
         if (
             job.state is JobState.RUNNING
@@ -71,12 +82,50 @@ async def recover_unfinished_jobs(
                 pass  # shutting down already: fall through and record it as interrupted
         await _mark_interrupted(store, job, report=report, clock=clock)
         outcome.interrupted.append(job.id)
-    if outcome.resumed or outcome.interrupted:
+    if outcome.resumed or outcome.interrupted or outcome.redelivered:
         log.info(
             "recovered unfinished jobs",
-            extra={"resumed": len(outcome.resumed), "interrupted": len(outcome.interrupted)},
+            extra={
+                "resumed": len(outcome.resumed),
+                "interrupted": len(outcome.interrupted),
+                "redelivered": len(outcome.redelivered),
+            },
         )
     return outcome
+
+
+async def _redeliver(
+    store: JobStore,
+    job: Job,
+    *,
+    cache: ResultCache | None,
+    report: Callable[[Job], Awaitable[None]],
+    clock: Callable[[], float],
+    outcome: RecoveryReport,
+) -> None:
+    """A finished job nobody was told about: post it again, with its images when they are still cached."""
+    if job.state is JobState.SUCCEEDED:
+        images = await cache.get_images(job.image_refs) if cache is not None and job.image_refs else None
+        if not images:
+            # Generated, but nothing is left to show: say so honestly, with a Reroll button.
+            await _mark_interrupted(store, job, report=report, clock=clock)
+            outcome.interrupted.append(job.id)
+            return
+        elapsed = (job.finished_at or 0.0) - (job.started_at or job.finished_at or 0.0)
+        job.result = GenerationResult(
+            images=tuple(images),
+            backend=job.backend or "",
+            model=job.request.model,
+            elapsed_s=max(0.0, elapsed),
+            from_cache=job.from_cache,
+        )
+    log.info("posting a finished job a dead process did not deliver", extra={"job": job.id})
+    try:
+        async with asyncio.timeout(REPORT_TIMEOUT_S):
+            await report(job)
+        outcome.redelivered.append(job.id)
+    except Exception:
+        log.exception("could not post a finished job after restart", extra={"job": job.id})
 
 
 async def _mark_interrupted(

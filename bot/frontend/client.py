@@ -124,7 +124,12 @@ class ImagineBot(commands.Bot):
         self.sync_commands = sync_commands
         self.recover_jobs = recover_jobs
         self.messenger = JobMessenger(
-            self, cache=engine.cache, errors=discord_errors, clock=clock, min_interval=progress_interval
+            self,
+            cache=engine.cache,
+            store=engine.store,
+            errors=discord_errors,
+            clock=clock,
+            min_interval=progress_interval,
         )
         self.health: GatewayWatcher = health or _NoWatcher()
         self.draining = False
@@ -152,7 +157,8 @@ class ImagineBot(commands.Bot):
                 self.engine.store,
                 self.manager,
                 can_reply=self.messenger.token_usable,
-                report=self.messenger.post_final,
+                report=self.messenger.post_and_record,
+                cache=self.engine.cache,
                 clock=self.clock,
             )
         if self.sync_commands:

@@ -6,6 +6,10 @@
 - From ~14 minutes after the interaction (or when Discord says the token is dead) the token is not used: the
   result is posted in the channel when the bot may, pinging only the requester; otherwise it stays recorded.
 - Images within the upload limit are posted byte-for-byte; larger ones are re-encoded off the event loop.
+- Delivery is recorded: once the outcome is posted (or cannot be), ``JobStore.mark_delivered`` says so. Until
+  then the job's images stay pinned in the cache, so a restart after a crash mid-post can post them again.
+- Per-job state (``_JobMessage``) lives only while the job's message can still change: it is dropped when the
+  final message is posted, so nothing here grows with the number of jobs served.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from bot.frontend.render import job_embed, job_view
 
 if TYPE_CHECKING:
     from bot.engine.cache import ResultCache
+    from bot.engine.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,9 @@ def message_ref_for(interaction: discord.Interaction) -> dict[str, Any]:
 
 
 @dataclass(eq=False)
-class _Tracker:
+class _JobMessage:
+    """One job's Discord message while it can still change (progress edits pending)."""
+
     job: Job
     dirty: bool = False
     closed: bool = False
@@ -84,16 +91,18 @@ class JobMessenger:
         bot: discord.Client,
         *,
         cache: ResultCache | None = None,
+        store: JobStore | None = None,
         errors: DiscordErrorSink | None = None,
         min_interval: float = 1.5,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bot = bot
         self.cache = cache
+        self.store = store
         self.errors: DiscordErrorSink = errors or _NoErrorSink()
         self.min_interval = min_interval
         self.clock = clock
-        self._trackers: dict[str, _Tracker] = {}
+        self._messages: dict[str, _JobMessage] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.edits = 0
 
@@ -102,35 +111,58 @@ class JobMessenger:
         """Listener: mark the job's message stale and make sure one pump is running for it."""
         if event is JobEvent.FINISHED or not job.message_ref:
             return
-        tracker = self._trackers.get(job.id)
-        if tracker is None:
-            tracker = self._trackers[job.id] = _Tracker(job)
-        if tracker.closed or tracker.token_dead:
+        entry = self._messages.get(job.id)
+        if entry is None:
+            entry = self._messages[job.id] = _JobMessage(job)
+        if entry.closed or entry.token_dead:
             return
-        tracker.dirty = True
-        if tracker.task is None or tracker.task.done():
-            tracker.task = asyncio.create_task(self._pump(tracker), name=f"progress-{job.id}")
-            self._tasks.add(tracker.task)
-            tracker.task.add_done_callback(self._task_done)
+        entry.dirty = True
+        if entry.task is None or entry.task.done():
+            entry.task = asyncio.create_task(self._pump(entry), name=f"progress-{job.id}")
+            self._tasks.add(entry.task)
+            entry.task.add_done_callback(self._task_done)
 
     async def deliver(self, job: Job) -> None:
         """Manager delivery hook: runs inside the job's task once the job is finished."""
-        tracker = self._trackers.pop(job.id, None) or _Tracker(job)
-        tracker.closed = True
-        async with tracker.lock:  # let an edit already on the wire land first
+        entry = self._messages.pop(job.id, None) or _JobMessage(job)
+        entry.closed = True
+        async with entry.lock:  # let an edit already on the wire land first
             pass
-        if tracker.task is not None and not tracker.task.done():
-            tracker.task.cancel()
+        if entry.task is not None and not entry.task.done():
+            entry.task.cancel()
         if not job.message_ref:
             return
-        await self.post_final(job, token_dead=tracker.token_dead)
+        await self.post_and_record(job, token_dead=entry.token_dead)
+
+    async def post_and_record(self, job: Job, *, token_dead: bool = False) -> None:
+        """Post the job's outcome, then record that it was delivered (or why it could not be).
+
+        Safe to repeat (recovery calls it for a job a dead process was posting): ``@original`` is edited, not
+        added to. The images stay pinned in the cache until the record is written.
+        """
+        pinned = self.cache is not None and job.state is JobState.SUCCEEDED and bool(job.image_refs)
+        if pinned:
+            assert self.cache is not None
+            await self.cache.pin(job.id, job.image_refs)
+        error = await self.post_final(job, token_dead=token_dead)
+        if self.store is not None:
+            try:
+                await self.store.mark_delivered(job.id, at=self.clock(), error=error)
+            except Exception:
+                # Not recorded: the next start posts it again (an edit of the same message), which is harmless.
+                log.exception("could not record a delivery", extra={"job": job.id})
+                return
+        job.delivered_at, job.delivery_error = (None, error) if error else (self.clock(), None)
+        if pinned:
+            assert self.cache is not None
+            await self.cache.unpin(job.id)
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._trackers.clear()
+        self._messages.clear()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -138,21 +170,21 @@ class JobMessenger:
             log.error("progress updates failed", exc_info=task.exception())
 
     # -- progress -----------------------------------------------------------------------------------------
-    async def _pump(self, tracker: _Tracker) -> None:
-        while tracker.dirty and not tracker.closed:
+    async def _pump(self, entry: _JobMessage) -> None:
+        while entry.dirty and not entry.closed:
             # A queue position matters less than progress: while queued, edit a third as often.
-            interval = self.min_interval * (3 if tracker.job.state is JobState.QUEUED else 1)
-            wait = tracker.last_edit + interval - time.monotonic()
+            interval = self.min_interval * (3 if entry.job.state is JobState.QUEUED else 1)
+            wait = entry.last_edit + interval - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue
-            tracker.dirty = False
-            async with tracker.lock:
-                if tracker.closed:
+            entry.dirty = False
+            async with entry.lock:
+                if entry.closed:
                     return
-                job = tracker.job
+                job = entry.job
                 if not self.token_usable(job):
-                    tracker.token_dead = True
+                    entry.token_dead = True
                     return
                 try:
                     files = []
@@ -160,24 +192,24 @@ class JobMessenger:
                     preview = job.progress.preview if job.progress and job.state is JobState.RUNNING else None
                     # Nothing a user would see changed (a queue moving far behind them): no edit, no traffic.
                     signature = (json.dumps(embed.to_dict(), sort_keys=True), hash(preview))
-                    if signature == tracker.last_signature:
+                    if signature == entry.last_signature:
                         continue
-                    tracker.last_signature = signature
+                    entry.last_signature = signature
                     if preview:
                         files.append(discord.File(io.BytesIO(preview), filename="preview.png"))
                         embed.set_image(url="attachment://preview.png")
                     await self._edit_original(job, embed=embed, view=job_view(job), files=files)
                 except discord.HTTPException as exc:
-                    tracker.last_signature = None  # not shown: the same state is worth another try
+                    entry.last_signature = None  # not shown: the same state is worth another try
                     self.errors.discord_error(exc)  # imagine_discord_api_errors_total{status}
                     if exc.code in DEAD_TOKEN_CODES:
-                        tracker.token_dead = True
+                        entry.token_dead = True
                         return
                     log.warning(
                         "progress edit failed", extra={"job": job.id, "status": exc.status, "code": exc.code}
                     )
                 finally:
-                    tracker.last_edit = time.monotonic()
+                    entry.last_edit = time.monotonic()
 
     # -- the result ---------------------------------------------------------------------------------------
     def token_usable(self, job: Job) -> bool:
@@ -187,8 +219,11 @@ class JobMessenger:
             bool(ref.get("token")) and created is not None and self.clock() < float(created) + TOKEN_USABLE_S
         )
 
-    async def post_final(self, job: Job, *, token_dead: bool = False) -> None:
-        """Show the job's outcome: edit its message, or post in the channel when the token is gone."""
+    async def post_final(self, job: Job, *, token_dead: bool = False) -> str | None:
+        """Show the job's outcome: edit its message, or post in the channel when the token is gone.
+
+        Returns None once posted, else one line saying why it could not be (recorded as ``delivery_error``).
+        """
         images = await self._images_for(job)
         elapsed = job.result.elapsed_s if job.result is not None else None
         embed = job_embed(job, elapsed_s=elapsed)
@@ -204,15 +239,15 @@ class JobMessenger:
                     lambda files: self._edit_original(job, embed=embed, view=view, files=files),
                 )
                 log.info("result posted", extra={"job": job.id, "state": job.state.value})
-                return
+                return None
             except discord.HTTPException as exc:
                 self.errors.discord_error(exc)  # imagine_discord_api_errors_total{status}
                 if exc.code not in DEAD_TOKEN_CODES:
                     log.error(
                         "could not post result", extra={"job": job.id, "status": exc.status, "code": exc.code}
                     )
-                    return
-        await self._post_in_channel(job, embed, view, prepared, limit)
+                    return f"Discord refused the edit (HTTP {exc.status}, code {exc.code})"
+        return await self._post_in_channel(job, embed, view, prepared, limit)
 
     async def _post_in_channel(
         self,
@@ -221,12 +256,12 @@ class JobMessenger:
         view: discord.ui.View,
         prepared: list[tuple[bytes, str]],
         limit: int,
-    ) -> None:
+    ) -> str | None:
         ref = job.message_ref or {}
         channel_id = ref.get("channel_id") or job.channel_id
         if not ref.get("can_post") or not channel_id:
             log.warning("token expired and the bot may not post here; result kept", extra={"job": job.id})
-            return
+            return "the token expired and the bot may not post in the channel"
         channel = self.bot.get_partial_messageable(int(channel_id), guild_id=job.guild_id)
         content = (
             f"<@{job.user_id}> your image is ready."
@@ -248,12 +283,14 @@ class JobMessenger:
         try:
             await self._with_shrink_retry(job.id, prepared, limit, send)
             log.info("result posted in channel (token expired)", extra={"job": job.id})
+            return None
         except discord.HTTPException as exc:
             self.errors.discord_error(exc)  # imagine_discord_api_errors_total{status}
             log.error(
                 "could not post result in channel",
                 extra={"job": job.id, "status": exc.status, "code": exc.code},
             )
+            return f"Discord refused the channel post (HTTP {exc.status}, code {exc.code})"
 
     async def _with_shrink_retry(
         self,

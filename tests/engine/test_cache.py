@@ -428,3 +428,38 @@ async def test_a_hit_returns_the_refs_put_returned(tmp_path) -> None:
     async with ResultCache(tmp_path / "c", ttl_s=60, max_bytes=10**7) as reopened:  # from disk, not memory
         hit = await reopened.get_with_refs("k")
         assert hit is not None and hit[1] == refs
+
+
+# -- pins: images of results not posted yet -----------------------------------------------------------------
+
+
+async def test_pinned_images_outlive_ttl_and_size_eviction_until_unpinned(
+    open_cache: OpenCache, clock: Clock, tmp_path: Path
+) -> None:
+    first, second = image((9, 1, 1), size=48), image((1, 9, 1), size=48)
+    cache = await open_cache(ttl_s=100, max_bytes=len(first.data) + len(second.data) - 1)
+    refs = await cache.put("undelivered", result(first))
+    await cache.pin("job-1", refs)
+    clock.now += 150  # past the TTL, and the next put is over the size bound
+    await cache.put("newer", result(second))
+    assert await cache.get("undelivered") is None  # the entry expired: no more cache hits for it
+    assert cache.pinned_jobs() == {"job-1"}
+    kept = await cache.get_images(refs)  # but its images are still there to post
+    assert kept is not None and kept[0].data == first.data
+    await cache.close()
+
+    reopened = await open_cache(ttl_s=100)  # pins are on disk: a restart still finds the images
+    assert (await reopened.get_images(refs)) is not None
+    await reopened.unpin("job-1")
+    assert reopened.pinned_jobs() == set()
+    assert await reopened.get_images(refs) is None
+    assert sha(first.data) not in {p.name.split(".")[0] for p in blob_files(reopened)}
+
+
+async def test_unpinning_keeps_images_a_live_entry_still_uses(open_cache: OpenCache) -> None:
+    cache = await open_cache()
+    refs = await cache.put("k", result(image((3, 3, 3))))
+    await cache.pin("job", refs)
+    await cache.unpin("job")
+    assert await cache.get_images(refs) is not None
+    assert await cache.get("k") is not None

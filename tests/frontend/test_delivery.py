@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import io
 import os
 import time
@@ -11,6 +12,7 @@ import time
 from aiohttp import web
 from PIL import Image
 
+from bot.engine.models import Job
 from tests.fakes.discord import DEFAULT_BOT_PERMISSIONS, FakeDiscord
 from tests.fakes.openai_api import FakeOpenAI
 from tests.frontend.conftest import embed_author, image_attachments, is_done, running_bot
@@ -162,3 +164,60 @@ async def test_without_permission_to_post_the_result_is_kept_not_lost(tmp_path) 
             assert await h.bot.engine.cache.get_images(jobs[0].image_refs)
             assert not [m for m in fake.channel_messages(guild.channels[0].id) if image_attachments(m)]
             assert "Done" not in embed_author(inter.original)
+
+
+def per_job_state(h) -> dict[str, int]:
+    """Every container the Discord side could keep per job in: all must return to their size at rest."""
+    views = h.bot._connection._view_store
+    return {
+        "views": len(views._views) + len(views._synced_message_views),
+        "job messages": len(h.bot.messenger._messages),
+        "messenger tasks": len(h.bot.messenger._tasks),
+        "metrics started": len(h.service.metrics._started),
+        "member records": len(h.bot.manager.queue.members),
+        "ended jobs remembered": len(h.bot.manager.queue.ended),
+        "manager tracked": len(h.bot.manager.active_jobs()),
+        "jobs alive": sum(1 for o in gc.get_objects() if isinstance(o, Job)),
+    }
+
+
+async def test_per_job_state_is_released_when_each_message_is_final(tmp_path) -> None:
+    """Issue 8, defect 11: after many jobs (successes, failures, cancels, over several servers) nothing the bot
+    keeps grows with the number of jobs: each job's state goes when its message is final."""
+    async with FakeDiscord(token="test-token-abcdef123456") as fake, FakeOpenAI(delay=0.05) as backend:
+        guilds = [fake.add_guild(name=f"G{n}") for n in range(4)]
+        async with running_bot(fake, tmp_path, backend_url=backend.url, guild=guilds[0]) as h:
+            members = {g.id: fake.add_member(g.id) for g in guilds}
+
+            async def round_of_jobs(tag: str) -> None:
+                inters = []
+                for n in range(12):
+                    guild = guilds[n % len(guilds)]
+                    if n % 4 == 1:
+                        backend.configure(fail_next=[(500, {"error": {"message": "boom"}})])
+                    inter = await fake.invoke_command(
+                        guild.id,
+                        guild.channels[0].id,
+                        members[guild.id].id,
+                        "imagine",
+                        {"prompt": f"{tag} {n}"},
+                    )
+                    if n % 4 == 2:
+                        queued = await inter.wait_until(lambda m: m.components)
+                        cancel = fake.find_component(queued, label="Cancel")
+                        await fake.click_button(queued, cancel, members[guild.id].id)
+                    inters.append(inter)
+                for inter in inters:
+                    await inter.wait_until(
+                        lambda m: m.embeds and not embed_author(m).startswith(("Queued", "Generating")),
+                        timeout=20,
+                    )
+                await asyncio.sleep(0.3)  # the last listeners and pumps settle
+                gc.collect()
+
+            await round_of_jobs("warm-up")
+            baseline = per_job_state(h)
+            await round_of_jobs("measured")
+            await round_of_jobs("measured again")
+            assert per_job_state(h) == baseline
+            assert baseline["jobs alive"] == 0 and baseline["views"] == 0

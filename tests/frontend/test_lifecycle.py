@@ -7,9 +7,12 @@ import socket
 import sys
 import time
 
+from bot.engine.models import JobState
+from bot.engine.store import JobStore
 from tests.fakes.discord import FakeDiscord
 from tests.fakes.openai_api import FakeOpenAI
 from tests.frontend.conftest import TOKEN, embed_author, image_attachments, is_done
+from tests.frontend.holding import FinalEditTrouble
 from tests.frontend.process import assert_clean, bot_env, bot_process
 
 
@@ -259,3 +262,32 @@ async def test_start_up_logs_which_env_file_was_read(tmp_path) -> None:
             "INFO bot.service.app no .env found; settings from the environment only "
             f"looked_for={elsewhere / '.env'}"
         ) in bot.text
+
+
+async def test_a_result_rate_limited_at_grace_end_still_posts(tmp_path) -> None:
+    """Issue 8, defect 2: the job SUCCEEDED and its final edit got a 429 that outlasts the grace period. It is
+    not cancelled with the leftovers: it posts within the report window, and its delivery is recorded."""
+    async with (
+        FinalEditTrouble(mode="429", retry_after=4.0, token=TOKEN) as fake,
+        FakeOpenAI(delay=0.3) as backend,
+    ):
+        guild = fake.add_guild(name="G")
+        async with bot_process(
+            fake, tmp_path, image_backend="openai", image_backend_url=backend.url, shutdown_grace_s=1
+        ) as bot:
+            user = fake.add_member(guild.id)
+            interaction = await fake.invoke_command(
+                guild.id, guild.channels[0].id, user.id, "imagine", {"prompt": "slow to post"}
+            )
+            async with asyncio.timeout(20):
+                await fake.troubled.wait()
+            status = await bot.terminate(timeout=30)
+        assert status == 0, bot.text
+        final = interaction.original
+        assert final is not None and is_done(final), (embed_author(final), bot.text)
+        assert final.history[-1].time <= gateway_closed_at(fake)
+        assert_clean(bot.text)
+    store = JobStore(tmp_path / "bot.sqlite3")
+    async with store:
+        (job,) = await store.list_jobs()
+    assert job.state is JobState.SUCCEEDED and job.delivered_at is not None and job.delivery_error is None

@@ -10,6 +10,7 @@ from tests.fakes.discord import FakeDiscord
 from tests.fakes.horde import FakeHorde
 from tests.fakes.openai_api import FakeOpenAI
 from tests.frontend.conftest import TOKEN, embed_author, image_attachments, is_done, running_bot
+from tests.frontend.holding import FinalEditTrouble
 from tests.frontend.process import assert_clean, bot_process
 
 
@@ -122,3 +123,69 @@ async def test_running_horde_job_is_followed_up_by_its_id_after_sigkill(tmp_path
         assert horde.state.submits == 1  # followed up, not submitted again
         assert horde.state.status_calls == 1
         assert_clean(restarted.text)
+
+
+async def test_sigkill_while_the_result_is_posted_then_restart_posts_it(tmp_path) -> None:
+    """Issue 8, defect 2: the job SUCCEEDED, its final edit is on the wire, the process dies. The restart posts
+    the result from the cache (the images were pinned), records delivered_at, and generates nothing again."""
+    async with (
+        FinalEditTrouble(mode="hold", token=TOKEN) as fake,
+        FakeOpenAI() as backend,
+    ):
+        guild = fake.add_guild(name="G")
+        settings = {"image_backend": "openai", "image_backend_url": backend.url}
+        user = fake.add_member(guild.id)
+        try:
+            async with bot_process(fake, tmp_path, **settings) as doomed:
+                inter = await fake.invoke_command(
+                    guild.id, guild.channels[0].id, user.id, "imagine", {"prompt": "posting when killed"}
+                )
+                async with asyncio.timeout(20):
+                    await fake.troubled.wait()
+                doomed.kill()
+                assert await doomed.wait(10) == -9
+            assert not is_done(inter.original)
+            async with bot_process(fake, tmp_path, **settings) as restarted:
+                message = await inter.wait_until(is_done, timeout=20)
+                assert image_attachments(message)
+                assert await restarted.terminate() == 0
+        finally:
+            fake.release.set()
+        assert_clean(restarted.text)
+        assert backend.state.generations == 1  # posted from the cache, not generated again
+    store = JobStore(tmp_path / "bot.sqlite3")
+    async with store:
+        (job,) = await store.list_jobs()
+        assert await store.undelivered_jobs() == []
+    assert job.state is JobState.SUCCEEDED and job.delivered_at is not None
+
+
+async def test_sigkill_while_posting_without_the_images_is_reported_interrupted(tmp_path) -> None:
+    """The same crash with the cache off: nothing is left to show, so the job says so, with a Reroll button."""
+    async with (
+        FinalEditTrouble(mode="hold", token=TOKEN) as fake,
+        FakeOpenAI() as backend,
+    ):
+        guild = fake.add_guild(name="G")
+        settings = {"image_backend": "openai", "image_backend_url": backend.url, "cache_ttl_s": 0}
+        user = fake.add_member(guild.id)
+        try:
+            async with bot_process(fake, tmp_path, **settings) as doomed:
+                inter = await fake.invoke_command(
+                    guild.id, guild.channels[0].id, user.id, "imagine", {"prompt": "gone with the process"}
+                )
+                async with asyncio.timeout(20):
+                    await fake.troubled.wait()
+                doomed.kill()
+                await doomed.wait(10)
+            async with bot_process(fake, tmp_path, **settings) as restarted:
+                message = await inter.wait_until(lambda m: "Interrupted" in embed_author(m), timeout=20)
+                assert "Reroll" in labels(message)
+                assert await restarted.terminate() == 0
+        finally:
+            fake.release.set()
+        assert_clean(restarted.text)
+    store = JobStore(tmp_path / "bot.sqlite3")
+    async with store:
+        (job,) = await store.list_jobs()
+    assert job.state is JobState.INTERRUPTED and job.delivered_at is not None
