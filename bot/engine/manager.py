@@ -38,6 +38,7 @@ from bot.engine.alerts import OperatorAlerts
 from bot.engine.backend import Backend, ResumableBackend
 from bot.engine.cache import cache_key
 from bot.engine.catalog import ModelCatalog
+from bot.engine.deadlines import Deadline, Deadlines
 from bot.engine.errors import EndReason, FailureReason, GenerationError, RequestRejected, ShuttingDown
 from bot.engine.models import (
     GeneratedImage,
@@ -61,6 +62,7 @@ from bot.engine.queue import (
     Start,
     Stop,
     estimate_wait,
+    mean_generation_s,
 )
 from bot.logs import current_job
 
@@ -118,13 +120,15 @@ class _Run:
 
     flight: int
     request: ImageRequest
-    cache_key: str
+    cache_key: str | None  # None only without a cache (nothing is stored)
     task: asyncio.Task[None] | None = None
     progress: Progress | None = None
     #: Follow this already-submitted backend generation instead of submitting (after a restart).
     resume_ref: str | None = None
     #: Once stored in the cache, the images' refs (every job of the flight gets them).
     image_refs: list[str] = field(default_factory=list)
+    #: The job timeout cancelled the backend call (as opposed to a stop or a shutdown).
+    timed_out: bool = False
 
 
 @dataclass(eq=False)
@@ -145,7 +149,7 @@ class _Tracked:
     #: What its flight ended with: a result, or the exception to raise in the job's task.
     outcome: GenerationResult | BaseException | None = None
     run: _Run | None = None
-    queue_timer: asyncio.TimerHandle | None = None
+    queue_timer: Deadline | None = None
     delivering: bool = False
     #: Stopped counting against its member (its end recorded and heard).
     released: bool = False
@@ -203,6 +207,8 @@ class JobManager:
         self._unsaved: dict[str, Job] = {}
         self._retry_task: asyncio.Task[None] | None = None
         self._listeners: list[Listener] = []
+        #: Queue timeouts and job timeouts: one loop timer for all of them.
+        self._deadlines = Deadlines()
         self._position_flush: asyncio.TimerHandle | None = None
         self._position_flushed_at = float("-inf")
         self._accepting = True
@@ -507,8 +513,20 @@ class JobManager:
         tracked = self._tracked.get(job_id)
         if tracked is None:
             return None
-        if tracked.task is not None:
-            await asyncio.wait({tracked.task})
+        task = tracked.task
+        if task is not None and not task.done():
+            # asyncio.wait for one task, without its sets: cancelling the waiter never cancels the job.
+            finished = asyncio.get_running_loop().create_future()
+
+            def wake(_: object) -> None:
+                if not finished.done():
+                    finished.set_result(None)
+
+            task.add_done_callback(wake)
+            try:
+                await finished
+            finally:
+                task.remove_done_callback(wake)
         return tracked.job
 
     # -- shutdown ---------------------------------------------------------------------------------------------
@@ -549,6 +567,7 @@ class JobManager:
         if self._position_flush is not None:
             self._position_flush.cancel()
             self._position_flush = None
+        self._deadlines.close()
         await self.alerts.close()
         log.info("job manager stopped")
 
@@ -573,6 +592,8 @@ class JobManager:
     # -- the queue model's decisions ----------------------------------------------------------------------------
     def _apply(self, decisions: list[Decision]) -> None:
         """Carry out what the model decided. Synchronous: tasks are started, nothing is awaited here."""
+        mean_s: float | None = None  # recent generation time, read once per batch of positions
+        capacity: int | None = None
         for decision in decisions:
             if isinstance(decision, Start):
                 run = self._runs.get(decision.flight)
@@ -601,11 +622,12 @@ class JobManager:
                     continue
                 job = tracked.job
                 if job.state is JobState.QUEUED and job.queue_position != decision.position:
+                    if capacity is None:
+                        mean_s = mean_generation_s(self.recent_generation_s)
+                        capacity = sum(self.queue.backends.values())
                     job.queue_position = decision.position
                     job.queue_eta_s = estimate_wait(
-                        decision.position,
-                        self.recent_generation_s,
-                        min(self.guild_limit(job.guild_id), sum(self.queue.backends.values())),
+                        decision.position, mean_s, min(self.guild_limit(job.guild_id), capacity)
                     )
                     self._emit(job, JobEvent.QUEUED)
         if self.queue.positions_pending and self._position_flush is None:
@@ -624,7 +646,7 @@ class JobManager:
         run = _Run(
             start.flight,
             first.job.request,
-            first.job.cache_key or self._key(first.job.request),
+            first.job.cache_key,
             resume_ref=first.resume_ref,
         )
         self._runs[start.flight] = run
@@ -665,8 +687,9 @@ class JobManager:
         """Start the queue timeout (counted from the job's creation)."""
         self._disarm(tracked)
         remaining = self.queue_timeout_s - (self.clock() - tracked.job.created_at)
-        loop = asyncio.get_running_loop()
-        tracked.queue_timer = loop.call_later(max(0.0, remaining), self._queue_expired, tracked)
+        tracked.queue_timer = self._deadlines.after(
+            remaining, functools.partial(self._queue_expired, tracked)
+        )
 
     @staticmethod
     def _disarm(tracked: _Tracked) -> None:
@@ -742,15 +765,17 @@ class JobManager:
     async def _obtain(self, tracked: _Tracked) -> GenerationResult:
         job = tracked.job
         request = job.request
-        key = self._key(request)
+        private = request.fresh or tracked.resume_ref is not None
+        # The key names the result in the cache and lets identical requests share a flight; a private job with
+        # no cache needs neither (hashing the canonical request is a real part of a job's cost).
+        key = self._key(request) if self.cache is not None or not private else None
         job.cache_key = key
-        if self.cache is not None and not request.fresh:
+        if self.cache is not None and key is not None and not request.fresh:
             hit = await self.cache.get_with_refs(key)
             if hit is not None:
                 cached, job.image_refs = hit
                 log.info("job served from cache", extra={"job": job.id})
                 return cached
-        private = request.fresh or tracked.resume_ref is not None
         self._enter_model(tracked, None if private else key)
         if self.queue.phase(job.id) is JobPhase.RUNNING and len(self.queue.flight_of(job.id).jobs) > 1:  # type: ignore[union-attr]
             log.info("job shares a generation in flight", extra={"job": job.id})
@@ -796,16 +821,25 @@ class JobManager:
         """One backend call; when it ends (result, failure, stopped), the model ends the flight and its jobs."""
         outcome: GenerationResult | BaseException
         reason = "succeeded"
+        task = asyncio.current_task()
+        assert task is not None
+        timer = self._deadlines.after(self.job_timeout_s, functools.partial(self._generation_expired, run))
         try:
             started = time.monotonic()
             try:
-                async with asyncio.timeout(self.job_timeout_s):
-                    images = await self._call_backend(run)
-            except TimeoutError:
+                images = await self._call_backend(run)
+            except asyncio.CancelledError:
+                if not run.timed_out:
+                    raise
+                # Our own deadline's cancel: undo it; a stop that came as well still cancels the task.
+                if task.uncancel() > 0:
+                    raise
                 raise GenerationError(
                     FailureReason.TIMEOUT,
                     f"The image took longer than {self.job_timeout_s:.0f} s and was stopped.",
                 ) from None
+            finally:
+                timer.cancel()
             result = GenerationResult(
                 images=tuple(images),
                 backend=self.backend.name,
@@ -815,7 +849,7 @@ class JobManager:
             self.recent_generation_s.append(result.elapsed_s)
             # Stored once per generation, however many jobs share it (without a cache there is nowhere to
             # fetch images back from later, so no references are kept).
-            if self.cache is not None:
+            if self.cache is not None and run.cache_key is not None:
                 run.image_refs = await self.cache.put(run.cache_key, result)
             outcome = result
         except asyncio.CancelledError as exc:
@@ -828,6 +862,12 @@ class JobManager:
             outcome, reason = exc, FailureReason.INTERNAL.value
         finally:
             self._end_run(run, outcome, reason)
+
+    @staticmethod
+    def _generation_expired(run: _Run) -> None:
+        if run.task is not None and not run.task.done():
+            run.timed_out = True
+            run.task.cancel()
 
     def _end_run(self, run: _Run, outcome: GenerationResult | BaseException, reason: str) -> None:
         """The model ends the flight (freeing its slot) and each job still on it hears the outcome."""

@@ -128,16 +128,20 @@ def shown_position(position: int) -> tuple[int, bool]:
     return MAX_SHOWN_POSITION, False
 
 
-def estimate_wait(position: int, recent_generation_s: Iterable[float], slots: int) -> float | None:
-    """Seconds until a job at ``position`` starts, from recent generation times; None without any history.
+def mean_generation_s(recent_generation_s: Iterable[float]) -> float | None:
+    """Mean of recent generation times, or None without any history."""
+    times = list(recent_generation_s)
+    return sum(times) / len(times) if times else None
+
+
+def estimate_wait(position: int, mean_s: float | None, slots: int) -> float | None:
+    """Seconds until a job at ``position`` starts, from the mean recent generation time; None without one.
 
     ``slots``: generations that run at once for this job's guild (its limit, capped by the backends).
     """
-    times = list(recent_generation_s)
-    if not times or position <= 0:
+    if mean_s is None or position <= 0:
         return None
-    mean = sum(times) / len(times)
-    return position * mean / max(1, slots)
+    return position * mean_s / max(1, slots)
 
 
 #: The first position of each shown bucket (a ticket moving across one of these shows something new).
@@ -702,19 +706,19 @@ class QueueModel:
             if queue.running >= self.guild_limit(guild_id):
                 self._in_ready.discard(guild_id)  # back in when a slot of it frees or its limit rises
                 continue
-            ticket = self._pick(queue, free)
+            front = queue.front()
+            ticket = self._pick(queue, front, free)
             if ticket is None:
                 skipped.append((served, arrival, guild_id))  # only backends that are busy can serve it
                 continue
             self._in_ready.discard(guild_id)
-            self._grant(queue, ticket, free, decisions)
+            self._grant(queue, ticket, ticket is front, free, decisions)
             if queue.members:
                 self._mark_ready(guild_id)
         for item in skipped:
             heapq.heappush(self._ready, item)
 
-    def _pick(self, queue: GuildQueue, free: list[str]) -> Ticket | None:
-        front = queue.front()
+    def _pick(self, queue: GuildQueue, front: Ticket | None, free: list[str]) -> Ticket | None:
         if front is None:
             return None
         if not self._restricted or self._servable(self.flights[front.flight], free):
@@ -725,7 +729,9 @@ class QueueModel:
                     return ticket
         return None
 
-    def _grant(self, queue: GuildQueue, ticket: Ticket, free: list[str], decisions: list[Decision]) -> None:
+    def _grant(
+        self, queue: GuildQueue, ticket: Ticket, front: bool, free: list[str], decisions: list[Decision]
+    ) -> None:
         flight = self.flights[ticket.flight]
         candidates = self._servable(flight, free)
         backend = min(candidates, key=lambda b: (self.running[b] / self.backends[b], b))
@@ -737,7 +743,6 @@ class QueueModel:
         flight.backend = backend
         flight.holder = ticket.job
         flight.charged_guild = queue.guild_id
-        front = queue.front() is ticket
         queue.remove(ticket)
         queue.served(ticket.member_id)
         self.jobs[ticket.job].ticket = None

@@ -25,6 +25,7 @@ from bot.engine.queue import (
     Stop,
     Ticket,
     estimate_wait,
+    mean_generation_s,
     shown_position,
 )
 
@@ -263,8 +264,8 @@ def test_shown_position_buckets(position: int, shown: tuple[int, bool]) -> None:
 
 
 def test_estimated_wait_from_recent_generations() -> None:
-    assert estimate_wait(4, [10.0, 30.0], slots=2) == 40.0
-    assert estimate_wait(4, [], slots=2) is None
+    assert estimate_wait(4, mean_generation_s([10.0, 30.0]), slots=2) == 40.0
+    assert estimate_wait(4, mean_generation_s([]), slots=2) is None
 
 
 # -- shrunk counterexamples, kept as plain regression tests -------------------------------------------------------
