@@ -60,7 +60,7 @@ SETTING_NAMES = (
 )
 
 
-class SettingsError(ValueError):
+class InvalidGuildSetting(ValueError):
     """A setting value an admin gave cannot be used; ``message`` says why, in one sentence."""
 
     def __init__(self, message: str) -> None:
@@ -84,17 +84,17 @@ def fold(text: str) -> str:
 
 
 def normalise_blocked_word(word: str) -> str:
-    """The stored form of one entry: folded, spaces collapsed, runs of ``*`` collapsed; raises SettingsError."""
+    """The stored form of one entry: folded, spaces collapsed, runs of ``*`` collapsed; raises InvalidGuildSetting."""
     entry = " ".join(fold(word).split())
     entry = re.sub(r"\*+", "*", entry)
     if not entry:
-        raise SettingsError("A blocked word cannot be empty.")
+        raise InvalidGuildSetting("A blocked word cannot be empty.")
     if not entry.replace("*", "").strip():
-        raise SettingsError(f"{word.strip()!r} would block every prompt; add some letters.")
+        raise InvalidGuildSetting(f"{word.strip()!r} would block every prompt; add some letters.")
     if len(entry) > MAX_BLOCKED_WORD_CHARS:
-        raise SettingsError(f"Blocked words are at most {MAX_BLOCKED_WORD_CHARS} characters each.")
+        raise InvalidGuildSetting(f"Blocked words are at most {MAX_BLOCKED_WORD_CHARS} characters each.")
     if entry.count("*") > MAX_WILDCARDS:
-        raise SettingsError(f"A blocked word can have at most {MAX_WILDCARDS} `*` wildcards.")
+        raise InvalidGuildSetting(f"A blocked word can have at most {MAX_WILDCARDS} `*` wildcards.")
     return entry
 
 
@@ -116,7 +116,7 @@ class BlockedWords:
     def __init__(self, entries: Iterable[str] = ()) -> None:
         self.entries: tuple[str, ...] = tuple(dict.fromkeys(normalise_blocked_word(e) for e in entries))
         if len(self.entries) > MAX_BLOCKED_WORDS:
-            raise SettingsError(f"At most {MAX_BLOCKED_WORDS} blocked words per server.")
+            raise InvalidGuildSetting(f"At most {MAX_BLOCKED_WORDS} blocked words per server.")
         # Compiled once per list (a guild's list changes rarely; admissions are many).
         self._matcher = WordMatcher(self.entries) if self.entries else None
 
@@ -169,13 +169,13 @@ class GuildSettings:
     ) -> tuple[GuildSettings, list[str]]:
         """Check every value; clamp concurrency to the operator's ceiling. Returns (settings, notes for the admin).
 
-        Raises :class:`SettingsError` for a value that cannot be used at all.
+        Raises :class:`InvalidGuildSetting` for a value that cannot be used at all.
         """
         notes: list[str] = []
         concurrency = self.concurrency
         if concurrency is not None:
             if concurrency < 1:
-                raise SettingsError("Concurrency must be at least 1.")
+                raise InvalidGuildSetting("Concurrency must be at least 1.")
             if concurrency_max is not None and concurrency > concurrency_max:
                 notes.append(
                     f"Concurrency {concurrency} is above this bot's ceiling (GUILD_CONCURRENCY_MAX); "
@@ -183,29 +183,29 @@ class GuildSettings:
                 )
                 concurrency = concurrency_max
         if self.max_jobs_per_user is not None and self.max_jobs_per_user < 1:
-            raise SettingsError("Max jobs per user must be at least 1.")
+            raise InvalidGuildSetting("Max jobs per user must be at least 1.")
         if not 0 <= self.daily_images <= MAX_DAILY_IMAGES:
-            raise SettingsError(f"Daily images must be between 0 (unlimited) and {MAX_DAILY_IMAGES}.")
+            raise InvalidGuildSetting(f"Daily images must be between 0 (unlimited) and {MAX_DAILY_IMAGES}.")
         if self.nsfw not in NSFW_POLICIES:
-            raise SettingsError(f"NSFW policy must be one of {', '.join(NSFW_POLICIES)}.")
+            raise InvalidGuildSetting(f"NSFW policy must be one of {', '.join(NSFW_POLICIES)}.")
         default_size = self.default_size
         if default_size is not None:
             try:
                 width, height = parse_size(default_size)
             except RequestRejected as exc:
-                raise SettingsError(exc.message) from None
+                raise InvalidGuildSetting(exc.message) from None
             if sizes and (width, height) not in sizes:
                 offered = ", ".join(f"{w}x{h}" for w, h in sizes)
-                raise SettingsError(f"Size {default_size} is not offered; choose one of {offered}.")
+                raise InvalidGuildSetting(f"Size {default_size} is not offered; choose one of {offered}.")
             default_size = f"{width}x{height}"
         if self.default_model is not None and self.default_model not in models:
             if not models:
-                raise SettingsError(
+                raise InvalidGuildSetting(
                     "This bot offers no model choice (IMAGE_MODELS is empty and the backend lists none)."
                 )
-            raise SettingsError(model_refusal(self.default_model, models))  # names a few of a long list
+            raise InvalidGuildSetting(model_refusal(self.default_model, models))  # names a few of a long list
         if len(set(self.channels)) > MAX_CHANNELS:
-            raise SettingsError(f"At most {MAX_CHANNELS} channels.")
+            raise InvalidGuildSetting(f"At most {MAX_CHANNELS} channels.")
         words = BlockedWords(self.blocked_words)  # validates and normalises every entry, and the count
         settings = self.replace(
             concurrency=concurrency,
@@ -240,7 +240,7 @@ class GuildSettings:
         settings = cls(**values)
         try:
             BlockedWords(settings.blocked_words)
-        except SettingsError as exc:
+        except InvalidGuildSetting as exc:
             log.warning("ignoring unreadable blocked words: %s", exc.message)
             settings = settings.replace(blocked_words=())
         return settings
@@ -413,11 +413,11 @@ class GuildPolicy:
     async def update(self, guild_id: int, **changes: Any) -> tuple[GuildSettings, list[str]]:
         """Validate, persist, then apply. Returns the new settings and notes (e.g. a clamped value).
 
-        Raises :class:`SettingsError` for an unusable value (nothing changes then).
+        Raises :class:`InvalidGuildSetting` for an unusable value (nothing changes then).
         """
         unknown = set(changes) - set(SETTING_NAMES)
         if unknown:
-            raise SettingsError(f"Unknown setting {', '.join(sorted(unknown))}.")
+            raise InvalidGuildSetting(f"Unknown setting {', '.join(sorted(unknown))}.")
         async with self._lock:
             current = self.settings_for(guild_id)
             settings, notes = current.replace(**changes).validated(

@@ -16,8 +16,8 @@ from bot.engine.policy import (
     BlockedWords,
     GuildPolicy,
     GuildSettings,
+    InvalidGuildSetting,
     QuotaTracker,
-    SettingsError,
     fold,
     split_words,
 )
@@ -76,13 +76,13 @@ def test_blocked_words_entries_are_normalised_and_deduplicated() -> None:
 
 @pytest.mark.parametrize("entry", ["", "   ", "*", "**", "a***b***c***d", "x" * 51])
 def test_unusable_blocked_words_are_refused(entry: str) -> None:
-    with pytest.raises(SettingsError):
+    with pytest.raises(InvalidGuildSetting):
         BlockedWords([entry])
 
 
 def test_at_most_200_blocked_words() -> None:
     assert len(BlockedWords([f"w{i}" for i in range(MAX_BLOCKED_WORDS)]).entries) == MAX_BLOCKED_WORDS
-    with pytest.raises(SettingsError, match="200"):
+    with pytest.raises(InvalidGuildSetting, match="200"):
         BlockedWords([f"w{i}" for i in range(MAX_BLOCKED_WORDS + 1)])
 
 
@@ -156,7 +156,7 @@ def test_settings_validation_clamps_concurrency_and_normalises() -> None:
     ],
 )
 def test_invalid_settings_are_refused(settings: GuildSettings) -> None:
-    with pytest.raises(SettingsError):
+    with pytest.raises(InvalidGuildSetting):
         settings.validated(concurrency_max=8, models=["a", "b"], sizes=[(512, 512)])
 
 
@@ -229,7 +229,7 @@ async def test_update_persists_applies_and_clamps() -> None:
     assert settings.concurrency == 4 and notes
     assert policy.manager.guild_limit(1) == 4 and policy.manager.user_limit(1) == 1
     assert store.settings[1] == {"concurrency": 4, "max_jobs_per_user": 1}
-    with pytest.raises(SettingsError):
+    with pytest.raises(InvalidGuildSetting):
         await policy.update(1, default_model="zzz")
     assert store.settings[1] == {"concurrency": 4, "max_jobs_per_user": 1}  # nothing changed
     # A new process reads it back.

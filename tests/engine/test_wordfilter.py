@@ -8,7 +8,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from bot.engine.policy import MAX_BLOCKED_WORDS, BlockedWords, SettingsError, fold, normalise_blocked_word
+from bot.engine.policy import (
+    MAX_BLOCKED_WORDS,
+    BlockedWords,
+    InvalidGuildSetting,
+    fold,
+    normalise_blocked_word,
+)
 from bot.engine.wordfilter import WordMatcher
 
 
@@ -32,7 +38,7 @@ def reference_matches(entry: str, text: str) -> bool:
 def usable(raw: str) -> str | None:
     try:
         return normalise_blocked_word(raw)
-    except SettingsError:
+    except InvalidGuildSetting:
         return None
 
 

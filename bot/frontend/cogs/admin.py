@@ -22,7 +22,7 @@ from bot.engine.policy import (
     MAX_BLOCKED_WORDS,
     NSFW_POLICIES,
     GuildSettings,
-    SettingsError,
+    InvalidGuildSetting,
     normalise_blocked_word,
     split_words,
 )
@@ -355,7 +355,7 @@ class AdminCog(commands.Cog, name="Admin"):
     async def _update(self, interaction: discord.Interaction, **changes: object) -> list[str] | None:
         try:
             _, notes = await self.policy.update(interaction.guild_id or 0, **changes)
-        except SettingsError as exc:
+        except InvalidGuildSetting as exc:
             await reply(interaction, f"Not changed: {exc.message}")
             return None
         except StoreError as exc:
@@ -437,10 +437,10 @@ class AdminCog(commands.Cog, name="Admin"):
             if add is not None:
                 new = [normalise_blocked_word(w) for w in split_words(add)]
                 if not new:
-                    raise SettingsError("Give at least one word.")
+                    raise InvalidGuildSetting("Give at least one word.")
                 current += [w for w in new if w not in current]
                 if len(current) > MAX_BLOCKED_WORDS:
-                    raise SettingsError(
+                    raise InvalidGuildSetting(
                         f"That would make {len(current)} blocked words; the limit is {MAX_BLOCKED_WORDS}."
                     )
             missing: list[str] = []
@@ -448,7 +448,7 @@ class AdminCog(commands.Cog, name="Admin"):
                 gone = [normalise_blocked_word(w) for w in split_words(remove)]
                 missing = [w for w in gone if w not in current]
                 current = [w for w in current if w not in gone]
-        except SettingsError as exc:
+        except InvalidGuildSetting as exc:
             await reply(interaction, f"Not changed: {exc.message}")
             return
         if await self._update(interaction, blocked_words=tuple(current)) is None:
