@@ -73,6 +73,23 @@ class JobContextFilter(logging.Filter):
         return True
 
 
+#: Secrets at least this long are removed wherever they appear; shorter ones only as a whole token, so that a
+#: one-letter password does not turn every "p" of a line into "[redacted]".
+_ANYWHERE_FROM = 6
+
+
+def redact(text: str, secrets: Iterable[str | None], mark: str = "[redacted]") -> str:
+    """``text`` with every secret replaced by ``mark`` (the one scrubber: logs, ``check``, errors shown)."""
+    for secret in secrets:
+        if not secret:
+            continue
+        if len(secret) >= _ANYWHERE_FROM:
+            text = text.replace(secret, mark)
+        elif secret in text:
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", mark, text)
+    return text
+
+
 #: Discord interaction tokens start with base64("interaction:").
 _INTERACTION_TOKEN = re.compile(r"aW50ZXJhY3Rpb246[A-Za-z0-9_\-.=]+")
 
@@ -82,11 +99,10 @@ class RedactingFilter(logging.Filter):
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
-        self.secrets = [s for s in secrets if s and len(s) >= 6]
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
 
     def _scrub(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "[redacted]")
+        text = redact(text, self.secrets)
         # Interaction tokens (15-minute credentials for a job's message) are not known up front: match them.
         return _INTERACTION_TOKEN.sub("[redacted]", text)
 

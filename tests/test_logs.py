@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from bot.logs import configure_logging
+from bot.logs import configure_logging, redact
 
 TOKEN = "MTIz.secret-token-value.abcdef123456"
 
@@ -117,3 +117,13 @@ def test_the_database_password_never_appears(stderr, monkeypatch: pytest.MonkeyP
     output = stderr()
     assert "p%40ss-w0rd-xyz" not in output and "p@ss-w0rd-xyz" not in output
     assert output.count("[redacted]") == 2
+
+
+def test_a_short_secret_is_redacted_as_a_whole_token_only() -> None:
+    # A one-letter database password must not turn every "p" of a line into "[redacted]" (nor leak itself).
+    text = "database: problem: password authentication failed for user=u password=p at postgresql://u:p@db/x"
+    out = redact(text, ["p"])
+    assert "problem" in out and "postgresql" in out
+    assert "password=[redacted]" in out and "u:[redacted]@db" in out
+    assert redact("hunter2-secret in the middle", ["hunter2-secret"]) == "[redacted] in the middle"
+    assert redact("xhunter22x", ["hunter22"]) == "x[redacted]x"  # long ones go wherever they appear

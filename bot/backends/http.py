@@ -36,6 +36,7 @@ import aiohttp
 from bot.engine.backend import ProgressCallback
 from bot.engine.errors import SERVICE_DOWN, FailureReason, GenerationError
 from bot.engine.models import Progress
+from bot.logs import redact
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +136,7 @@ def drop_traceback(text: str) -> str:
 
 def scrub(text: str, secrets: Iterable[str | None]) -> str:
     """Remove secrets (and tracebacks) from text that may reach a user or a log, and bound its length."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
+    text = redact(text, secrets, "***")
     text = " ".join(drop_traceback(text).split())
     if len(text) > MAX_MESSAGE_CHARS:
         text = text[: MAX_MESSAGE_CHARS - 1] + "…"

@@ -41,6 +41,7 @@ from bot.engine.store import (
     _job_from_row,
     _job_params,
 )
+from bot.logs import redact
 
 log = logging.getLogger(__name__)
 
@@ -311,9 +312,7 @@ class PgJobStore:
     # -- errors ---------------------------------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "[redacted]")
-        return text
+        return redact(text, self._secrets)
 
     def _unreachable(self, exc: BaseException, action: str) -> StoreError:
         if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):  # wrong user or password

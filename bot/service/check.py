@@ -24,6 +24,7 @@ import aiohttp
 import discord
 
 from bot import __version__
+from bot.logs import redact
 from bot.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -75,8 +76,7 @@ class Report:
     lines: list[str] = field(default_factory=list)
 
     def _say(self, line: str) -> None:
-        for secret in self.secrets:
-            line = line.replace(secret, "[redacted]")
+        line = redact(line, self.secrets)
         self.lines.append(line)
         print(line, flush=True)
 
