@@ -80,6 +80,14 @@ def _count_jobs(db: sqlite3.Connection) -> int:
 
 async def run_backup(settings: Settings, target: Path) -> int:
     """Returns the exit status: 0, or 2 with one line on stderr."""
+    if settings.database_url is not None:
+        # The jobs live in PostgreSQL; a bot.sqlite3 left in DATA_DIR from before the switch is not the data.
+        print(
+            "error: backup: DATABASE_URL is set, so the jobs are in PostgreSQL: back it up with "
+            "pg_dump --format=custom (see the README's PostgreSQL section)",
+            file=sys.stderr,
+        )
+        return 2
     source = settings.data_dir / DATABASE_NAME
     try:
         report = await asyncio.to_thread(backup_sync, source, target)

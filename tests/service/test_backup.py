@@ -13,14 +13,21 @@ from bot.engine.store import JobStore
 from tests.service.test_main import ROOT
 
 
-async def run_backup_process(data_dir: Path, target: Path) -> tuple[int, str, str]:
+async def run_backup_process(
+    data_dir: Path, target: Path, extra_env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "bot",
         "backup",
         str(target),
-        env={"PYTHONPATH": str(ROOT), "DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"},
+        env={
+            "PYTHONPATH": str(ROOT),
+            "DATA_DIR": str(data_dir),
+            "PATH": "/usr/bin:/bin",
+            **(extra_env or {}),
+        },
         cwd=str(data_dir.parent),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -104,3 +111,18 @@ async def test_backup_failures_are_one_line(tmp_path: Path) -> None:
     assert status == 2
     assert err.strip().splitlines() == [f"error: backup: {tmp_path / 'missing'} does not exist"]
     assert not (tmp_path / "missing").exists()
+
+
+async def test_backup_with_database_url_points_to_pg_dump_and_copies_no_stale_sqlite(tmp_path: Path) -> None:
+    # A bot.sqlite3 left over from before the switch to PostgreSQL must not be "backed up" as the data.
+    async with JobStore(tmp_path / "data" / "bot.sqlite3") as store:
+        await store.save_job(job(1))
+    status, out, err = await run_backup_process(
+        tmp_path / "data",
+        tmp_path / "b.sqlite3",
+        {"DATABASE_URL": "postgresql://bot:s3cret-pass@127.0.0.1:1/bot"},
+    )
+    assert status == 2 and out == ""
+    assert "pg_dump" in err and "s3cret-pass" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b.sqlite3").exists()
