@@ -40,7 +40,7 @@ def sleeps() -> RecordingSleep:
     return RecordingSleep()
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait until ``predicate()`` holds (the fakes change state from their own handlers)."""
     deadline = time.monotonic() + timeout
     while not predicate():
