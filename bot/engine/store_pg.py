@@ -40,6 +40,7 @@ from bot.engine.store import (
     StoreError,
     _job_from_row,
     _job_params,
+    guild_settings_document,
 )
 from bot.logs import redact
 
@@ -501,27 +502,12 @@ class PgJobStore:
     async def all_guild_settings(self) -> dict[int, dict[str, Any]]:
         """Every guild's settings document (unreadable ones skipped with a warning): loaded at start-up."""
         rows = await self._query("SELECT guild_id, settings FROM guild_settings")
-        out: dict[int, dict[str, Any]] = {}
-        for guild_id, text in rows:
-            try:
-                value = json.loads(text)
-            except ValueError as exc:
-                log.warning("guild %s settings are unreadable, using defaults: %s", guild_id, exc)
-                continue
-            if isinstance(value, dict):
-                out[int(guild_id)] = value
-        return out
+        documents = ((int(guild_id), guild_settings_document(guild_id, text)) for guild_id, text in rows)
+        return {guild_id: value for guild_id, value in documents if value is not None}
 
     async def get_guild_settings(self, guild_id: int) -> dict[str, Any]:
         rows = await self._query("SELECT settings FROM guild_settings WHERE guild_id = $1", (guild_id,))
-        if not rows:
-            return {}
-        try:
-            value = json.loads(rows[0][0])
-        except ValueError as exc:
-            log.warning("guild %s settings are unreadable, using defaults: %s", guild_id, exc)
-            return {}
-        return value if isinstance(value, dict) else {}
+        return (guild_settings_document(guild_id, rows[0][0]) if rows else None) or {}
 
     async def set_guild_settings(self, guild_id: int, values: dict[str, Any]) -> None:
         """Replace the guild's whole settings document."""

@@ -532,6 +532,11 @@ async def test_grouped_image_counts_and_all_guild_settings_for_start_up(
     await store.set_guild_settings(2, {"nsfw": "never"})
     await kind.raw("INSERT INTO guild_settings (guild_id, settings, updated_at) VALUES (3, 'not json', 0)")
     assert await store.all_guild_settings() == {1: {"daily_images": 5}, 2: {"nsfw": "never"}}
+    assert await store.get_guild_settings(3) == {}  # unreadable: defaults
+    await kind.raw("INSERT INTO guild_settings (guild_id, settings, updated_at) VALUES (4, '[1, 2]', 0)")
+    assert await store.get_guild_settings(4) == {}  # not a document: defaults
+    assert await store.get_guild_settings(1) == {"daily_images": 5}
+    assert 4 not in await store.all_guild_settings()
 
 
 async def test_a_version_2_database_gains_delivery_columns_and_its_history_counts_as_delivered(
