@@ -129,6 +129,8 @@ class FakeServer:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
+        """Listen (again, after :meth:`close`: on the same port, a restarted server)."""
+        self.closing = False
         self._runner = web.AppRunner(self.app, shutdown_timeout=0.5, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
