@@ -56,7 +56,7 @@ from bot.engine.models import (
     new_job_id,
     validate_request,
 )
-from bot.engine.pool import BackendPool, PoolEntry
+from bot.engine.pool import HEALTH_FAILURES, BackendPool, PoolEntry
 from bot.engine.queue import (
     Decision,
     FlightState,
@@ -200,7 +200,12 @@ class JobManager:
         self.job_timeout_s = job_timeout_s
         self.default_model = default_model or backend.default_model()
         #: Which models members may choose (the service swaps in one that follows the backend's own list).
-        self.catalog = ModelCatalog.fixed(models, self.default_model)
+        self.catalog = ModelCatalog(
+            None,
+            configured=models,
+            default=self.default_model,
+            parts=[entry.catalog for entry in self.pool if entry.catalog is not None],
+        )
         self.clock = clock
         #: Hook run inside each job's task once it is finished (the Discord layer posts there).
         self.deliver: Delivery | None = None
@@ -861,7 +866,7 @@ class JobManager:
         """One backend call; when it ends (result, failure, stopped), the model ends the flight and its jobs."""
         outcome: GenerationResult | BaseException
         reason = "succeeded"
-        bounced = False
+        bounced: str | None = None  # "elsewhere" or "wait" (see _may_fail_over)
         try:
             started = time.monotonic()
             try:
@@ -890,7 +895,7 @@ class JobManager:
         except GenerationError as exc:
             outcome, reason = exc, exc.reason.value
             bounced = self._may_fail_over(run, exc)
-            if not bounced and self.pool.many and exc.reason is FailureReason.UNAVAILABLE:
+            if not exc.not_accepted and self.pool.many and exc.reason is FailureReason.UNAVAILABLE:
                 # Accepted (or maybe accepted) there, so never sent elsewhere: the member may Reroll.
                 outcome = GenerationError(exc.reason, BACKEND_LOST, advice=exc.advice)
         except Exception as exc:
@@ -900,28 +905,34 @@ class JobManager:
             if run.backend:
                 self.pool.record(run.backend, _pool_outcome(reason, bounced), outcome)  # type: ignore[arg-type]
             if bounced:
-                self._bounce_run(run)
+                self._bounce_run(run, exclude=bounced == "elsewhere")
             else:
                 self._end_run(run, outcome, reason)
 
-    def _may_fail_over(self, run: _Run, exc: GenerationError) -> bool:
-        """Only a generation its backend certainly never took goes elsewhere, and only if elsewhere exists."""
+    def _may_fail_over(self, run: _Run, exc: GenerationError) -> str | None:
+        """Only a generation its backend certainly never took waits again: for another backend
+        (``"elsewhere"``), or, when no other serves it and this one was just taken out, for it to be back
+        (``"wait"``). Otherwise (None) the job fails with the backend's message."""
         if not (exc.not_accepted and self.pool.many and run.resume_ref is None):
-            return False
+            return None
         flight = self.queue.flights.get(run.flight)
-        return (
-            self._runs.get(run.flight) is run
-            and flight is not None
-            and flight.state is FlightState.RUNNING
-            and bool(flight.jobs)
-            and bool(self.queue.eligible_after_bounce(flight))
-        )
+        if (
+            self._runs.get(run.flight) is not run
+            or flight is None
+            or flight.state is not FlightState.RUNNING
+            or not flight.jobs
+        ):
+            return None
+        if self.queue.eligible_after_bounce(flight):
+            return "elsewhere"
+        will_be_out = self.pool[run.backend].failures + 1 >= self.pool.failures_to_trip
+        return "wait" if exc.reason in HEALTH_FAILURES and will_be_out else None
 
-    def _bounce_run(self, run: _Run) -> None:
-        """The flight waits again for another backend; its jobs hear they are queued again."""
+    def _bounce_run(self, run: _Run, *, exclude: bool) -> None:
+        """The flight waits again (for another backend, or for this one to be back); its jobs hear it."""
         del self._runs[run.flight]
-        log.info("backend did not take the generation; it goes to another", extra={"backend": run.backend})
-        self._apply(self.queue.bounce(run.flight))
+        log.info("backend did not take the generation; it waits again", extra={"backend": run.backend})
+        self._apply(self.queue.bounce(run.flight, exclude=exclude))
 
     def _end_run(self, run: _Run, outcome: GenerationResult | BaseException, reason: str) -> None:
         """The model ends the flight (freeing its slot) and each job still on it hears the outcome."""
@@ -1109,7 +1120,7 @@ class JobManager:
 BACKEND_LOST = "The image server making this image stopped answering before it was done; try again."
 
 
-def _pool_outcome(reason: str, bounced: bool) -> str:
+def _pool_outcome(reason: str, bounced: str | None) -> str:
     if bounced:
         return "failed_over"
     return reason if reason in ("succeeded", "stopped") else "failed"

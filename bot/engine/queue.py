@@ -580,8 +580,10 @@ class QueueModel:
         self._dispatch(decisions)
         return self._settled(decisions)
 
-    def bounce(self, flight_id: int) -> list[Decision]:
-        """A running flight's backend did not take the generation: the flight waits again, never on that backend.
+    def bounce(self, flight_id: int, *, exclude: bool = True) -> list[Decision]:
+        """A running flight's backend did not take the generation: the flight waits again, never on that backend
+        (``exclude``), or for that very backend to be back (``exclude=False``, when it was taken out and no
+        other serves the flight).
 
         Its slot frees; each of its jobs gets a ticket in its own guild again (``Requeued``). The caller makes
         sure another configured backend is eligible (else it ends the flight instead).
@@ -589,7 +591,10 @@ class QueueModel:
         flight = self.flights.get(flight_id)
         if flight is None or flight.state is not FlightState.RUNNING or flight.backend is None:
             raise InvariantError(f"flight {flight_id} bounced without running")
-        remaining = self.eligible_after_bounce(flight)
+        if exclude:
+            remaining = self.eligible_after_bounce(flight)
+        else:
+            remaining = flight.eligible if flight.eligible is not None else frozenset(self.backends)
         if not remaining:
             raise InvariantError(f"flight {flight_id} bounced with no other backend to go to")
         self._free_slot(flight)
