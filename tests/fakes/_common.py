@@ -143,6 +143,13 @@ class FakeServer:
             await self._runner.cleanup()
             self._runner = None
 
+    async def kill(self) -> None:
+        """Die like a crashed server: stop listening and drop the connections of requests in progress (their
+        handlers are cancelled, nothing is answered). :meth:`start` brings it back on the same port."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()  # stops listening; cancels what still runs after shutdown_timeout
+
     async def __aenter__(self) -> FakeServer:
         await self.start()
         return self

@@ -38,6 +38,7 @@ class A1111State:
     progress_polls: int = 0  # /internal/progress
     global_progress_polls: int = 0  # /sdapi/v1/progress
     task_ids: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # of every txt2img that reached the server
     last_payload: dict[str, Any] | None = None
     auth_failures: int = 0
     options_calls: int = 0
@@ -131,6 +132,8 @@ class FakeA1111(FakeServer):
         except ValueError:
             return web.json_response({"detail": [{"loc": ["body"], "msg": "invalid JSON"}]}, status=422)
         self.state.last_payload = payload
+        if isinstance(payload, dict) and isinstance(payload.get("prompt"), str):
+            self.state.prompts.append(payload["prompt"])
         if (failure := pop_failure(self.state.fail_next)) is not None:
             return failure
         width, height = payload.get("width", 512), payload.get("height", 512)
