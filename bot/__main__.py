@@ -66,7 +66,7 @@ def fail(message: str, status: int = 1) -> int:
 
 def log_secrets(settings: Settings) -> list[str]:
     """Every secret the logs must scrub: the token, the backend key and the database password."""
-    secrets = [s.get_secret_value() for s in (settings.discord_token, settings.image_backend_api_key) if s]
+    secrets = [s.get_secret_value() for s in (settings.discord_token,) if s] + settings.backend_keys()
     if settings.database_url is not None:
         from bot.engine.store_pg import dsn_secrets
 

@@ -6,7 +6,10 @@ Names are the operators' interface (environment variables, ``.env``): keep them 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,6 +31,142 @@ COMFYUI_DEFAULT_URL = "http://127.0.0.1:8188"
 
 class SettingsError(Exception):
     """A setting has a value the bot cannot run with; the message names it and what is allowed."""
+
+
+#: Slots per backend when its ``concurrency`` (or BACKEND_CONCURRENCY) is not set. A1111 runs one generation
+#: at a time behind a global lock; more would only queue there. ComfyUI also runs one prompt at a time, but one
+#: more waiting in its own queue keeps the GPU busy between prompts while the bot's queue still holds the rest.
+DEFAULT_CONCURRENCY = {"a1111": 1, "comfyui": 2}
+#: Pool entry names become a metrics label and appear in /backends: short and plain.
+ENTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+ENTRY_KEYS = frozenset(
+    {"name", "kind", "url", "api_key", "concurrency", "models", "sizes", "max_count_per_call", "workflow"}
+)
+KINDS = ("horde", "openai", "a1111", "comfyui")
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """One backend of the pool (an ``IMAGE_BACKENDS`` entry, or the one ``IMAGE_BACKEND`` describes)."""
+
+    name: str
+    kind: BackendName
+    url: str | None
+    api_key: SecretStr | None
+    concurrency: int
+    models: tuple[str, ...] = ()  # empty: what the backend lists (or only the default model)
+    sizes: tuple[tuple[int, int], ...] = ()  # empty: the kind's own sizes
+    max_count_per_call: int | None = None
+    workflow: Path | None = None  # comfyui only
+
+
+def parse_sizes(value: str) -> list[tuple[int, int]]:
+    """``512x512,768x512`` -> sizes, each side 64..4096 (ValueError names the bad part)."""
+    sizes: list[tuple[int, int]] = []
+    for part in _split_csv(value):
+        width, sep, height = part.lower().partition("x")
+        if not (sep and width.isdigit() and height.isdigit()):
+            raise ValueError(f"{part!r} is not WIDTHxHEIGHT (for example 512x512,768x512)")
+        size = (int(width), int(height))
+        if not all(64 <= side <= 4096 for side in size):
+            raise ValueError(f"{part!r}: each side must be between 64 and 4096 pixels")
+        if size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+def parse_backends(value: Any) -> list[BackendEntry]:
+    """``IMAGE_BACKENDS``: inline JSON or ``@/path/to/backends.json``, a list of entries (ValueError: one line)."""
+    if isinstance(value, list) and all(isinstance(v, BackendEntry) for v in value):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("@"):
+            path = Path(text[1:].strip()).expanduser()
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"cannot read {path} ({exc.strerror or exc})") from None
+            except UnicodeDecodeError:
+                raise ValueError(f"{path} is not UTF-8 text") from None
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(value, list) or not value:
+        raise ValueError(
+            'must be a non-empty JSON list of backends, e.g. [{"name": "gpu1", "kind": "a1111", ...}]'
+        )
+    entries: list[BackendEntry] = []
+    for number, item in enumerate(value, start=1):
+        entry = _parse_entry(item, number)
+        if any(e.name == entry.name for e in entries):
+            raise ValueError(f"entry {number}: the name {entry.name!r} is used twice; names must be unique")
+        entries.append(entry)
+    return entries
+
+
+def _parse_entry(item: Any, number: int) -> BackendEntry:
+    where = f"entry {number}"
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: must be an object with name, kind and url")
+    if isinstance(item.get("name"), str):
+        where = f"entry {number} ({item['name']!r})"
+    unknown = sorted(set(item) - ENTRY_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; use {', '.join(sorted(ENTRY_KEYS))}")
+    for key in ("name", "kind", "url"):
+        if not isinstance(item.get(key), str) or not item[key].strip():
+            raise ValueError(f"{where}: {key} is required (a string)")
+    name, kind, url = item["name"].strip(), item["kind"].strip().lower(), item["url"].strip().rstrip("/")
+    if not ENTRY_NAME.fullmatch(name):
+        raise ValueError(f"{where}: name must be 1-32 letters, digits, '.', '_' or '-'")
+    if kind not in KINDS:
+        raise ValueError(f"{where}: kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{where}: url must be an http(s):// URL")
+    api_key = item.get("api_key")
+    if api_key is not None and not isinstance(api_key, str):
+        raise ValueError(f"{where}: api_key must be a string")  # never repeats the value
+    concurrency = item.get("concurrency")
+    if concurrency is None:
+        concurrency = DEFAULT_CONCURRENCY.get(kind, 4)
+    elif isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 64:
+        raise ValueError(f"{where}: concurrency must be a whole number from 1 to 64")
+    models = item.get("models") or []
+    if not isinstance(models, list) or not all(isinstance(m, str) and m.strip() for m in models):
+        raise ValueError(f"{where}: models must be a list of model names")
+    sizes_value = item.get("sizes") or []
+    if isinstance(sizes_value, list) and all(isinstance(s, str) for s in sizes_value):
+        sizes_value = ",".join(sizes_value)
+    if not isinstance(sizes_value, str):
+        raise ValueError(f'{where}: sizes must be a list like ["512x512", "768x512"]')
+    try:
+        sizes = parse_sizes(sizes_value)
+    except ValueError as exc:
+        raise ValueError(f"{where}: sizes: {exc}") from None
+    per_call = item.get("max_count_per_call")
+    if per_call is not None and (
+        isinstance(per_call, bool) or not isinstance(per_call, int) or not 1 <= per_call <= 4
+    ):
+        raise ValueError(f"{where}: max_count_per_call must be a whole number from 1 to 4")
+    workflow = item.get("workflow")
+    if workflow is not None:
+        if kind != "comfyui":
+            raise ValueError(f"{where}: workflow applies to kind comfyui only")
+        if not isinstance(workflow, str) or not workflow.strip():
+            raise ValueError(f"{where}: workflow must be the path of an API-format workflow JSON file")
+    return BackendEntry(
+        name=name,
+        kind=kind,  # type: ignore[arg-type]
+        url=url,
+        api_key=SecretStr(api_key.strip()) if api_key and api_key.strip() else None,
+        concurrency=concurrency,
+        models=tuple(dict.fromkeys(m.strip() for m in models)),
+        sizes=tuple(sizes),
+        max_count_per_call=per_call,
+        workflow=Path(workflow.strip()) if workflow else None,
+    )
 
 
 def _split_csv(value: Any) -> Any:
@@ -53,6 +192,8 @@ class Settings(BaseSettings):
 
     # Image backend
     image_backend: BackendName = "horde"
+    #: A pool of several backends (inline JSON or ``@/path/to/backends.json``); replaces IMAGE_BACKEND.
+    image_backends: Annotated[list[BackendEntry], NoDecode] = Field(default_factory=list)
     image_backend_url: str | None = None
     image_backend_api_key: SecretStr | None = None
     image_model: str | None = None
@@ -110,17 +251,14 @@ class Settings(BaseSettings):
     def _parse_sizes(cls, value: Any) -> Any:
         if not isinstance(value, str):
             return value
-        sizes: list[tuple[int, int]] = []
-        for part in _split_csv(value):
-            width, sep, height = part.lower().partition("x")
-            if not (sep and width.isdigit() and height.isdigit()):
-                raise ValueError(f"{part!r} is not WIDTHxHEIGHT (for example 512x512,768x512)")
-            size = (int(width), int(height))
-            if not all(64 <= side <= 4096 for side in size):
-                raise ValueError(f"{part!r}: each side must be between 64 and 4096 pixels")
-            if size not in sizes:
-                sizes.append(size)
-        return sizes
+        return parse_sizes(value)
+
+    @field_validator("image_backends", mode="before")
+    @classmethod
+    def _parse_backends(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return []
+        return parse_backends(value)
 
     @field_validator("comfyui_defaults", mode="before")
     @classmethod
@@ -218,11 +356,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _resolve(self) -> Settings:
+        if self.image_backends and "image_backend" in self.model_fields_set:
+            raise ValueError(
+                "set IMAGE_BACKEND or IMAGE_BACKENDS, not both (IMAGE_BACKENDS lists every backend)"
+            )
         if self.backend_concurrency is None:
-            # A1111 runs one generation at a time behind a global lock; more would only queue there.
-            # ComfyUI also runs one prompt at a time, but one more waiting in its own queue keeps the GPU busy
-            # between prompts while the bot's queue (and its fairness) still holds the rest.
-            self.backend_concurrency = {"a1111": 1, "comfyui": 2}.get(self.image_backend, 4)
+            self.backend_concurrency = DEFAULT_CONCURRENCY.get(self.image_backend, 4)
         if self.guild_concurrency > self.guild_concurrency_max:
             raise ValueError(
                 f"GUILD_CONCURRENCY ({self.guild_concurrency}) must not exceed GUILD_CONCURRENCY_MAX "
@@ -242,6 +381,29 @@ class Settings(BaseSettings):
     def max_backend_concurrency(self) -> int:
         assert self.backend_concurrency is not None
         return self.backend_concurrency
+
+    def backend_keys(self) -> list[str]:
+        """Every backend API key set (IMAGE_BACKEND_API_KEY and each pool entry's): secrets to scrub."""
+        keys = [self.image_backend_api_key] + [e.api_key for e in self.image_backends]
+        return [k.get_secret_value().strip() for k in keys if k is not None and k.get_secret_value().strip()]
+
+    def backend_entries(self) -> list[BackendEntry]:
+        """Every backend the bot uses: the IMAGE_BACKENDS pool, or the one IMAGE_BACKEND describes."""
+        if self.image_backends:
+            return list(self.image_backends)
+        return [
+            BackendEntry(
+                name=self.image_backend,
+                kind=self.image_backend,
+                url=self.image_backend_url,
+                api_key=self.image_backend_api_key,
+                concurrency=self.max_backend_concurrency,
+                models=(),
+                sizes=tuple(self.image_sizes),
+                max_count_per_call=self.image_max_count_per_call,
+                workflow=self.comfyui_workflow,
+            )
+        ]
 
     @property
     def env_file_read(self) -> Path | None:

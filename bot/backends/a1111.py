@@ -340,6 +340,10 @@ class A1111Backend(Backend):
         )
         log.info("interrupted %s", task_id)
 
+    async def probe(self) -> None:
+        """``GET /sdapi/v1/options``: answered even while a generation holds the WebUI's lock."""
+        await self._call("GET", "/sdapi/v1/options", what="A1111 health check")
+
     async def list_models(self) -> list[str]:
         reply = await self._call("GET", "/sdapi/v1/sd-models", what="A1111 model list")
         data = reply.json()

@@ -357,6 +357,10 @@ class HordeBackend(ResumableBackend):
         )
         return reply.body
 
+    async def probe(self) -> None:
+        """AI Horde's heartbeat (``GET /v2/status/heartbeat``), the cheapest call it has."""
+        await self._call("GET", "/status/heartbeat", what="AI Horde health check", stage="submit")
+
     async def list_models(self) -> list[str]:
         reply = await self._call(
             "GET", "/status/models?type=image", what="AI Horde model list", stage="submit"

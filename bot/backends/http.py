@@ -9,6 +9,9 @@ Retry rules, in one place so every backend behaves alike:
 * everything else fails at once. In particular a request that creates work (a txt2img POST) is never sent
   twice: a 500, a read timeout or a dropped connection after sending is a failure, not a retry.
 
+A request that creates work and fails *before the server took it* (its connection never came up, or it was
+answered 429 or 503) raises an error marked ``not_accepted``: a pool may hand that job to another backend.
+
 Retries are bounded (attempts and total wait), back off exponentially with jitter, and sleep through an
 injectable ``sleep`` so tests run instantly.
 """
@@ -46,6 +49,8 @@ ErrorMapper = Callable[["HttpReply"], GenerationError]
 
 #: Statuses that mean "the server did not take the request; try again shortly".
 RETRY_STATUSES = frozenset({502, 503, 504})
+#: Answers to a submit that mean the server did not take the work (a pool may try another backend).
+REFUSED_STATUSES = frozenset({429, 503})
 #: Replies larger than this are refused (a hostile or broken backend must not exhaust memory).
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_MESSAGE_CHARS = 300
@@ -313,6 +318,7 @@ async def request(
                 "image backend is running and IMAGE_BACKEND_URL points at it.",
             )
             can_retry = True
+            failure.not_accepted = creates_work
         except TimeoutError:
             failure = GenerationError(
                 FailureReason.TIMEOUT, f"{what}: the image backend did not answer in time."
@@ -341,6 +347,7 @@ async def request(
                 scrub(mapped.message, secrets),
                 advice=scrub(mapped.advice, secrets) if mapped.advice else None,
                 retry_after=retry_after,
+                not_accepted=creates_work and reply.status in REFUSED_STATUSES,
             )
             transient = reply.status in RETRY_STATUSES and not (creates_work and reply.status == 504)
             can_retry = transient or failure.reason is FailureReason.RATE_LIMITED

@@ -290,6 +290,10 @@ class OpenAIBackend(Backend):
         )
         return reply.body
 
+    async def probe(self) -> None:
+        """``GET /v1/models``: every OpenAI-compatible server answers it."""
+        await self.list_models()
+
     async def list_models(self) -> list[str]:
         reply = await http.request(
             self._session,

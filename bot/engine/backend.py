@@ -76,6 +76,21 @@ class Backend(abc.ABC):
         """The model used when a request names none (``None``: the backend decides)."""
         return None
 
+    @property
+    def cache_identity(self) -> str:
+        """What makes this backend's results differ from another's for the same request (the cache key names
+        it): the kind, plus whatever else changes the output (ComfyUI: the workflow). Two pool entries with
+        the same identity share cached results."""
+        return self.name
+
+    async def probe(self) -> None:
+        """The cheapest request that shows the backend answers (a pool's circuit breaker asks it before
+        taking a backend back). Raises :class:`bot.engine.errors.GenerationError` when it does not.
+
+        The default lists the models; backends override it with their own health request.
+        """
+        await self.list_models()
+
     async def start(self) -> list[str]:
         """Open what the backend keeps open (ComfyUI's websocket) and check its set-up; returns the problems
         found (logged by the backend, not fatal: the server may come up later). Called once by the service."""

@@ -10,6 +10,9 @@ Sources, in order:
    last list and is logged; until a first list arrives it is retried every ``retry_s``;
 3. otherwise nothing: a request naming a model is refused, and one naming none runs the default.
 
+A pool (``IMAGE_BACKENDS``) has one catalog per entry (its ``models``, else its own list) and the manager's is
+their union (``parts``); ``IMAGE_MODELS`` still overrides the union.
+
 The default model (``IMAGE_MODEL``, or the backend's own) is always allowed. The operator's command line
 (``python -m bot imagine --model``) uses an unrestricted catalog: the limit protects the operator from members. A model nobody allowed is refused
 at admission (:meth:`bot.engine.manager.JobManager.check_admission`), so it never reaches the backend.
@@ -48,9 +51,14 @@ class ModelCatalog:
         first_fetch_timeout_s: float = FIRST_FETCH_TIMEOUT_S,
         sleep: Sleep = asyncio.sleep,
         restricted: bool = True,
+        parts: Iterable[ModelCatalog] = (),
     ) -> None:
-        """``restricted=False``: any model may be named (the operator's own command line), nothing fetched."""
+        """``restricted=False``: any model may be named (the operator's own command line), nothing fetched.
+
+        ``parts``: the catalogs of a pool's entries; this one offers their union (unless ``configured``).
+        """
         self.restricted = restricted
+        self.parts: tuple[ModelCatalog, ...] = tuple(parts)
         self.configured: tuple[str, ...] = tuple(dict.fromkeys(configured))
         self.default = default
         #: The backend asked for its list; None when the configured list or nothing is all there is.
@@ -79,12 +87,17 @@ class ModelCatalog:
         """``configured`` (IMAGE_MODELS), ``backend`` (its own list) or ``default`` (no choice)."""
         if self.configured:
             return "configured"
+        if self.parts:
+            return "backends"
         return "backend" if self.backend is not None else "default"
 
     @property
     def models(self) -> tuple[str, ...]:
         """What members may choose, in the order to offer them (autocomplete)."""
-        models = self.configured or self._listed or ()
+        if not self.configured and self.parts:
+            models: tuple[str, ...] = tuple(dict.fromkeys(m for part in self.parts for m in part.models))
+        else:
+            models = self.configured or self._listed or ()
         if self.default and self.default not in models:
             models = (self.default, *models)
         return models
@@ -93,6 +106,11 @@ class ModelCatalog:
     def allowed(self) -> tuple[str, ...] | None:
         """What admission checks against: :attr:`models`, or None when any model may be named."""
         return self.models if self.restricted else None
+
+    @property
+    def listed(self) -> tuple[str, ...] | None:
+        """The backend's last list (None before the first, or for a catalog that does not fetch)."""
+        return self._listed
 
     def allows(self, model: str | None) -> bool:
         return model is None or not self.restricted or model in self.models
@@ -125,6 +143,8 @@ class ModelCatalog:
 
     async def start(self) -> None:
         """Fetch the first list (waiting at most ``first_fetch_timeout_s``) and start the refresh task."""
+        if self.parts:
+            await asyncio.gather(*(part.start() for part in self.parts))
         if self.backend is None or self._task is not None:
             return
         first = asyncio.Event()
@@ -145,6 +165,8 @@ class ModelCatalog:
             log.error("model list refresh stopped", exc_info=task.exception())
 
     async def close(self) -> None:
+        for part in self.parts:
+            await part.close()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

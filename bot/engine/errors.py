@@ -48,6 +48,10 @@ class GenerationError(Exception):
     ``advice`` is for the operator (log, ``check``, the owner's DM): what is wrong with the set-up and what to
     change. A failure with advice is one an operator must act on (bad key, no credit, wrong URL, backend down
     or unreachable); one without (a refused prompt, a worker failing once, a timeout) is the job's own end.
+
+    ``not_accepted`` says the backend certainly did not take the generation: the connection for the submit never
+    came up, or the submit itself was answered 429/503. Only such a failure may move a job to another backend
+    of a pool (anything later may mean the work is already running there).
     """
 
     def __init__(
@@ -57,12 +61,14 @@ class GenerationError(Exception):
         *,
         advice: str | None = None,
         retry_after: float | None = None,
+        not_accepted: bool = False,
     ) -> None:
         super().__init__(advice or message)
         self.reason = reason
         self.message = message
         self.advice = advice
         self.retry_after = retry_after
+        self.not_accepted = not_accepted
 
     @property
     def needs_operator(self) -> bool:

@@ -18,6 +18,13 @@ generation whose last job left is stopped and keeps its slot until its backend c
 
 Every state change is written to the store before listeners hear of it; a write that fails is retried until
 the store agrees with memory. Nothing here imports discord.
+
+Pools (:mod:`bot.engine.pool`): the model's backends are the pool's entries. A job may go only to the entries
+that serve its model, size and count (refused at admission when none ever could); the model grants the least
+loaded free one. A generation that fails before its backend accepted it (``GenerationError.not_accepted``: the
+submit's connection never came up, or it was answered 429/503) is *bounced*: the flight waits again, never on
+that backend. A generation a backend accepted is never submitted anywhere else. Outcomes feed each entry's
+circuit breaker; an entry taken out is granted nothing until its probe answers.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from bot.engine.alerts import OperatorAlerts
-from bot.engine.backend import Backend, ResumableBackend
+from bot.engine.backend import Backend, Capabilities, ResumableBackend
 from bot.engine.cache import cache_key
 from bot.engine.catalog import ModelCatalog
 from bot.engine.deadlines import Deadline, Deadlines
@@ -50,6 +57,7 @@ from bot.engine.models import (
     new_job_id,
     validate_request,
 )
+from bot.engine.pool import HEALTH_FAILURES, BackendPool, PoolEntry
 from bot.engine.queue import (
     Decision,
     FlightState,
@@ -121,6 +129,8 @@ class _Run:
     flight: int
     request: ImageRequest
     cache_key: str | None  # None only without a cache (nothing is stored)
+    #: The pool entry it runs on (the model's choice).
+    backend: str = ""
     task: asyncio.Task[None] | None = None
     progress: Progress | None = None
     #: Follow this already-submitted backend generation instead of submitting (after a restart).
@@ -164,7 +174,7 @@ class JobManager:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Backend | BackendPool,
         *,
         store: JobStore | None = None,
         cache: ResultCache | None = None,
@@ -178,7 +188,13 @@ class JobManager:
         default_model: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.backend = backend
+        #: The backends (a pool of one for ``IMAGE_BACKEND``); ``backend`` is its first entry's.
+        self.pool = (
+            backend if isinstance(backend, BackendPool) else BackendPool.single(backend, backend_concurrency)
+        )
+        self.pool.on_change = self._backend_out
+        self.backend = self.pool.primary.backend
+        backend = self.backend
         self.store = store
         self.cache = cache
         self.guild_concurrency = guild_concurrency
@@ -188,7 +204,12 @@ class JobManager:
         self.job_timeout_s = job_timeout_s
         self.default_model = default_model or backend.default_model()
         #: Which models members may choose (the service swaps in one that follows the backend's own list).
-        self.catalog = ModelCatalog.fixed(models, self.default_model)
+        self.catalog = ModelCatalog(
+            None,
+            configured=models,
+            default=self.default_model,
+            parts=[entry.catalog for entry in self.pool if entry.catalog is not None],
+        )
         self.clock = clock
         #: Hook run inside each job's task once it is finished (the Discord layer posts there).
         self.deliver: Delivery | None = None
@@ -198,7 +219,7 @@ class JobManager:
 
         self._guild_limits: dict[int, int] = {}
         self._user_limits: dict[int, int] = {}
-        self.queue = QueueModel({backend.name: backend_concurrency}, guild_limit=self.guild_limit)
+        self.queue = QueueModel(self.pool.capacities(), guild_limit=self.guild_limit)
         self._tracked: dict[str, _Tracked] = {}
         self._runs: dict[int, _Run] = {}
         self._run_tasks: set[asyncio.Task[None]] = set()
@@ -223,7 +244,7 @@ class JobManager:
     def from_settings(
         cls,
         settings: Settings,
-        backend: Backend,
+        backend: Backend | BackendPool,
         *,
         store: JobStore | None = None,
         cache: ResultCache | None = None,
@@ -245,6 +266,25 @@ class JobManager:
     @property
     def models(self) -> tuple[str, ...]:
         return self.catalog.models
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What members may ask for: the backend's, or for a pool what at least one entry supports."""
+        return self.pool.capabilities
+
+    def backend_load(self, name: str) -> int:
+        """Slots held on one pool entry now."""
+        return self.queue.running.get(name, 0)
+
+    def can_resume(self, job: Job) -> bool:
+        """Whether the entry that ran ``job`` can follow its submitted generation after a restart."""
+        entry = self._entry_of(job)
+        return entry is not None and isinstance(entry.backend, ResumableBackend)
+
+    def _entry_of(self, job: Job) -> PoolEntry | None:
+        if job.backend in self.pool:
+            return self.pool[job.backend]  # type: ignore[index]
+        return None if self.pool.many else self.pool.primary
 
     # -- limits ---------------------------------------------------------------------------------------------
     def guild_limit(self, guild_id: int) -> int:
@@ -353,7 +393,7 @@ class JobManager:
         if request.model is None and self.default_model:
             changes["model"] = self.default_model
         if request.width <= 0 or request.height <= 0:
-            changes["width"], changes["height"] = self.backend.capabilities.default_size
+            changes["width"], changes["height"] = self.capabilities.default_size
         return request.replace(**changes) if changes else request
 
     def check_admission(
@@ -379,10 +419,12 @@ class JobManager:
         for apply_defaults in self.request_defaults:
             request = apply_defaults(request, context)
         request = self.normalise(request)
-        caps = self.backend.capabilities
+        caps = self.capabilities
         validate_request(request, models=self.catalog.allowed, sizes=caps.sizes, max_count=caps.max_count)
         if request.negative_prompt and not caps.negative_prompt:
             raise RequestRejected(f"The {self.backend.name} backend does not take a negative prompt.")
+        if self.pool.many and not self.pool.eligible(request, self.default_model):
+            raise RequestRejected(_nobody_serves(request), code="no_backend")
         limit = self.user_limit(guild_id)
         if self.active_count(guild_id, user_id) + pending >= limit:
             raise RequestRejected(
@@ -431,7 +473,7 @@ class JobManager:
             guild_id=guild_id,
             user_id=user_id,
             channel_id=channel_id,
-            backend=self.backend.name,
+            backend=None if self.pool.many else self.pool.primary.name,  # a pool's: the entry it starts on
             message_ref=message_ref,
             created_at=self.clock(),
         )
@@ -465,7 +507,7 @@ class JobManager:
         """
         if not self._accepting:
             raise ShuttingDown()
-        if follow_backend_ref and not (job.backend_ref and isinstance(self.backend, ResumableBackend)):
+        if follow_backend_ref and not (job.backend_ref and self.can_resume(job)):
             raise ValueError("this job has no generation the backend can resume")
         job.state = JobState.QUEUED
         tracked = _Tracked(job, resume_ref=job.backend_ref if follow_backend_ref else None)
@@ -564,6 +606,7 @@ class JobManager:
         if remaining:
             await asyncio.gather(*remaining, return_exceptions=True)
         await self._flush_unsaved()
+        await self.pool.aclose()  # stops probing backends that are out (cancelled and awaited)
         if self._position_flush is not None:
             self._position_flush.cancel()
             self._position_flush = None
@@ -602,6 +645,8 @@ class JobManager:
                 for job_id in decision.jobs:
                     tracked = self._tracked[job_id]
                     tracked.run = run
+                    if self.pool.many:
+                        tracked.job.backend = decision.backend
                     self._disarm(tracked)
                     tracked.wake.set()
             elif isinstance(decision, Stop):
@@ -612,6 +657,8 @@ class JobManager:
                 for job_id in decision.jobs:
                     tracked = self._tracked[job_id]
                     tracked.run = None
+                    if self.pool.many:
+                        tracked.job.backend = None  # on no backend while it waits
                     self._arm(tracked)
                     tracked.wake.set()
             elif isinstance(decision, Moved):
@@ -647,6 +694,7 @@ class JobManager:
             start.flight,
             first.job.request,
             first.job.cache_key,
+            backend=start.backend,
             resume_ref=first.resume_ref,
         )
         self._runs[start.flight] = run
@@ -655,12 +703,16 @@ class JobManager:
         run.task.add_done_callback(functools.partial(self._run_task_done, run))
         return run
 
-    def _enter_model(self, tracked: _Tracked, key: str | None) -> None:
+    def _enter_model(
+        self, tracked: _Tracked, key: str | None, eligible: frozenset[str] | None = None
+    ) -> None:
         """Admit into the queue model; the reservation the job held until now is handed over (no await)."""
         job = tracked.job
         self.queue.unreserve(job.guild_id, job.user_id, job.request.count)
         tracked.in_model = True
-        decisions = self.queue.admit(job.id, job.guild_id, job.user_id, key=key, images=job.request.count)
+        decisions = self.queue.admit(
+            job.id, job.guild_id, job.user_id, key=key, images=job.request.count, eligible=eligible
+        )
         if self.queue.phase(job.id) is JobPhase.WAITING:
             self._arm(tracked)
         self._apply(decisions)
@@ -776,7 +828,10 @@ class JobManager:
                 cached, job.image_refs = hit
                 log.info("job served from cache", extra={"job": job.id})
                 return cached
-        self._enter_model(tracked, None if private else key)
+        eligible = self._eligible(tracked)
+        if eligible is not None and not eligible:  # the entries' model lists changed since admission
+            raise GenerationError(FailureReason.UNKNOWN_MODEL, _nobody_serves(request))
+        self._enter_model(tracked, None if private else key, eligible)
         if self.queue.phase(job.id) is JobPhase.RUNNING and len(self.queue.flight_of(job.id).jobs) > 1:  # type: ignore[union-attr]
             log.info("job shares a generation in flight", extra={"job": job.id})
         while tracked.outcome is None:
@@ -814,13 +869,29 @@ class JobManager:
                 await asyncio.wait({run.task})
 
     def _key(self, request: ImageRequest) -> str:
-        return cache_key(request, backend=self.backend.name, model=request.model)
+        # Names the kinds and workflows that may serve it, never the entries' names: identical backends share.
+        names = self.pool.eligible(request, self.default_model) if self.pool.many else None
+        return cache_key(request, backend=self.pool.identity(names), model=request.model)
+
+    def _eligible(self, tracked: _Tracked) -> frozenset[str] | None:
+        """The pool entries this job may run on (None: any, a pool of one)."""
+        if not self.pool.many:
+            return None
+        job = tracked.job
+        if tracked.resume_ref is not None and job.backend in self.pool:
+            return frozenset({job.backend})  # type: ignore[arg-type]  # follows its generation where it runs
+        return self.pool.eligible(job.request, self.default_model)
+
+    def _backend_out(self, name: str, out: bool) -> None:
+        """The pool's circuit breaker took an entry out or brought it back."""
+        self._apply(self.queue.set_out(name, out))
 
     # -- generations ----------------------------------------------------------------------------------------------
     async def _run_flight(self, run: _Run) -> None:
         """One backend call; when it ends (result, failure, stopped), the model ends the flight and its jobs."""
         outcome: GenerationResult | BaseException
         reason = "succeeded"
+        bounced: str | None = None  # "elsewhere" or "wait" (see _may_fail_over)
         task = asyncio.current_task()
         assert task is not None
         timer = self._deadlines.after(self.job_timeout_s, functools.partial(self._generation_expired, run))
@@ -842,7 +913,7 @@ class JobManager:
                 timer.cancel()
             result = GenerationResult(
                 images=tuple(images),
-                backend=self.backend.name,
+                backend=run.backend or self.backend.name,
                 model=run.request.model,
                 elapsed_s=time.monotonic() - started,
             )
@@ -857,11 +928,45 @@ class JobManager:
             raise
         except GenerationError as exc:
             outcome, reason = exc, exc.reason.value
+            bounced = self._may_fail_over(run, exc)
+            if not exc.not_accepted and self.pool.many and exc.reason is FailureReason.UNAVAILABLE:
+                # Accepted (or maybe accepted) there, so never sent elsewhere: the member may Reroll.
+                outcome = GenerationError(exc.reason, BACKEND_LOST, advice=exc.advice)
         except Exception as exc:
             log.error("generation crashed", exc_info=exc, extra={"flight": run.flight})
             outcome, reason = exc, FailureReason.INTERNAL.value
         finally:
-            self._end_run(run, outcome, reason)
+            if run.backend:
+                self.pool.record(run.backend, _pool_outcome(reason, bounced), outcome)  # type: ignore[arg-type]
+            if bounced:
+                self._bounce_run(run, exclude=bounced == "elsewhere")
+            else:
+                self._end_run(run, outcome, reason)
+
+    def _may_fail_over(self, run: _Run, exc: GenerationError) -> str | None:
+        """Only a generation its backend certainly never took waits again: for another backend
+        (``"elsewhere"``), or, when no other serves it and this one was just taken out, for it to be back
+        (``"wait"``). Otherwise (None) the job fails with the backend's message."""
+        if not (exc.not_accepted and self.pool.many and run.resume_ref is None):
+            return None
+        flight = self.queue.flights.get(run.flight)
+        if (
+            self._runs.get(run.flight) is not run
+            or flight is None
+            or flight.state is not FlightState.RUNNING
+            or not flight.jobs
+        ):
+            return None
+        if self.queue.eligible_after_bounce(flight):
+            return "elsewhere"
+        will_be_out = self.pool[run.backend].failures + 1 >= self.pool.failures_to_trip
+        return "wait" if exc.reason in HEALTH_FAILURES and will_be_out else None
+
+    def _bounce_run(self, run: _Run, *, exclude: bool) -> None:
+        """The flight waits again (for another backend, or for this one to be back); its jobs hear it."""
+        del self._runs[run.flight]
+        log.info("backend did not take the generation; it waits again", extra={"backend": run.backend})
+        self._apply(self.queue.bounce(run.flight, exclude=exclude))
 
     @staticmethod
     def _generation_expired(run: _Run) -> None:
@@ -888,7 +993,7 @@ class JobManager:
         def on_progress(progress: Progress) -> None:
             self._on_progress(run, progress)
 
-        backend = self.backend
+        backend = self.pool[run.backend].backend if run.backend in self.pool else self.backend
         if not isinstance(backend, ResumableBackend):
             return await backend.generate(run.request, on_progress)
         if run.resume_ref is not None:
@@ -1049,6 +1154,28 @@ class JobManager:
         self._end_run(run, asyncio.CancelledError(), "stopped")
         if not task.cancelled():
             task.exception()  # retrieved here so a failure is never "never retrieved" (logged in the run)
+
+
+#: What a member reads when the pool entry that had taken their generation stopped answering.
+BACKEND_LOST = "The image server making this image stopped answering before it was done; try again."
+
+
+def _pool_outcome(reason: str, bounced: str | None) -> str:
+    if bounced:
+        return "failed_over"
+    return reason if reason in ("succeeded", "stopped") else "failed"
+
+
+def _nobody_serves(request: ImageRequest) -> str:
+    """The one sentence a member reads when no configured backend could ever make their request."""
+    what = f"{request.width}x{request.height}"
+    if request.count > 1:
+        what = f"{request.count} images at {what}"
+    if request.model:
+        what += f" with the model {request.model}"
+    if request.negative_prompt:
+        what += " and a negative prompt"
+    return f"None of the image servers here can make {what}; try another size, count or model."
 
 
 class _QueueTimedOut(Exception):

@@ -423,7 +423,7 @@ class GuildPolicy:
             settings, notes = current.replace(**changes).validated(
                 concurrency_max=self.manager.guild_concurrency_max,
                 models=self.manager.models,
-                sizes=self.manager.backend.capabilities.sizes,
+                sizes=self.manager.capabilities.sizes,
             )
             if self.store is not None:
                 await self.store.set_guild_settings(guild_id, settings.to_dict())
@@ -469,7 +469,7 @@ class GuildPolicy:
             changes["model"] = settings.default_model
         if (request.width <= 0 or request.height <= 0) and settings.default_size:
             size = parse_size(settings.default_size)
-            sizes = self.manager.backend.capabilities.sizes
+            sizes = self.manager.capabilities.sizes
             if not sizes or size in sizes:
                 changes["width"], changes["height"] = size
         allowed = request.nsfw_allowed and context.channel_nsfw and settings.nsfw == NSFW_AGE_RESTRICTED

@@ -18,6 +18,10 @@ that is under its limit and has a ticket ``b`` can serve; inside that guild to t
 with such a ticket; among free backends that serve the chosen ticket, the least loaded (running / capacity).
 Fairness is global across backends.
 
+Pools: a backend taken *out* (``set_out``: its circuit breaker opened) is granted nothing until it is back; its
+running flights carry on. A running flight the backend never accepted (``bounce``) goes back to the queue with
+that backend removed from its eligible set, so it is never granted there again; its jobs wait again.
+
 Invariants (``check_invariants`` verifies every one; the tests call it after every operation):
 
 1. Limits are never exceeded: running flights per backend <= its capacity; slots held per guild <= its limit.
@@ -31,7 +35,8 @@ Invariants (``check_invariants`` verifies every one; the tests call it after eve
    When the job holding the slot leaves, the slot moves to a remaining job whose guild has room, or the flight
    stops and its remaining jobs go back to the queue.
 4. A STOPPING flight (its last job left, the backend is winding down) still holds its slot until the manager
-   reports ``flight_ended``, and is never joined: an identical newcomer starts a fresh flight.
+   reports ``flight_ended``, and is never joined: an identical newcomer starts a fresh flight. A flight's
+   eligible set is never empty and names configured backends only; no slot is granted on a backend taken out.
 5. Every job ends exactly once; the per-member record (jobs and images queued or running, plus reservations
    admitted but not yet submitted) is the one count admission reads.
 6. Positions: a waiting job's position is its place in its guild's order if nothing else arrived (members take
@@ -429,6 +434,7 @@ class QueueModel:
         self._in_ready: set[int] = set()
         self._dirty: set[int] = set()  # guilds with position changes not yet announced
         self._restricted = 0  # flights with an eligibility set (slow dispatch path only when > 0)
+        self.out: set[str] = set()  # backends taken out (circuit breaker open): granted nothing
         self.ended: dict[str, str] = {}  # job -> end reason, for jobs this model ended (tests read it)
 
     # -- inspection -----------------------------------------------------------------------------------------
@@ -563,6 +569,57 @@ class QueueModel:
         self._dispatch(decisions)
         return self._settled(decisions)
 
+    def set_out(self, backend: str, out: bool) -> list[Decision]:
+        """Take a backend out (granted nothing; its running flights carry on) or bring it back."""
+        if backend not in self.backends:
+            raise InvariantError(f"unknown backend {backend}")
+        if out:
+            self.out.add(backend)
+        else:
+            self.out.discard(backend)
+        for guild_id, queue in self.guilds.items():
+            if queue.members:
+                self._mark_ready(guild_id)  # skipped guilds may be servable now
+        decisions: list[Decision] = []
+        self._dispatch(decisions)
+        return self._settled(decisions)
+
+    def bounce(self, flight_id: int, *, exclude: bool = True) -> list[Decision]:
+        """A running flight's backend did not take the generation: the flight waits again, never on that backend
+        (``exclude``), or for that very backend to be back (``exclude=False``, when it was taken out and no
+        other serves the flight).
+
+        Its slot frees; each of its jobs gets a ticket in its own guild again (``Requeued``). The caller makes
+        sure another configured backend is eligible (else it ends the flight instead).
+        """
+        flight = self.flights.get(flight_id)
+        if flight is None or flight.state is not FlightState.RUNNING or flight.backend is None:
+            raise InvariantError(f"flight {flight_id} bounced without running")
+        if exclude:
+            remaining = self.eligible_after_bounce(flight)
+        else:
+            remaining = flight.eligible if flight.eligible is not None else frozenset(self.backends)
+        if not remaining:
+            raise InvariantError(f"flight {flight_id} bounced with no other backend to go to")
+        self._free_slot(flight)
+        if flight.eligible is None:
+            self._restricted += 1
+        flight.eligible = remaining
+        flight.state = FlightState.QUEUED
+        flight.backend = flight.holder = flight.charged_guild = None
+        decisions: list[Decision] = []
+        riders = tuple(flight.jobs)
+        for job_id in riders:
+            self._enqueue(self.jobs[job_id], decisions)
+        decisions.append(Requeued(riders))
+        self._dispatch(decisions)
+        return self._settled(decisions)
+
+    def eligible_after_bounce(self, flight: Flight) -> frozenset[str]:
+        """The backends a running flight could still go to if its own refused it."""
+        eligible = flight.eligible if flight.eligible is not None else frozenset(self.backends)
+        return frozenset(b for b in eligible if b != flight.backend and b in self.backends)
+
     def limits_changed(self) -> list[Decision]:
         """Call after a guild's limit changed: waiting work may start at once."""
         for guild_id, queue in self.guilds.items():
@@ -684,7 +741,11 @@ class QueueModel:
         )
 
     def _free(self) -> list[str]:
-        return [name for name, capacity in self.backends.items() if self.running.get(name, 0) < capacity]
+        return [
+            name
+            for name, capacity in self.backends.items()
+            if self.running.get(name, 0) < capacity and name not in self.out
+        ]
 
     def _servable(self, flight: Flight, free: list[str]) -> list[str]:
         return free if flight.eligible is None else [b for b in free if b in flight.eligible]
@@ -910,6 +971,16 @@ class QueueModel:
         for flight in self.flights.values():
             if flight.state is FlightState.QUEUED and not flight.jobs:
                 fail(f"queued flight {flight.id} has no jobs")
+            if flight.eligible is not None and (
+                not flight.eligible or not flight.eligible <= set(self.backends)
+            ):
+                fail(f"flight {flight.id} may run on {sorted(flight.eligible)}, not configured backends")
+            if flight.state is FlightState.QUEUED and flight.backend is not None:
+                fail(f"queued flight {flight.id} still names backend {flight.backend}")
+        if sum(1 for f in self.flights.values() if f.eligible is not None) != self._restricted:
+            fail("the count of flights with an eligible set is off")
+        if not self.out <= set(self.backends):
+            fail(f"unknown backends taken out: {sorted(self.out - set(self.backends))}")
         for flight_id in self._joinable.values():
             if self.flights[flight_id].state is FlightState.STOPPING:
                 fail(f"stopping flight {flight_id} is joinable (defect 3)")

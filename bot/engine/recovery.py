@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from bot.engine.backend import ResumableBackend
 from bot.engine.errors import RequestRejected
 from bot.engine.models import GenerationResult, Job, JobState
 
@@ -60,11 +59,7 @@ async def recover_unfinished_jobs(
     for job in await store.undelivered_jobs():
         await _redeliver(store, job, cache=cache, report=report, clock=clock, outcome=outcome)
     for job in await store.unfinished_jobs():
-        if (
-            job.state is JobState.RUNNING
-            and job.backend_ref
-            and isinstance(manager.backend, ResumableBackend)
-        ):
+        if job.state is JobState.RUNNING and job.backend_ref and manager.can_resume(job):
             try:
                 await manager.adopt(job, follow_backend_ref=True)
                 outcome.resumed.append(job.id)

@@ -1,6 +1,7 @@
 """``python -m bot check``: diagnose a set-up before running the bot, one line per check.
 
-Checks, in order: the settings (loading them validated them), the image backend (lists its models; for ComfyUI
+Checks, in order: the settings (loading them validated them), the image backend, or each ``IMAGE_BACKENDS`` entry
+on a line of its own (``backend <name>: ...``) (lists its models; for ComfyUI
 also the workflow against ``/object_info``, one line per problem, and whether previews are on), the Discord token
 (``GET /users/@me``) and the application id (for the invite link), ``DEV_GUILD_ID`` when set (``GET /guilds/{id}``
 and the application's commands there: the bot must be in that server, invited with the ``applications.commands``
@@ -25,7 +26,7 @@ import discord
 
 from bot import __version__
 from bot.logs import redact
-from bot.settings import Settings, SettingsError
+from bot.settings import BackendEntry, Settings, SettingsError
 
 if TYPE_CHECKING:
     from bot.backends.comfyui import ComfyUIBackend
@@ -92,8 +93,9 @@ class Report:
 
 
 def _secrets(settings: Settings) -> list[str]:
-    values = (settings.discord_token, settings.image_backend_api_key)
+    values = (settings.discord_token,)
     secrets = [s.get_secret_value().strip() for s in values if s and len(s.get_secret_value().strip()) >= 4]
+    secrets += [key for key in settings.backend_keys() if len(key) >= 4]
     if settings.database_url is not None:
         from bot.engine.store_pg import dsn_secrets
 
@@ -106,71 +108,86 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def check_backend(settings: Settings, session: aiohttp.ClientSession, report: Report) -> None:
+async def check_backends(settings: Settings, session: aiohttp.ClientSession, report: Report) -> None:
+    """``IMAGE_BACKEND``'s backend, or each ``IMAGE_BACKENDS`` entry on a line of its own."""
+    if not settings.image_backends:
+        await check_backend(settings, session, report)
+        return
+    for entry in settings.backend_entries():
+        await check_backend(settings, session, report, entry=entry)
+
+
+async def check_backend(
+    settings: Settings, session: aiohttp.ClientSession, report: Report, *, entry: BackendEntry | None = None
+) -> None:
     from bot.backends import create_backend
     from bot.backends.http import RetryPolicy, safe_url
     from bot.engine.errors import GenerationError
 
-    where = settings.image_backend
-    if settings.image_backend_url:
-        where += f" at {safe_url(settings.image_backend_url)}"
+    name = "backend" if entry is None else f"backend {entry.name}"
+    entry = entry or settings.backend_entries()[0]
+    where = entry.kind
+    if entry.url:
+        where += f" at {safe_url(entry.url)}"
     try:
         # One attempt: a diagnosis should answer quickly and say what it saw, not retry for half a minute.
-        backend = create_backend(settings, session, retry=RetryPolicy(attempts=1))
+        backend = create_backend(settings, session, retry=RetryPolicy(attempts=1), entry=entry)
         async with asyncio.timeout(REQUEST_TIMEOUT_S * 2):
             models = await backend.list_models()
     except GenerationError as exc:
-        report.problem("backend", f"{where}: {exc.advice or exc.message}")
+        report.problem(name, f"{where}: {exc.advice or exc.message}")
         return
     except SettingsError as exc:
-        report.problem("backend", str(exc))
+        report.problem(name, str(exc))
         return
     except TimeoutError:
-        report.problem("backend", f"{where}: no answer within {REQUEST_TIMEOUT_S * 2:.0f} s")
+        report.problem(name, f"{where}: no answer within {REQUEST_TIMEOUT_S * 2:.0f} s")
         return
     except Exception as exc:
-        report.problem("backend", f"{where}: {_short(exc)}")
+        report.problem(name, f"{where}: {_short(exc)}")
         return
     if models is None:  # a backend that cannot list its models is still reachable
-        report.ok("backend", f"{where}; it does not list its models")
+        report.ok(name, f"{where}; it does not list its models")
         return
     shown = ", ".join(models[:MODELS_SHOWN]) + (", ..." if len(models) > MODELS_SHOWN else "")
     detail = f"{where}, {len(models)} model{'s' if len(models) != 1 else ''}" + (
         f": {shown}" if models else ""
     )
-    report.ok("backend", detail)
+    report.ok(name, detail)
+    missing = [m for m in entry.models if models and m not in models]
+    if missing:
+        report.info(name, f"note: {', '.join(missing)} listed in its models but not by the backend")
     if settings.image_model and models and settings.image_model not in models:
-        report.info("backend", f"note: IMAGE_MODEL {settings.image_model!r} is not in the backend's list")
+        report.info(name, f"note: IMAGE_MODEL {settings.image_model!r} is not in the backend's list")
     from bot.backends.comfyui import ComfyUIBackend
 
     if isinstance(backend, ComfyUIBackend):
-        await check_workflow(backend, report)
+        await check_workflow(backend, report, name=name)
 
 
-async def check_workflow(backend: ComfyUIBackend, report: Report) -> None:
+async def check_workflow(backend: ComfyUIBackend, report: Report, *, name: str = "backend") -> None:
     """The ComfyUI workflow against the server's /object_info: one line per problem; previews on or off."""
     from bot.engine.errors import GenerationError
 
+    label = "workflow" if name == "backend" else f"workflow {name.removeprefix('backend ')}"
     source = backend.workflow.source
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT_S * 2):
             problems = await backend.validate()
             hint = await backend.preview_hint()
     except GenerationError as exc:
-        report.problem("workflow", f"{source}: cannot check it: {exc.message}")
+        report.problem(label, f"{source}: cannot check it: {exc.message}")
         return
     except TimeoutError:
-        report.problem(
-            "workflow", f"{source}: no answer from /object_info within {REQUEST_TIMEOUT_S * 2:.0f} s"
-        )
+        report.problem(label, f"{source}: no answer from /object_info within {REQUEST_TIMEOUT_S * 2:.0f} s")
         return
     for problem in problems:
-        report.problem("workflow", f"{source}: {problem}")
+        report.problem(label, f"{source}: {problem}")
     if not problems:
         found = sorted(backend.workflow.placeholders())
-        report.ok("workflow", f"{source}: every node exists; placeholders {', '.join(found)}")
+        report.ok(label, f"{source}: every node exists; placeholders {', '.join(found)}")
     if hint:
-        report.info("workflow", f"note: {hint}")
+        report.info(label, f"note: {hint}")
 
 
 async def _discord_get(session: aiohttp.ClientSession, base: str, path: str, token: str) -> tuple[int, Any]:
@@ -317,7 +334,7 @@ async def run_check(settings: Settings) -> int:
 
     try:
         async with make_session() as session:
-            await check_backend(settings, session, report)
+            await check_backends(settings, session, report)
             await check_discord(settings, session, report)
         await check_data_dir(settings, report)
         await check_database(settings, report)

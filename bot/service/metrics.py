@@ -1,7 +1,7 @@
 """Prometheus metrics for one bot: a private registry, fed by the job manager's events and read at scrape time.
 
-Every label value comes from a closed set (job states, :class:`FailureReason`, HTTP status buckets), so the
-number of series is fixed: no user, guild, job or prompt ever becomes a label.
+Every label value comes from a closed set (job states, :class:`FailureReason`, HTTP status buckets, the
+configured backend names), so the number of series is fixed: no user, guild, job or prompt ever becomes a label.
 
 Names (``imagine_`` prefix):
 
@@ -12,6 +12,11 @@ Names (``imagine_`` prefix):
 - ``imagine_cache_{hits,misses,evictions}_total``, ``imagine_cache_entries``, ``imagine_cache_bytes``
 - ``imagine_backend_errors_total{reason}``  failed / timed-out jobs by :class:`FailureReason`
 - ``imagine_discord_api_errors_total{status}``  Discord REST errors by status bucket
+- per backend (``backend``: a configured name: the IMAGE_BACKENDS entry, or the IMAGE_BACKEND kind):
+  ``imagine_backend_generations_total{backend,outcome}`` generations ended there (``succeeded``, ``failed``,
+  ``failed_over``: refused before accepting, so moved to another backend; ``stopped``: cancelled),
+  ``imagine_backend_slots_busy{backend}``, ``imagine_backend_slots{backend}`` (its concurrency) and
+  ``imagine_backend_up{backend}`` (0 while its circuit breaker holds it out)
 """
 
 from __future__ import annotations
@@ -167,6 +172,29 @@ def _as_mapping(stats: Any) -> Mapping[str, float]:
 _CACHE_FIELDS = ("hits", "misses", "evictions", "entries", "bytes")
 
 
+def _backend_families(manager: JobManager) -> Iterable[Metric]:
+    """Per pool entry (labels: the configured names only), read from the pool and the queue model."""
+    generations = CounterMetricFamily(
+        "imagine_backend_generations",
+        "Generations ended on each backend, by outcome.",
+        labels=["backend", "outcome"],
+    )
+    busy = GaugeMetricFamily(
+        "imagine_backend_slots_busy", "Slots held on each backend now.", labels=["backend"]
+    )
+    slots = GaugeMetricFamily("imagine_backend_slots", "Each backend's concurrency.", labels=["backend"])
+    up = GaugeMetricFamily(
+        "imagine_backend_up", "1 while a backend is in the pool, 0 while it is taken out.", labels=["backend"]
+    )
+    for entry in manager.pool:
+        for outcome, count in entry.outcomes.items():
+            generations.add_metric([entry.name, outcome], count)
+        busy.add_metric([entry.name], manager.backend_load(entry.name))
+        slots.add_metric([entry.name], entry.capacity)
+        up.add_metric([entry.name], 1.0 if entry.up else 0.0)
+    yield from (generations, busy, slots, up)
+
+
 class _LiveCollector(Collector):
     """Values that are state somewhere else, read at scrape time rather than mirrored."""
 
@@ -193,6 +221,7 @@ class _LiveCollector(Collector):
                 "Generations holding a backend slot now.",
                 value=manager.backend_in_flight,
             )
+            yield from _backend_families(manager)
         stats = self.metrics._cache_stats
         if self.metrics.cache is not None:
             for name in ("hits", "misses", "evictions"):

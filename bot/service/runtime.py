@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from bot import __version__
-from bot.backends import create_backend
+from bot.backends import create_pool
 from bot.engine import Engine
 from bot.engine.cache import ResultCache
 from bot.engine.catalog import ModelCatalog
@@ -59,17 +59,21 @@ async def open_engine(settings: Settings, *, restrict_models: bool = True) -> As
         await cache.open()
         try:
             async with make_session() as session:
-                backend = create_backend(settings, session)
+                pool = create_pool(settings, session)
+                backend = pool.primary.backend
                 # Backends with a connection of their own (ComfyUI's websocket) open it and check their set-up
                 # here, and close it after the manager stopped using them.
-                await backend.start()
-                manager = JobManager.from_settings(settings, backend, store=store, cache=cache)
-                # With IMAGE_MODELS empty, members choose among the backend's own list, kept fresh here.
+                for entry in pool:
+                    await entry.backend.start()
+                manager = JobManager.from_settings(settings, pool, store=store, cache=cache)
+                # With IMAGE_MODELS empty, members choose among the backend's own list (a pool: the union of
+                # its entries' lists), kept fresh here.
                 catalog = ModelCatalog(
-                    backend,
+                    None if pool.many else backend,
                     configured=settings.image_models,
                     default=manager.default_model,
                     restricted=restrict_models,
+                    parts=[entry.catalog for entry in pool if entry.catalog is not None],
                 )
                 manager.catalog = catalog
                 await catalog.start()
@@ -83,7 +87,9 @@ async def open_engine(settings: Settings, *, restrict_models: bool = True) -> As
                         await manager.shutdown(0)
                     finally:
                         await catalog.close()
-                        await backend.aclose()
+                        await pool.aclose()
+                        for entry in pool:
+                            await entry.backend.aclose()
         finally:
             await cache.close()
     finally:

@@ -4,6 +4,9 @@ An event loop whose clock the test owns (no real sleeps), a backend whose calls 
 hangs or lets wind down slowly, a store whose writes the test can fail: submit, cancel in every state, queue and
 job timeouts, shutdown. After every step: the model's invariants, the manager agreeing with the model, the
 backend never over capacity, every job finishing once, and the store agreeing with memory.
+
+The pool machine runs the same rules (and more) on three backends with mixed models that refuse before
+accepting, fail, are taken out and probed back in.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from bot.engine.backend import Backend, Capabilities
+from bot.engine.catalog import ModelCatalog
 from bot.engine.errors import FailureReason, GenerationError
 from bot.engine.manager import JobEvent, JobManager
 from bot.engine.models import GeneratedImage, ImageRequest, Job, JobState
+from bot.engine.pool import BackendPool, PoolEntry
 from tests.helpers import PNG
 
 EPOCH = 1_800_000_000.0
@@ -259,3 +264,152 @@ class ManagerMachine(RuleBasedStateMachine):
 
 
 TestManagerMachine = ManagerMachine.TestCase
+
+
+# -- pools: mixed models, backends refusing, dying and coming back ------------------------------------------------
+POOL = {"a": (2, ("base", "x")), "b": (1, ("base", "y")), "c": (2, ("base",))}  # name: (capacity, models)
+
+
+class PoolCall(Call):
+    def __init__(self, request: ImageRequest, jobs: set[str]) -> None:
+        super().__init__(request)
+        self.jobs = jobs  # the jobs this generation was submitted for
+        self.refused = False  # answered before accepting: not a submit that counts
+        self.cancelled = False
+
+
+class PoolScripted(ScriptedBackend):
+    """One pool entry: calls wait for the test, which may also make them refuse before accepting."""
+
+    def __init__(self, name: str, machine: PoolManagerMachine) -> None:
+        super().__init__()
+        self.name = name
+        self.machine = machine
+        self.probe_ok = True
+
+    async def generate(self, request, on_progress=lambda _: None) -> list[GeneratedImage]:
+        jobs = {
+            j.id
+            for j in self.machine.manager.active_jobs()
+            if j.backend == self.name
+            and (j.request.prompt, j.request.model) == (request.prompt, request.model)
+        }
+        call = PoolCall(request, jobs)
+        self.calls.append(call)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            outcome = await call.outcome
+            if outcome in ("refuse", "busy"):
+                call.refused = True
+                reason = FailureReason.UNAVAILABLE if outcome == "refuse" else FailureReason.RATE_LIMITED
+                raise GenerationError(reason, "Not taken.", not_accepted=True)
+            if outcome == "fail":
+                raise GenerationError(FailureReason.UNAVAILABLE, "The image service is down.")
+            return [GeneratedImage(PNG, "PNG", 8, 8, seed=1)]
+        except asyncio.CancelledError:
+            call.cancelled = True
+            if self.wind_down_s:
+                await asyncio.sleep(self.wind_down_s)
+            raise
+        finally:
+            call.active = False
+            self.active -= 1
+
+    async def probe(self) -> None:
+        if not self.probe_ok:
+            raise GenerationError(FailureReason.UNAVAILABLE, "still down")
+
+
+class PoolManagerMachine(ManagerMachine):
+    """The same machine on a pool of three backends with different models and capacities: calls may also be
+    refused before acceptance (moved elsewhere) and backends are taken out (two failures in a row) and probed
+    back (their probe answering or not). Also: no backend over its own capacity, and no job's generation
+    accepted twice."""
+
+    async def _make(self) -> JobManager:
+        self.backends = {name: PoolScripted(name, self) for name in POOL}
+        self.backend = self.backends["a"]  # the base machine's checks see one of them; ours see all
+        entries = [
+            PoolEntry(name, self.backends[name], capacity, catalog=ModelCatalog(None, configured=models))
+            for name, (capacity, models) in POOL.items()
+        ]
+        pool = BackendPool(entries, failures_to_trip=2, probe_interval_s=4.0)
+        return JobManager(
+            pool,
+            store=self.store,  # type: ignore[arg-type]
+            guild_concurrency=2,
+            user_max_jobs=3,
+            queue_timeout_s=30,
+            job_timeout_s=20,
+            default_model="base",
+            clock=lambda: EPOCH + self.clock.now,
+        )
+
+    @precondition(lambda self: not self.shut)
+    @rule(
+        guild=st.integers(1, 3),
+        member=st.integers(1, 3),
+        prompt=st.sampled_from(["a", "b", "fresh"]),
+        model=st.sampled_from(["base", "x", "y"]),
+    )
+    def submit_model(self, guild: int, member: int, prompt: str, model: str) -> None:
+        number = next(self.ids)
+        fresh = prompt == "fresh"
+        request = ImageRequest(prompt=f"fresh{number}" if fresh else prompt, fresh=fresh, model=model)
+        job_id = f"j{number}"
+
+        async def submit() -> Job | None:
+            try:
+                return await self.manager.submit(request, guild_id=guild, user_id=member, job_id=job_id)
+            except Exception:
+                return None
+
+        job = self.run(submit())
+        if job is not None:
+            self.jobs[job.id] = job
+        self.settle()
+
+    @precondition(lambda self: not self.shut)
+    @rule(guild=st.integers(1, 3), member=st.integers(1, 3), prompt=st.sampled_from(["a", "b", "fresh"]))
+    def submit(self, guild: int, member: int, prompt: str) -> None:
+        """The base machine's submit, with fresh prompts told apart (each is its own generation)."""
+        self.submit_model(guild, member, prompt, "base")
+
+    def _open_calls(self) -> list[Call]:
+        return [c for b in self.backends.values() for c in b.calls if c.active and not c.outcome.done()]
+
+    @precondition(lambda self: bool(self._open_calls()))
+    @rule(data=st.data(), outcome=st.sampled_from(["ok", "fail", "refuse", "busy"]))
+    def finish_pool_call(self, data: st.DataObject, outcome: str) -> None:
+        call = data.draw(st.sampled_from(self._open_calls()))
+        call.outcome.set_result(outcome)
+        self.settle()
+
+    @rule(name=st.sampled_from(sorted(POOL)), ok=st.booleans())
+    def backend_health(self, name: str, ok: bool) -> None:
+        self.backends[name].probe_ok = ok
+
+    @invariant()
+    def each_backend_within_its_capacity(self) -> None:
+        for name, backend in self.backends.items():
+            assert backend.max_active <= POOL[name][0], name
+            assert backend.active <= self.manager.backend_load(name), name
+
+    @invariant()
+    def no_generation_accepted_twice(self) -> None:
+        accepted: Counter[str] = Counter()
+        for backend in self.backends.values():
+            for call in backend.calls:
+                if not call.refused and not call.cancelled:  # type: ignore[attr-defined]
+                    accepted.update(call.jobs)  # type: ignore[attr-defined]
+        assert all(count == 1 for count in accepted.values()), accepted
+
+    @invariant()
+    def jobs_run_only_where_their_model_is_served(self) -> None:
+        for job in self.jobs.values():
+            if job.state is JobState.RUNNING and job.backend is not None:
+                assert job.request.model in POOL[job.backend][1], (job.id, job.backend, job.request.model)
+
+
+TestPoolManagerMachine = PoolManagerMachine.TestCase

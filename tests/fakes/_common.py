@@ -129,6 +129,8 @@ class FakeServer:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
+        """Listen (again, after :meth:`close`: on the same port, a restarted server)."""
+        self.closing = False
         self._runner = web.AppRunner(self.app, shutdown_timeout=0.5, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -140,6 +142,13 @@ class FakeServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def kill(self) -> None:
+        """Die like a crashed server: stop listening and drop the connections of requests in progress (their
+        handlers are cancelled, nothing is answered). :meth:`start` brings it back on the same port."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()  # stops listening; cancels what still runs after shutdown_timeout
 
     async def __aenter__(self) -> FakeServer:
         await self.start()

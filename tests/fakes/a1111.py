@@ -3,7 +3,9 @@
 ``POST /sdapi/v1/txt2img`` (honours ``force_task_id``; ``info`` is a JSON *string*), one generation at a time
 behind a global lock, ``POST /internal/progress`` per task id (live previews as data URLs),
 ``GET /sdapi/v1/progress`` (global), ``POST /sdapi/v1/interrupt`` (ends the running generation early with a
-partial image, like the real server), ``GET /sdapi/v1/sd-models``, optional HTTP Basic auth on ``/sdapi``.
+partial image, like the real server), ``GET /sdapi/v1/sd-models``, ``GET /sdapi/v1/options`` (a few of the
+WebUI's options: what health checks ask), optional HTTP Basic auth on ``/sdapi``. ``active`` / ``max_active``
+count txt2img requests open at once (waiting for the lock included): what a client's concurrency limit bounds.
 
 Standalone: ``python -m tests.fakes.a1111 --port 7860 [--delay 2]``.
 """
@@ -36,8 +38,12 @@ class A1111State:
     progress_polls: int = 0  # /internal/progress
     global_progress_polls: int = 0  # /sdapi/v1/progress
     task_ids: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # of every txt2img that reached the server
     last_payload: dict[str, Any] | None = None
     auth_failures: int = 0
+    options_calls: int = 0
+    active: int = 0  # txt2img requests open now (running or waiting for the lock)
+    max_active: int = 0
     # knobs
     delay: float = 0.0
     fail_next: list[Any] = field(default_factory=list)  # (status, json body[, headers]) for txt2img
@@ -89,6 +95,7 @@ class FakeA1111(FakeServer):
         app.router.add_get("/sdapi/v1/progress", self.global_progress)
         app.router.add_post("/sdapi/v1/interrupt", self.interrupt)
         app.router.add_get("/sdapi/v1/sd-models", self.sd_models)
+        app.router.add_get("/sdapi/v1/options", self.options)
 
     def _auth_failed(self, request: web.Request) -> web.Response | None:
         if not self.state.require_auth:
@@ -102,7 +109,21 @@ class FakeA1111(FakeServer):
             {"detail": "Incorrect username or password"}, status=401, headers={"WWW-Authenticate": "Basic"}
         )
 
+    async def options(self, request: web.Request) -> web.Response:
+        if (denied := self._auth_failed(request)) is not None:
+            return denied
+        self.state.options_calls += 1
+        return web.json_response({"sd_model_checkpoint": self.state.models[0] if self.state.models else None})
+
     async def txt2img(self, request: web.Request) -> web.Response:
+        self.state.active += 1
+        self.state.max_active = max(self.state.max_active, self.state.active)
+        try:
+            return await self._txt2img(request)
+        finally:
+            self.state.active -= 1
+
+    async def _txt2img(self, request: web.Request) -> web.Response:
         if (denied := self._auth_failed(request)) is not None:
             return denied
         self.state.txt2img_calls += 1
@@ -111,6 +132,8 @@ class FakeA1111(FakeServer):
         except ValueError:
             return web.json_response({"detail": [{"loc": ["body"], "msg": "invalid JSON"}]}, status=422)
         self.state.last_payload = payload
+        if isinstance(payload, dict) and isinstance(payload.get("prompt"), str):
+            self.state.prompts.append(payload["prompt"])
         if (failure := pop_failure(self.state.fail_next)) is not None:
             return failure
         width, height = payload.get("width", 512), payload.get("height", 512)

@@ -4,7 +4,7 @@
 ``GET /api/v2/generate/check/{id}`` counting the queue down over polls, ``GET /api/v2/generate/status/{id}`` with
 ``generations: [{img, seed (string), censored, model, id}]`` where ``img`` is a WebP URL on this fake
 (``/_img/<id>.webp``; base64 when ``r2`` is false), ``DELETE /api/v2/generate/status/{id}`` (cancel), errors as
-``{"message", "rc"}``, ``GET /api/v2/status/models``.
+``{"message", "rc"}``, ``GET /api/v2/status/models``, ``GET /api/v2/status/heartbeat``.
 
 Standalone: ``python -m tests.fakes.horde --port 7001 [--delay 2]`` (``--delay``: seconds until done).
 """
@@ -73,6 +73,7 @@ class HordeState:
         ]
     )
     model_list_calls: int = 0
+    heartbeats: int = 0
     fail_model_list: int = 0  # answer the next N model-list requests with a 503
 
 
@@ -119,6 +120,7 @@ class FakeHorde(FakeServer):
         app.router.add_get("/api/v2/generate/status/{id}", self.status)
         app.router.add_delete("/api/v2/generate/status/{id}", self.delete)
         app.router.add_get("/api/v2/status/models", self.models)
+        app.router.add_get("/api/v2/status/heartbeat", self.heartbeat)
         app.router.add_get("/_img/{name}", self.image)
 
     def _key_problem(self, request: web.Request) -> web.Response | None:
@@ -265,6 +267,10 @@ class FakeHorde(FakeServer):
         if data is None:
             return web.Response(status=404, text="NoSuchKey")
         return web.Response(body=data, content_type="image/webp")
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        self.state.heartbeats += 1
+        return web.json_response({"message": "OK", "version": "4.44.0"})
 
     async def models(self, request: web.Request) -> web.Response:
         self.state.model_list_calls += 1

@@ -49,6 +49,8 @@ def bot_settings(fake: FakeDiscord, data_dir: Path, backend: str, backend_url: s
         "http_port": 0,
         "shutdown_grace_s": 5,
     }
+    if "image_backends" in overrides:  # a pool replaces IMAGE_BACKEND (both set stops start-up)
+        del values["image_backend"], values["image_backend_url"]
     values.update(overrides)
     return load_settings(env_file=None, **values)
 

@@ -29,6 +29,8 @@ ALLOWED_LABELS = {
     "state": {s.value for s in JobState},
     "reason": {r.value for r in FailureReason} | {"other"},
     "status": set(DISCORD_STATUS_BUCKETS),
+    "backend": {"openai"},  # the configured backends only (a pool of one is named after its kind)
+    "outcome": {"succeeded", "failed", "failed_over", "stopped"},
     "le": None,  # histogram buckets: numbers
 }
 
@@ -107,6 +109,12 @@ async def test_metrics_after_real_jobs(fake_discord, fake_openai, tmp_path) -> N
     assert value(parsed, "imagine_jobs", state="queued") == 0
     assert value(parsed, "imagine_jobs", state="running") == 0
     assert value(parsed, "imagine_queue_depth") == 0
+    # Per backend: the two generations (one refused by the content policy), none holding a slot now.
+    assert value(parsed, "imagine_backend_generations_total", backend="openai", outcome="succeeded") == 1
+    assert value(parsed, "imagine_backend_generations_total", backend="openai", outcome="failed") == 1
+    assert value(parsed, "imagine_backend_slots_busy", backend="openai") == 0
+    assert value(parsed, "imagine_backend_slots", backend="openai") == 4
+    assert value(parsed, "imagine_backend_up", backend="openai") == 1
 
     # Bounded labels only: never a user, guild, channel, job id or a prompt.
     forbidden = [str(user.id), str(h.guild.id), h.channel_id, "lighthouse", "forbidden", *job_ids]

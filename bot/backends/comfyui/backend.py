@@ -190,7 +190,7 @@ class ComfyUIBackend(ResumableBackend):
     @property
     def fingerprint(self) -> str:
         """Names what this instance generates with (workflow and defaults), for a cache key that must change
-        when the admin's workflow does. Not yet part of the engine's cache key: see the pools work."""
+        when the admin's workflow does (part of :attr:`cache_identity`)."""
         document = {"workflow": self.workflow.graph, "defaults": self._defaults}
         canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
@@ -281,6 +281,14 @@ class ComfyUIBackend(ResumableBackend):
             if arg.startswith("--preview-method") and value != "none":
                 return None
         return "ComfyUI runs without previews; start it with --preview-method auto for live previews"
+
+    @property
+    def cache_identity(self) -> str:
+        return f"{self.name}:{self.fingerprint}"
+
+    async def probe(self) -> None:
+        """``GET /system_stats``: the cheapest thing ComfyUI answers."""
+        await self._call("GET", "/system_stats", what="ComfyUI health check")
 
     async def list_models(self) -> list[str]:
         """Checkpoints from ``/object_info/CheckpointLoaderSimple``."""

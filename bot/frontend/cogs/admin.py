@@ -1,4 +1,5 @@
-"""Server admin commands: ``/jobs`` (see and stop this server's jobs) and ``/settings`` (this server's rules).
+"""Server admin commands: ``/jobs`` (see and stop this server's jobs), ``/settings`` (this server's rules) and
+``/backends`` (the image backends: health, load, last error; never a URL or a key).
 
 Both groups carry ``default_permissions=manage_guild``, but a server can override that in its integration
 settings, so every callback checks the member's permission itself: Manage Server in the guild where the command
@@ -26,6 +27,7 @@ from bot.engine.policy import (
     normalise_blocked_word,
     split_words,
 )
+from bot.engine.pool import PoolEntry
 from bot.engine.store import StoreError
 from bot.frontend.interactions import JOB_ID_RE, age, is_manager, model_choices, reply, user_label
 from bot.frontend.render import escape, excerpt
@@ -52,6 +54,16 @@ def job_line(job: Job, now: float) -> str:
     )
 
 
+def backend_line(entry: PoolEntry, load: int, now: float) -> str:
+    """One pool entry for /backends: name, kind, health, load and its last error (what a member could read)."""
+    health = "up" if entry.up else "**out** (being probed)"
+    line = f"**{escape(entry.name)}** · {entry.kind} · {health} · {load}/{entry.capacity} busy"
+    if entry.last_error:
+        when = f" ({age(now - entry.last_error_at)} ago)" if entry.last_error_at is not None else ""
+        line += f" · last error{when}: {escape(excerpt(entry.last_error, 120))}"
+    return line
+
+
 def truncate_lines(lines: list[str], limit: int = 1900) -> str:
     out: list[str] = []
     size = 0
@@ -72,14 +84,17 @@ class AdminCog(commands.Cog, name="Admin"):
         self.store = bot.engine.store
         self.jobs_group = self._build_jobs_group()
         self.settings_group = self._build_settings_group()
+        self.backends_command = self._build_backends_command()
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.jobs_group)
         self.bot.tree.add_command(self.settings_group)
+        self.bot.tree.add_command(self.backends_command)
 
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self.jobs_group.name)
         self.bot.tree.remove_command(self.settings_group.name)
+        self.bot.tree.remove_command(self.backends_command.name)
 
     # -- who may act ----------------------------------------------------------------------------------------
     async def is_owner(self, interaction: discord.Interaction) -> bool:
@@ -112,6 +127,25 @@ class AdminCog(commands.Cog, name="Admin"):
         if job is None:
             await reply(interaction, f"No job `{escape(job_id[:20])}` in this server.")
         return job
+
+    # -- /backends --------------------------------------------------------------------------------------
+    def _build_backends_command(self) -> app_commands.Command:  # type: ignore[type-arg]
+        cog = self
+
+        @app_commands.command(name="backends", description="The image backends: health, load and last error")
+        @app_commands.default_permissions(manage_guild=True)
+        @app_commands.guild_only()
+        async def backends(interaction: discord.Interaction) -> None:
+            await cog.backends_show(interaction)
+
+        return backends
+
+    async def backends_show(self, interaction: discord.Interaction) -> None:
+        if not await self.authorise(interaction):
+            return
+        now = time.time()
+        lines = [backend_line(e, self.manager.backend_load(e.name), now) for e in self.manager.pool]
+        await reply(interaction, truncate_lines(lines))
 
     # -- /jobs ------------------------------------------------------------------------------------------
     def _build_jobs_group(self) -> app_commands.Group:
@@ -220,7 +254,7 @@ class AdminCog(commands.Cog, name="Admin"):
     # -- /settings ------------------------------------------------------------------------------------------
     def _build_settings_group(self) -> app_commands.Group:
         cog = self
-        sizes = self.manager.backend.capabilities.sizes
+        sizes = self.manager.capabilities.sizes
         size_choices = [app_commands.Choice(name=f"{w}x{h}", value=f"{w}x{h}") for w, h in sizes][:25]
         group = app_commands.Group(
             name="settings",
@@ -331,7 +365,7 @@ class AdminCog(commands.Cog, name="Admin"):
         s = self.policy.settings_for(guild_id)
         default = " (bot default)"
         channels = ", ".join(f"<#{c}>" for c in s.channels) if s.channels else "all channels"
-        caps = self.manager.backend.capabilities
+        caps = self.manager.capabilities
         size = s.default_size or "{}x{} (backend default)".format(*caps.default_size)
         model = s.default_model or (
             f"{self.manager.default_model} (bot default)" if self.manager.default_model else "backend default"

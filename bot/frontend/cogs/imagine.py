@@ -71,7 +71,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
     # -- /imagine -----------------------------------------------------------------------------------------
     def _build_imagine_command(self) -> app_commands.Command:
         """Built at run time: the size choices are the configured backend's."""
-        sizes = self.manager.backend.capabilities.sizes
+        sizes = self.manager.capabilities.sizes
         size_choices = [app_commands.Choice(name=f"{w}x{h}", value=f"{w}x{h}") for w, h in sizes][:25]
         cog = self
 
