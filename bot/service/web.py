@@ -129,7 +129,9 @@ class Health:
         """``(healthy, body)``; the body says which check failed."""
         store_ok = await self.store_ok()
         down_for = self.gateway_down_for()
-        gateway_ok = self.ready and (self.gateway_connected or down_for <= self.gateway_grace_s)
+        # A shard that never connected is down, not "down for 0 s": the grace is for reconnects.
+        reconnecting = self.down_since is not None and down_for <= self.gateway_grace_s
+        gateway_ok = self.ready and (self.gateway_connected or reconnecting)
         if self.gateway_connected:
             gateway = "connected"
         elif not self.ready:
