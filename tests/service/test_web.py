@@ -173,11 +173,7 @@ async def test_web_server_port_zero_picks_a_free_port_and_logs_no_access(http, c
 
 
 async def test_healthz_is_503_until_ready_then_200(fake_discord, fake_openai, tmp_path, http) -> None:
-    """The server is up from setup_hook on; READY comes later (here: one second after the last GUILD_CREATE).
-
-    (A gateway refusing the very first connection cannot be used for this: discord.py 2.7.1 then dies with
-    AttributeError on ``self.ws.sequence`` instead of retrying.)
-    """
+    """The server is up from setup_hook on; READY comes later (here: one second after the last GUILD_CREATE)."""
     fake_discord.add_guild(name="Test Guild")
     settings = bot_settings(fake_discord, tmp_path, "openai", fake_openai.url)
     point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
