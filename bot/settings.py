@@ -190,6 +190,48 @@ class Settings(BaseSettings):
     discord_gateway_url: str | None = Field(default=None, description="gateway URL override (proxy, tests)")
     dev_guild_id: int | None = Field(default=None, description="sync commands to this guild only")
 
+    # Gateway sharding: unset, one process runs every shard discord.py is told to (GET /gateway/bot).
+    shard_count: int | None = Field(default=None, ge=1, description="total shards across every process")
+    shard_ids: Annotated[list[int] | None, NoDecode] = Field(
+        default=None, description="the shards this process runs (0,1); needs SHARD_COUNT"
+    )
+
+    @field_validator("shard_count", mode="before")
+    @classmethod
+    def _blank_count_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("shard_ids", mode="before")
+    @classmethod
+    def _parse_shard_ids(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        parts = _split_csv(value)
+        if not parts:
+            return None
+        bad = [part for part in parts if not part.isdigit()]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a shard number (for example 0,1)")
+        ids = [int(part) for part in parts]
+        twice = sorted({shard for shard in ids if ids.count(shard) > 1})
+        if twice:
+            raise ValueError(f"shard {twice[0]} is listed twice")
+        return sorted(ids)
+
+    @model_validator(mode="after")
+    def _check_shards(self) -> Settings:
+        if self.shard_ids is None:
+            return self
+        if self.shard_count is None:
+            raise ValueError("SHARD_IDS: needs SHARD_COUNT (the total number of shards across every process)")
+        outside = [shard for shard in self.shard_ids if shard >= self.shard_count]
+        if outside:
+            raise ValueError(
+                f"SHARD_IDS: shard {outside[0]} does not exist with SHARD_COUNT={self.shard_count} "
+                f"(shards are numbered 0 to {self.shard_count - 1})"
+            )
+        return self
+
     # Image backend
     image_backend: BackendName = "horde"
     #: A pool of several backends (inline JSON or ``@/path/to/backends.json``); replaces IMAGE_BACKEND.

@@ -87,6 +87,9 @@ def test_models_list_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
         ("HTTP_PORT", "70000", "HTTP_PORT: "),
         ("LOG_FORMAT", "xml", "LOG_FORMAT: must be one of"),
         ("DISCORD_API_BASE", "discord.com", "DISCORD_API_BASE: must be an http"),
+        ("SHARD_COUNT", "0", "SHARD_COUNT: "),
+        ("SHARD_COUNT", "two", "SHARD_COUNT: "),
+        ("SHARD_IDS", "0,1", "SHARD_IDS: needs SHARD_COUNT"),
     ],
 )
 def test_bad_values_name_the_variable(
@@ -205,3 +208,51 @@ def test_database_url_is_a_secret_and_must_be_postgresql(monkeypatch: pytest.Mon
     assert settings.database_url is not None
     assert settings.database_url.get_secret_value() == "postgresql://bot:hunter2-secret@db:5432/imagine"
     assert "hunter2-secret" not in repr(settings) and "hunter2-secret" not in str(settings.model_dump())
+
+
+def test_shards_are_optional_and_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings(env_file=None)
+    assert settings.shard_count is None and settings.shard_ids is None  # discord.py decides
+    monkeypatch.setenv("SHARD_COUNT", "4")
+    settings = load_settings(env_file=None)
+    assert settings.shard_count == 4 and settings.shard_ids is None  # this process runs all four
+    monkeypatch.setenv("SHARD_IDS", " 3, 1 ,")
+    assert load_settings(env_file=None).shard_ids == [1, 3]
+
+
+@pytest.mark.parametrize(
+    ("count", "ids", "expected"),
+    [
+        ("2", "0,2", "SHARD_IDS: shard 2 does not exist with SHARD_COUNT=2 (shards are numbered 0 to 1)"),
+        ("3", "1,0,1", "SHARD_IDS: shard 1 is listed twice"),
+        ("2", "0,one", "SHARD_IDS: 'one' is not a shard number"),
+        ("2", "-1", "SHARD_IDS: '-1' is not a shard number"),
+    ],
+)
+def test_bad_shard_ids_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, count: str, ids: str, expected: str
+) -> None:
+    monkeypatch.setenv("SHARD_COUNT", count)
+    monkeypatch.setenv("SHARD_IDS", ids)
+    with pytest.raises(SettingsError) as error:
+        load_settings(env_file=None)
+    assert str(error.value).startswith(expected)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_shard_ids_stop_the_bot_with_exit_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ALL_NAMES}
+    env.update({"SHARD_COUNT": "2", "SHARD_IDS": "5", "DISCORD_TOKEN": "abcdef-secret-123456"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "bot"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: SHARD_IDS: shard 5 does not exist with SHARD_COUNT=2 (shards are numbered 0 to 1)"
+    ]
+    assert not (tmp_path / "data").exists()  # stopped before touching DATA_DIR or Discord

@@ -1,5 +1,14 @@
 """The Discord client: receives its settings and engine from ``main()``, starts in ``setup_hook``, drains in
-``close()`` before discord.py closes the gateway and the HTTP session."""
+``close()`` before discord.py closes the gateway and the HTTP session.
+
+It is an ``AutoShardedBot``: with ``SHARD_COUNT`` (and ``SHARD_IDS``) it runs those gateway shards, without them
+every shard ``GET /gateway/bot`` recommends. Each guild's events arrive on the shard ``(guild_id >> 22) %
+SHARD_COUNT``, so the process running that shard is the only one that hears from that guild. Start-up::
+
+    login (REST) -> setup_hook -> launch_shards: [GET /gateway/bot for the count] -> log the shards
+                 -> launch_shard per shard (retried with backoff while the gateway is unreachable)
+                 -> READY per shard (on_shard_connect) -> on_ready once every shard is ready
+"""
 
 from __future__ import annotations
 
@@ -11,11 +20,14 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+import aiohttp
 import discord
 import yarl
 from discord import app_commands
 from discord.backoff import ExponentialBackoff
 from discord.ext import commands
+from discord.gateway import DiscordWebSocket, ReconnectWebSocket
+from discord.shard import Shard
 
 from bot.engine import Engine
 from bot.engine.policy import GuildPolicy
@@ -48,22 +60,26 @@ EXTENSIONS = ("bot.frontend.cogs.imagine", "bot.frontend.cogs.admin", "bot.front
 
 
 class GatewayWatcher(Protocol):
-    """Told about the client's life (the service's /healthz keeps it)."""
+    """Told about the client's life (the service's /healthz keeps it), shard by shard."""
 
+    def expect_shards(self, shard_ids: list[int]) -> None: ...
     def mark_ready(self) -> None: ...
-    def gateway_up(self) -> None: ...
-    def gateway_down(self) -> None: ...
+    def gateway_up(self, shard_id: int | None = None) -> None: ...
+    def gateway_down(self, shard_id: int | None = None) -> None: ...
     def mark_draining(self) -> None: ...
 
 
 class _NoWatcher:
+    def expect_shards(self, shard_ids: list[int]) -> None:
+        pass
+
     def mark_ready(self) -> None:
         pass
 
-    def gateway_up(self) -> None:
+    def gateway_up(self, shard_id: int | None = None) -> None:
         pass
 
-    def gateway_down(self) -> None:
+    def gateway_down(self, shard_id: int | None = None) -> None:
         pass
 
     def mark_draining(self) -> None:
@@ -74,7 +90,8 @@ def point_discord_at(api_base: str | None, gateway_url: str | None) -> None:
     """Send REST and the gateway somewhere else (a rate-limit proxy, or a local fake Discord).
 
     discord.py reads ``Route.BASE`` for every REST call (webhooks and interaction callbacks included) and
-    ``DiscordWebSocket.DEFAULT_GATEWAY`` for a plain (unsharded) client.
+    ``DiscordWebSocket.DEFAULT_GATEWAY`` whenever a shard reconnects from scratch. (The first connection of
+    each shard goes where :meth:`ImagineBot.gateway_for_shards` says.)
     """
     if api_base:
         discord.http.Route.BASE = api_base.rstrip("/")
@@ -91,7 +108,12 @@ class ImagineTree(app_commands.CommandTree):
         await tell_failure(interaction)
 
 
-class ImagineBot(commands.Bot):
+#: A first connection that failed for these reasons is tried again (the gateway is down or refusing);
+#: anything else (a bad token: close 4004, an intent not granted: 4014) stops start-up as discord.py does.
+_GATEWAY_UNREACHABLE = (OSError, aiohttp.ClientError, asyncio.TimeoutError, ReconnectWebSocket)
+
+
+class ImagineBot(commands.AutoShardedBot):
     def __init__(
         self,
         engine: Engine,
@@ -106,6 +128,7 @@ class ImagineBot(commands.Bot):
     ) -> None:
         intents = discord.Intents.none()
         intents.guilds = True
+        settings = engine.settings
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents,
@@ -116,6 +139,9 @@ class ImagineBot(commands.Bot):
                 guild=True, dm_channel=False, private_channel=False
             ),
             allowed_installs=app_commands.AppInstallationType(guild=True, user=False),
+            # None: as many as GET /gateway/bot recommends, all in this process.
+            shard_count=settings.shard_count,
+            shard_ids=settings.shard_ids,
             **options,  # type: ignore[arg-type]
         )
         self.engine = engine
@@ -135,6 +161,8 @@ class ImagineBot(commands.Bot):
         self.draining = False
         self.ready_once = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = None
+        #: The ``url`` of GET /gateway/bot, when this process asked it for the shard count.
+        self._recommended_gateway: yarl.URL | None = None
 
     @property
     def manager(self):
@@ -165,37 +193,89 @@ class ImagineBot(commands.Bot):
             await self.sync_if_changed()
 
     async def on_ready(self) -> None:
+        """Every shard of this process is READY (once at start; again only if all re-identify)."""
         self.ready_once.set()
-        self.health.mark_ready()  # /healthz: start-up is over, gateway up
+        self.health.mark_ready()  # /healthz: start-up is over
         log.info("connected", extra={"user": str(self.user), "guilds": len(self.guilds)})
 
-    # -- gateway state for /healthz (bot/service/web.py): a reconnect shorter than the grace period stays healthy --
-    async def on_connect(self) -> None:
-        self.health.gateway_up()
+    # -- gateway state for /healthz (bot/service/web.py), per shard: the gateway is up when all of this
+    # process's shards are; a reconnect shorter than the grace period stays healthy --
+    async def on_shard_connect(self, shard_id: int) -> None:
+        self.health.gateway_up(shard_id)  # READY on that shard
 
-    async def on_resumed(self) -> None:
-        self.health.gateway_up()
+    async def on_shard_ready(self, shard_id: int) -> None:
+        self.health.gateway_up(shard_id)
 
-    async def on_disconnect(self) -> None:
-        self.health.gateway_down()
+    async def on_shard_resumed(self, shard_id: int) -> None:
+        self.health.gateway_up(shard_id)
 
-    async def connect(self, *, reconnect: bool = True) -> None:
-        """Keep retrying when the gateway is unreachable at start-up.
+    async def on_shard_disconnect(self, shard_id: int) -> None:
+        self.health.gateway_down(shard_id)  # also after each failed reconnect attempt
 
-        discord.py 2.7 retries a lost connection, but a *first* connection that fails ends in an AttributeError
-        (its retry path reads ``self.ws``, still None), killing the bot. Retry that case with backoff too.
+    # -- gateway start-up ---------------------------------------------------------------------------------
+    def gateway_for_shards(self, offered: yarl.URL) -> yarl.URL:
+        """Where every shard's first connection goes: DISCORD_GATEWAY_URL when set (a proxy, a fake), else
+        the URL GET /gateway/bot gave (when this process asked it), else what discord.py offers."""
+        override = self.settings.discord_gateway_url
+        if override:
+            return yarl.URL(override)
+        return self._recommended_gateway or offered
+
+    async def launch_shards(self) -> None:
+        """Settle the shard count and the shards this process runs, say so, then let discord.py launch them.
+
+        Without SHARD_COUNT discord.py would ask GET /gateway/bot itself and connect to the URL it returns,
+        past DISCORD_GATEWAY_URL: ask it here for the count, so every shard goes through
+        :meth:`gateway_for_shards`.
         """
+        if self.is_closed():
+            return
+        if self.shard_count is None:
+            self.shard_count, url, _limits = await self.http.get_bot_gateway()
+            self._recommended_gateway = yarl.URL(url)
+        shard_ids = sorted(self.shard_ids or range(self.shard_count))
+        self.health.expect_shards(shard_ids)
+        log.info(
+            "gateway shards",
+            extra={
+                "shards": ",".join(map(str, shard_ids)),
+                "shard_count": self.shard_count,
+                "source": "SHARD_COUNT" if self.settings.shard_count else "GET /gateway/bot",
+            },
+        )
+        await super().launch_shards()
+
+    async def launch_shard(self, gateway: yarl.URL, shard_id: int, *, initial: bool = False) -> None:
+        """Connect one shard; while the gateway is unreachable, retry with backoff and one line per attempt.
+
+        discord.py's own version retries every 5 s forever, logging a traceback each time, and forgets
+        ``initial`` on a retry (so the first shard then waits 5 s before its IDENTIFY).
+        """
+        gateway = self.gateway_for_shards(gateway)
         backoff = ExponentialBackoff()
         while not self.is_closed():
             try:
-                await super().connect(reconnect=reconnect)
-                return
-            except AttributeError:
-                if self.ws is not None or not reconnect or self.is_closed():
-                    raise
+                connecting = DiscordWebSocket.from_client(
+                    self, initial=initial, gateway=gateway, shard_id=shard_id
+                )
+                ws = await asyncio.wait_for(connecting, timeout=self.shard_connect_timeout)
+            except _GATEWAY_UNREACHABLE as exc:
                 delay = backoff.delay()
-                log.warning("gateway unreachable at start-up; retrying", extra={"retry_s": round(delay, 1)})
+                log.warning(
+                    "gateway unreachable at start-up; retrying",
+                    extra={"shard": shard_id, "retry_s": round(delay, 1), "error": type(exc).__name__},
+                )
                 await asyncio.sleep(delay)
+                continue
+            self._run_shard(ws)
+            return
+
+    def _run_shard(self, ws: DiscordWebSocket) -> None:
+        """Hand a connected shard to discord.py, as its launch_shard does. discord.py 2.7 has no public way to
+        do this: the registry and event queue are AutoShardedClient's name-mangled attributes."""
+        shard = Shard(ws, self, self._AutoShardedClient__queue.put_nowait)  # type: ignore[attr-defined]
+        self._AutoShardedClient__shards[shard.id] = shard  # type: ignore[attr-defined]
+        shard.launch()
 
     # -- command sync -----------------------------------------------------------------------------------
     def _sync_target(self) -> discord.Object | None:

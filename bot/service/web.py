@@ -10,8 +10,10 @@ port is logged and kept in :attr:`WebServer.port` (tests use that; a container p
 - the bot has been READY once (start-up is not healthy yet);
 - it is not draining for shutdown;
 - the job store answers a trivial query within ``store_timeout_s`` (2 s);
-- the gateway is connected, or has been down for at most ``gateway_grace_s`` (60 s): discord.py reconnects
-  on its own, and an orchestrator must not kill a bot mid-job over a normal reconnect.
+- the gateway is connected — every shard this process runs — or has been down for at most
+  ``gateway_grace_s`` (60 s), counted from the first shard that dropped: discord.py reconnects on its own,
+  and an orchestrator must not kill a bot mid-job over a normal reconnect. A process whose one shard of two
+  is down is not healthy: the guilds of that shard hear nothing from anyone.
 
 The body is a small JSON object: ``{"status": "ok"|"starting"|"draining"|"unhealthy", "checks": {...}}``.
 Access logs are off: a probe every few seconds is not news.
@@ -66,29 +68,45 @@ class Health:
         self.clock = clock
         self.ready = False
         self.draining = False
-        self.gateway_connected = False
+        #: Connected or not, per shard this process runs (``None``: the one connection, until told shards).
+        self.shards: dict[int | None, bool] = {None: False}
         self.down_since: float | None = None
         self.disconnects = 0
 
     # -- reported by the client -------------------------------------------------------------------------
+    def expect_shards(self, shard_ids: list[int]) -> None:
+        """The shards this process runs (before the first connects); each then reports for itself."""
+        self.shards = {shard: self.shards.get(shard, False) for shard in shard_ids}
+
+    @property
+    def per_shard(self) -> bool:
+        return None not in self.shards
+
+    @property
+    def gateway_connected(self) -> bool:
+        return all(self.shards.values())
+
     def mark_ready(self) -> None:
-        """READY (first or again): the bot has a gateway session."""
+        """READY (first or again): the bot has its gateway sessions (shards report each their own)."""
         self.ready = True
-        self.gateway_up()
+        if not self.per_shard:
+            self.gateway_up()
 
-    def gateway_up(self) -> None:
-        """A session is live again (READY or RESUMED)."""
-        if self.down_since is not None:
+    def gateway_up(self, shard_id: int | None = None) -> None:
+        """A session is live again (READY or RESUMED): ``shard_id``'s, or every one (None)."""
+        for shard in self.shards if shard_id is None else [shard_id]:
+            self.shards[shard] = True
+        if self.gateway_connected and self.down_since is not None:
             log.info("gateway back", extra={"down_s": round(self.clock() - self.down_since, 1)})
-        self.gateway_connected = True
-        self.down_since = None
+            self.down_since = None
 
-    def gateway_down(self) -> None:
-        """The socket dropped (or a reconnect attempt failed): the outage starts at the first report."""
+    def gateway_down(self, shard_id: int | None = None) -> None:
+        """A socket dropped (or a reconnect attempt failed): the outage starts at the first report."""
+        for shard in self.shards if shard_id is None else [shard_id]:
+            self.shards[shard] = False
         if self.down_since is None:
             self.down_since = self.clock()
             self.disconnects += 1
-        self.gateway_connected = False
 
     def mark_draining(self) -> None:
         self.draining = True
@@ -111,7 +129,9 @@ class Health:
         """``(healthy, body)``; the body says which check failed."""
         store_ok = await self.store_ok()
         down_for = self.gateway_down_for()
-        gateway_ok = self.ready and (self.gateway_connected or down_for <= self.gateway_grace_s)
+        # A shard that never connected is down, not "down for 0 s": the grace is for reconnects.
+        reconnecting = self.down_since is not None and down_for <= self.gateway_grace_s
+        gateway_ok = self.ready and (self.gateway_connected or reconnecting)
         if self.gateway_connected:
             gateway = "connected"
         elif not self.ready:
@@ -125,6 +145,10 @@ class Health:
             "store": "ok" if store_ok else "failed",
             "draining": self.draining,
         }
+        if self.per_shard:
+            checks["shards"] = {
+                str(k): "connected" if up else "down" for k, up in sorted(self.shards.items())
+            }
         healthy = self.ready and not self.draining and store_ok and gateway_ok
         if healthy:
             status = "ok"

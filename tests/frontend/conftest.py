@@ -64,6 +64,7 @@ async def running_bot(
     backend_url: str,
     clock: Callable[[], float] | None = None,
     guild: FakeGuild | None = None,
+    ready_timeout: float = 10.0,
     **overrides: Any,
 ) -> AsyncIterator[Harness]:
     settings = bot_settings(fake, data_dir, backend, backend_url, **overrides)
@@ -77,7 +78,8 @@ async def running_bot(
         await service.start_web()
         runner = asyncio.create_task(bot.start(TOKEN), name="bot-under-test")
         try:
-            async with asyncio.timeout(10):
+            # Every shard after the first waits 5 s before its IDENTIFY (discord.py 2.7's default hook).
+            async with asyncio.timeout(ready_timeout):
                 while not bot.ready_once.is_set():
                     if runner.done():
                         runner.result()

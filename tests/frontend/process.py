@@ -65,6 +65,7 @@ _SETTING_PREFIXES = (
     "JOB_",
     "SHUTDOWN_",
     "LOG_",
+    "SHARD_",
 )
 _SETTING_NAMES = {"DEV_GUILD_ID", "DATA_DIR", "HTTP_PORT", "HTTP_HOST", "HISTORY_RETENTION_DAYS"}
 #: Any non-empty PYTHONASYNCIODEBUG (even "0") turns asyncio's debug mode on: runs choose it explicitly.

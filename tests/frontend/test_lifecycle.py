@@ -161,6 +161,8 @@ async def test_gateway_down_at_start_up_is_retried(tmp_path) -> None:
             assert await bot.terminate() == 0
         assert "gateway unreachable at start-up; retrying" in bot.text
         assert fake.refused_connections >= 1
+        # One line per attempt, not discord.py's own retry (a traceback every 5 s).
+        assert "Failed to connect for shard_id" not in bot.text and "Traceback" not in bot.text
 
 
 async def test_a_second_bot_on_the_same_data_dir_is_refused(tmp_path) -> None:

@@ -103,6 +103,34 @@ async def test_health_rules_with_an_injected_clock() -> None:
     assert not ok and body["status"] == "draining"
 
 
+async def test_health_counts_every_shard_of_the_process() -> None:
+    clock = ManualClock()
+    health = Health(FakeStore(), gateway_grace_s=10, clock=clock)
+    health.expect_shards([0, 1])
+    health.gateway_up(0)
+    health.mark_ready()  # READY does not vouch for a shard that has not connected
+    ok, body = await health.check()
+    assert not ok and body["checks"]["shards"] == {"0": "connected", "1": "down"}
+
+    health.gateway_up(1)
+    ok, body = await health.check()
+    assert ok and body["checks"]["gateway"] == "connected"
+    assert body["checks"]["shards"] == {"0": "connected", "1": "connected"}
+
+    health.gateway_down(1)
+    clock.now += 6
+    health.gateway_down(0)  # a second shard dropping does not restart the outage
+    clock.now += 5
+    ok, body = await health.check()
+    assert not ok and body["checks"]["gateway"] == "down 11s"
+    health.gateway_up(1)
+    ok, _ = await health.check()
+    assert not ok  # shard 0 is still down, and has been for longer than the grace
+    health.gateway_up(0)
+    ok, body = await health.check()
+    assert ok and health.down_since is None and health.disconnects == 1
+
+
 async def test_health_store_failing_or_hanging_is_unhealthy_within_the_bound() -> None:
     health = Health(FakeStore(answer=False))
     health.mark_ready()
@@ -145,11 +173,7 @@ async def test_web_server_port_zero_picks_a_free_port_and_logs_no_access(http, c
 
 
 async def test_healthz_is_503_until_ready_then_200(fake_discord, fake_openai, tmp_path, http) -> None:
-    """The server is up from setup_hook on; READY comes later (here: one second after the last GUILD_CREATE).
-
-    (A gateway refusing the very first connection cannot be used for this: discord.py 2.7.1 then dies with
-    AttributeError on ``self.ws.sequence`` instead of retrying.)
-    """
+    """The server is up from setup_hook on; READY comes later (here: one second after the last GUILD_CREATE)."""
     fake_discord.add_guild(name="Test Guild")
     settings = bot_settings(fake_discord, tmp_path, "openai", fake_openai.url)
     point_discord_at(settings.discord_api_base, settings.discord_gateway_url)

@@ -1,4 +1,4 @@
-"""Standalone fake Discord: ``python -m tests.fakes.discord --port N [--host H] [--token T]``.
+"""Standalone fake Discord: ``python -m tests.fakes.discord --port N [--host H] [--token T] [--shards S]``.
 
 Prints one JSON line (urls, token, app id, the seeded guild, channels and user) once listening, serves the
 control API under ``/_fake/``, and stops cleanly on SIGINT/SIGTERM.
@@ -22,6 +22,7 @@ async def _serve(args: argparse.Namespace) -> None:
         token=args.token,
         heartbeat_interval_ms=args.heartbeat_interval_ms,
         heartbeat_ack_delay_s=args.heartbeat_ack_delay_ms / 1000,
+        recommended_shards=args.shards,
     )
     await fake.start(port=args.port, host=args.host)
     user = fake.add_user(username="tester")
@@ -42,6 +43,7 @@ async def _serve(args: argparse.Namespace) -> None:
         "nsfw_channel_id": guild.channels[1].id,
         "user_id": user.id,
         "owner_id": fake.app_owner.id,
+        "recommended_shards": fake.recommended_shards,
         "pid": os.getpid(),
     }
     print(json.dumps(info), flush=True)
@@ -64,7 +66,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--heartbeat-ack-delay-ms", type=int, default=100, help="the round trip a HEARTBEAT_ACK takes"
     )
+    parser.add_argument(
+        "--shards", type=int, default=1, help="the shard count GET /gateway/bot recommends (default 1)"
+    )
     args = parser.parse_args(argv)
+    if args.shards < 1:
+        parser.error("--shards must be at least 1")
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(_serve(args))
 

@@ -152,8 +152,11 @@ class ControlApi:
         async def go(b: dict[str, Any]) -> Any:
             if "available" in b:
                 self.fake.set_gateway_available(bool(b["available"]))
+            if "recommended_shards" in b:
+                self.fake.recommended_shards = int(b["recommended_shards"])
             if b.get("disconnect"):
-                await self.fake.disconnect_gateway(b.get("code"))
+                shard = b.get("shard")
+                await self.fake.disconnect_gateway(b.get("code"), shard=None if shard is None else int(shard))
             return self.fake.state()
 
         return await self._control(request, go)

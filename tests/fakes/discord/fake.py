@@ -75,6 +75,7 @@ class FakeDiscord:
         ack_deadline_s: float | None = 3.0,
         rate_limit: tuple[int, float] = (50, 1.0),
         api_version: int = 10,
+        recommended_shards: int = 1,
     ) -> None:
         self.token = token
         self.clock = clock or FakeClock()
@@ -90,6 +91,11 @@ class FakeDiscord:
         self.ack_deadline_s = ack_deadline_s
         self.rate_limit = rate_limit
         self.api_version = api_version
+        #: What GET /gateway/bot recommends as ``shards`` (with ``max_concurrency`` as high).
+        self.recommended_shards = recommended_shards
+        #: The ``url`` GET /gateway/bot answers (None: this fake's own gateway); a bogus one proves that a
+        #: client which must not use it does not.
+        self.gateway_bot_url: str | None = None
 
         self.guilds: dict[str, FakeGuild] = {}
         self.users: dict[str, FakeUser] = {}
@@ -217,6 +223,13 @@ class FakeDiscord:
             self.users[uid] = user
         return user
 
+    def guild_id_on_shard(self, shard_id: int, shard_count: int) -> str:
+        """A fresh guild id whose events belong to ``shard_id`` of ``shard_count`` (for add_guild)."""
+        value = int(self.snowflake())
+        ms = value >> 22
+        ms += (shard_id - ms) % shard_count
+        return str((ms << 22) | (value & ((1 << 22) - 1)))
+
     def add_guild(
         self,
         guild_id: int | str | None = None,
@@ -260,7 +273,7 @@ class FakeDiscord:
         )
         guild.members[owner.id] = FakeMember(owner.id, ADMINISTRATOR | everyone_permissions, self.clock())
         self.guilds[gid] = guild
-        if any(s.ws is not None for s in self.sessions.values()):
+        if any(s.ws is not None and s.owns(gid) for s in self.sessions.values()):
             self.spawn(self.dispatch("GUILD_CREATE", guild_create_payload(guild, self.bot_user)))
         return guild
 
@@ -364,6 +377,8 @@ class FakeDiscord:
             "gateway_available": self.gateway_available,
             "ready_count": self.ready_count,
             "identify_count": self.identify_count,
+            "identified_shards": self.gateway.identified_shards,
+            "connected_shards": self.gateway.connected_shards,
             "resume_count": self.resume_count,
             "refused_connections": self.refused_connections,
             "heartbeats": len(self.heartbeats),
@@ -456,16 +471,17 @@ class FakeDiscord:
     def heartbeats(self) -> list[float]:
         return self.gateway.heartbeats
 
-    async def disconnect_gateway(self, code: int | None = None) -> None:
-        """Close every gateway socket (default 4000, resumable) — for reconnect tests."""
-        await self.gateway.disconnect(code)
+    async def disconnect_gateway(self, code: int | None = None, *, shard: int | None = None) -> None:
+        """Close every gateway socket (default 4000, resumable), or only ``shard``'s — for reconnect tests."""
+        await self.gateway.disconnect(code, shard=shard)
 
     def set_gateway_available(self, available: bool) -> None:
         """False: refuse new gateway upgrades with 503 (an outage); existing sockets are untouched."""
         self.gateway.set_available(available)
 
     async def dispatch(self, event: str, data: Any) -> None:
-        """Send a dispatch to connected sessions; buffer it for the latest one if none is connected."""
+        """Send a dispatch to the connected sessions owning its guild (DMs: shard 0; unsharded sessions get
+        everything); buffer it for the latest such session if none is connected."""
         await self.gateway.dispatch(event, data)
 
     # ------------------------------------------------------------------ driving interactions

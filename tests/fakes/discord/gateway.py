@@ -3,6 +3,11 @@
 Sessions outlive their socket (RESUME replays what was missed, up to 1,000 events); every server-side close
 records the code it sent, so tests can tell "the fake closed with 4004" from "discord.py closed with 4000".
 Plain TEXT JSON frames: discord.py only decompresses BINARY ones.
+
+Sharding, as Discord does it: an IDENTIFY with ``shard: [id, count]`` makes a session of that shard; its
+READY and GUILD_CREATEs carry only the guilds it owns (``(guild_id >> 22) % count == id``), and every event
+about a guild goes only to the session of the shard owning it; events without a guild (DMs) go to shard 0.
+A session that identified without ``shard`` is unsharded and receives everything, as before.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from .model import bot_member_payload, guild_create_payload, member_payload
+from .model import bot_member_payload, guild_create_payload, member_payload, shard_of
 from .wire import json_response
 
 if TYPE_CHECKING:
@@ -36,6 +41,41 @@ class Session:
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     heartbeats: list[float] = field(default_factory=list)
     disconnected_at: float | None = None
+    #: ``(shard_id, shard_count)`` from IDENTIFY; None for an unsharded session (it owns every guild).
+    shard: tuple[int, int] | None = None
+
+    def owns(self, guild_id: int | str | None) -> bool:
+        """Whether this session receives the events of ``guild_id`` (None: a guild-less event, e.g. a DM)."""
+        if self.shard is None:
+            return True
+        shard_id, shard_count = self.shard
+        if guild_id is None:
+            return shard_id == 0
+        return shard_of(guild_id, shard_count) == shard_id
+
+
+def event_guild_id(event: str, data: Any) -> str | None:
+    """The guild an event is about: ``guild_id`` in its payload, or the guild itself for GUILD_* events."""
+    if not isinstance(data, dict):
+        return None
+    if event in ("GUILD_CREATE", "GUILD_UPDATE", "GUILD_DELETE"):
+        return str(data["id"])
+    guild_id = data.get("guild_id")
+    return str(guild_id) if guild_id else None
+
+
+def parse_shard(value: Any) -> tuple[int, int] | None:
+    """IDENTIFY's ``shard`` field, or None when absent; a malformed one raises ValueError (close 4010)."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(part, int) for part in value)
+        or not 0 <= value[0] < value[1]
+    ):
+        raise ValueError(f"invalid shard {value!r}")
+    return int(value[0]), int(value[1])
 
 
 class Gateway:
@@ -54,6 +94,8 @@ class Gateway:
         self.close_codes: list[int | None] = []
         self.presence_updates: list[dict[str, Any]] = []
         self.acks_pending = 0  # heartbeats whose (delayed) ACK is not sent yet
+        #: The ``shard`` of every IDENTIFY, in order (None for an unsharded one).
+        self.identified_shards: list[tuple[int, int] | None] = []
 
     def add_routes(self, app: web.Application) -> None:
         api = "/api/v{version:\\d+}"
@@ -70,6 +112,11 @@ class Gateway:
         return [s for s in self.sessions.values() if s.ws is not None]
 
     @property
+    def connected_shards(self) -> list[tuple[int, int] | None]:
+        """The shard of each connected session, sorted (None for unsharded ones, first)."""
+        return sorted((s.shard for s in self.connected_sessions), key=lambda shard: shard or (-1, 0))
+
+    @property
     def heartbeats(self) -> list[float]:
         return [t for s in self.sessions.values() for t in s.heartbeats]
 
@@ -84,9 +131,18 @@ class Gateway:
             self.acks_pending -= 1
             self.fake.notify()
 
-    async def disconnect(self, code: int | None = None) -> None:
-        """Close every gateway socket (default 4000, resumable) — for reconnect tests."""
-        for ws in list(self.sockets):
+    async def disconnect(self, code: int | None = None, *, shard: int | None = None) -> None:
+        """Close every gateway socket (default 4000, resumable) — for reconnect tests.
+
+        ``shard``: close only the sockets of that shard's sessions (the others stay connected).
+        """
+        if shard is None:
+            sockets = list(self.sockets)
+        else:
+            sockets = [
+                s.ws for s in self.connected_sessions if s.ws is not None and s.shard and s.shard[0] == shard
+            ]
+        for ws in sockets:
             await self.close_ws(ws, code or 4000, b"fake disconnect")
 
     async def close_ws(self, ws: web.WebSocketResponse, code: int, message: bytes) -> None:
@@ -100,12 +156,16 @@ class Gateway:
         self.available = available
 
     async def dispatch(self, event: str, data: Any) -> None:
-        """Send a dispatch to connected sessions; buffer it for the latest one if none is connected."""
-        targets = self.connected_sessions
+        """Send a dispatch to the connected sessions that own its guild (see the module docstring); buffer
+        it for the latest such session if none is connected (it gets it on RESUME)."""
+        guild_id = event_guild_id(event, data)
+        owners = [s for s in self.sessions.values() if s.owns(guild_id)]
+        targets = [s for s in owners if s.ws is not None]
         if not targets:
-            if not self.sessions:
-                raise RuntimeError(f"cannot dispatch {event}: no gateway session (is the bot connected?)")
-            latest = max(self.sessions.values(), key=lambda s: s.disconnected_at or 0)
+            if not owners:
+                where = f"shard owning guild {guild_id}" if guild_id else "shard 0"
+                raise RuntimeError(f"cannot dispatch {event}: no gateway session for the {where}")
+            latest = max(owners, key=lambda s: s.disconnected_at or 0)
             targets = [latest]
         for session in targets:
             await self.send_dispatch(session, event, data)
@@ -121,13 +181,16 @@ class Gateway:
     async def h_gateway(self, request: web.Request) -> web.Response:
         data: dict[str, Any] = {"url": self.fake.gateway_url}
         if request.path.endswith("/bot"):
+            shards = self.fake.recommended_shards
             data |= {
-                "shards": 1,
+                "url": self.fake.gateway_bot_url or self.fake.gateway_url,
+                "shards": shards,
+                # As Discord sizes it for a bot of this many shards: all may IDENTIFY at once.
                 "session_start_limit": {
                     "total": 1000,
                     "remaining": 999,
                     "reset_after": 86400000,
-                    "max_concurrency": 1,
+                    "max_concurrency": max(1, shards),
                 },
             }
         return json_response(data)
@@ -187,14 +250,20 @@ class Gateway:
             if not isinstance(d, dict) or d.get("token") != self.fake.token:
                 await self.close_ws(ws, 4004, b"Authentication failed.")
                 return None
+            try:
+                shard = parse_shard(d.get("shard"))
+            except ValueError:
+                await self.close_ws(ws, 4010, b"Invalid shard.")
+                return None
             self.identify_count += 1
-            session = Session(session_id=secrets.token_hex(16), identify=d, ws=ws)
+            self.identified_shards.append(shard)
+            session = Session(session_id=secrets.token_hex(16), identify=d, ws=ws, shard=shard)
             self.sessions[session.session_id] = session
-            shard = d.get("shard")
+            owned = [guild for guild in self.fake.guilds.values() if session.owns(guild.id)]
             ready: dict[str, Any] = {
                 "v": self.fake.api_version,
                 "user": {**self.fake.bot_user.payload(), "verified": True, "mfa_enabled": False},
-                "guilds": [{"id": gid, "unavailable": True} for gid in self.fake.guilds],
+                "guilds": [{"id": guild.id, "unavailable": True} for guild in owned],
                 "session_id": session.session_id,
                 "session_type": "normal",
                 "resume_gateway_url": self.fake.gateway_url,
@@ -206,11 +275,11 @@ class Gateway:
                 "geo_ordered_rtc_regions": [],
                 "user_settings": {},
             }
-            if shard:
-                ready["shard"] = shard
+            if shard is not None:
+                ready["shard"] = list(shard)
             await self.send_dispatch(session, "READY", ready)
             self.ready_count += 1
-            for guild in list(self.fake.guilds.values()):
+            for guild in owned:
                 await self.send_dispatch(
                     session, "GUILD_CREATE", guild_create_payload(guild, self.fake.bot_user)
                 )

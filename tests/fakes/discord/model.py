@@ -81,6 +81,11 @@ def snowflake_time(snowflake: str) -> float:
     return ((int(snowflake) >> 22) + DISCORD_EPOCH_MS) / 1000
 
 
+def shard_of(guild_id: int | str, shard_count: int) -> int:
+    """The shard whose session receives a guild's events (Discord's rule)."""
+    return (int(guild_id) >> 22) % shard_count
+
+
 # --------------------------------------------------------------------------- model
 
 
