@@ -58,13 +58,17 @@ async def open_engine(settings: Settings, *, restrict_models: bool = True) -> As
         )
         await cache.open()
         try:
-            async with make_session() as session:
+            # Whatever was opened is closed in reverse, also when a later step fails (a second pool entry that
+            # cannot start, a catalog that cannot fetch): the exit stack holds each close as its part opens.
+            async with make_session() as session, contextlib.AsyncExitStack() as opened:
                 pool = create_pool(settings, session)
                 backend = pool.primary.backend
                 # Backends with a connection of their own (ComfyUI's websocket) open it and check their set-up
                 # here, and close it after the manager stopped using them.
                 for entry in pool:
                     await entry.backend.start()
+                    opened.push_async_callback(entry.backend.aclose)
+                opened.push_async_callback(pool.aclose)
                 manager = JobManager.from_settings(settings, pool, store=store, cache=cache)
                 # With IMAGE_MODELS empty, members choose among the backend's own list (a pool: the union of
                 # its entries' lists), kept fresh here.
@@ -76,20 +80,15 @@ async def open_engine(settings: Settings, *, restrict_models: bool = True) -> As
                     parts=[entry.catalog for entry in pool if entry.catalog is not None],
                 )
                 manager.catalog = catalog
+                opened.push_async_callback(catalog.close)
                 await catalog.start()
                 retention = RetentionTask(store, cache, retention_days=settings.history_retention_days)
                 retention.start()
                 try:
                     yield Engine(settings, session, store, cache, backend, manager, retention)
                 finally:
-                    try:
-                        await retention.stop()
-                        await manager.shutdown(0)
-                    finally:
-                        await catalog.close()
-                        await pool.aclose()
-                        for entry in pool:
-                            await entry.backend.aclose()
+                    await retention.stop()
+                    await manager.shutdown(0)
         finally:
             await cache.close()
     finally:
