@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from bot.engine.backend import Backend, Capabilities, ProgressCallback
 from bot.engine.errors import GenerationError
 from bot.engine.images import make_test_png, verify_image
+from bot.engine.manager import JobManager
 from bot.engine.models import GeneratedImage, ImageRequest, Progress
 
 PNG = make_test_png(8, 8)
@@ -101,3 +102,28 @@ class ControlledBackend(Backend):
 class FailingBackend(ControlledBackend):
     def __init__(self, error: GenerationError) -> None:
         super().__init__(auto_release=True, fail_with=error)
+
+
+def req(prompt: str, **kw: object) -> ImageRequest:
+    return ImageRequest(prompt=prompt, **kw)  # type: ignore[arg-type]
+
+
+def make_manager(backend: Backend, **kw: object) -> JobManager:
+    """A manager with roomy test limits (2 per guild, 4 at the backend, 50 per member); ``kw`` overrides."""
+    options: dict[str, object] = {
+        "guild_concurrency": 2,
+        "guild_concurrency_max": 8,
+        "backend_concurrency": 4,
+        "user_max_jobs": 50,
+        "queue_timeout_s": 30,
+        "job_timeout_s": 30,
+    }
+    options.update(kw)
+    return JobManager(backend, **options)  # type: ignore[arg-type]
+
+
+async def until(predicate: Callable[[], object], timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds (a state to reach, not a speed check)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)

@@ -10,30 +10,7 @@ import pytest
 from bot.engine.errors import FailureReason, GenerationError, RequestRejected, ShuttingDown
 from bot.engine.manager import JobEvent, JobManager
 from bot.engine.models import ImageRequest, Job, JobState
-from tests.helpers import ControlledBackend
-
-
-def req(prompt: str, **kw: object) -> ImageRequest:
-    return ImageRequest(prompt=prompt, **kw)  # type: ignore[arg-type]
-
-
-def make_manager(backend: ControlledBackend, **kw: object) -> JobManager:
-    options: dict[str, object] = {
-        "guild_concurrency": 2,
-        "guild_concurrency_max": 8,
-        "backend_concurrency": 4,
-        "user_max_jobs": 50,
-        "queue_timeout_s": 30,
-        "job_timeout_s": 30,
-    }
-    options.update(kw)
-    return JobManager(backend, **options)  # type: ignore[arg-type]
-
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
+from tests.helpers import ControlledBackend, make_manager, req, until
 
 
 @pytest.fixture

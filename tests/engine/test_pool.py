@@ -3,8 +3,6 @@ breaker and its probes, the cache key, and the queue model's pool operations (``
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from bot.engine.backend import Capabilities
@@ -15,7 +13,7 @@ from bot.engine.manager import BACKEND_LOST, JobManager
 from bot.engine.models import GeneratedImage, ImageRequest, Job, JobState
 from bot.engine.pool import BackendPool, Health, PoolEntry
 from bot.engine.queue import InvariantError, QueueModel, Requeued, Start
-from tests.helpers import ControlledBackend
+from tests.helpers import ControlledBackend, until
 
 REFUSED = GenerationError(FailureReason.RATE_LIMITED, "Busy.", not_accepted=True)
 DOWN = GenerationError(FailureReason.UNAVAILABLE, "could not connect", not_accepted=True)
@@ -70,12 +68,6 @@ async def closing():
     for manager in managers:
         await manager.shutdown(0)
         assert not manager.pool.probing  # probing is cancelled and awaited on close
-
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 async def ended(manager: JobManager, job: Job) -> Job:
