@@ -16,6 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 ALL_NAMES = [name.upper() for name in Settings.model_fields]
 
 
+def run_bot(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bot ARGS`` from this checkout with only ``env`` set among the bot's settings."""
+    clean = {k: v for k, v in os.environ.items() if k not in ALL_NAMES}
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        cwd=cwd,
+        env={**clean, **env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ALL_NAMES:
@@ -149,15 +162,13 @@ def test_env_example_documents_every_setting() -> None:
 
 
 def test_bad_setting_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ALL_NAMES}
-    env.update({"GUILD_CONCURRENCY": "lots", "DISCORD_TOKEN": "abcdef-secret-123456"})
-    proc = subprocess.run(
-        [sys.executable, "-m", "bot", "imagine", "cat", "--out", str(tmp_path / "x.png")],
-        cwd=tmp_path,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
+    proc = run_bot(
+        tmp_path,
+        {"GUILD_CONCURRENCY": "lots", "DISCORD_TOKEN": "abcdef-secret-123456"},
+        "imagine",
+        "cat",
+        "--out",
+        str(tmp_path / "x.png"),
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -241,16 +252,7 @@ def test_bad_shard_ids_name_the_variable(
 
 
 def test_bad_shard_ids_stop_the_bot_with_exit_2(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ALL_NAMES}
-    env.update({"SHARD_COUNT": "2", "SHARD_IDS": "5", "DISCORD_TOKEN": "abcdef-secret-123456"})
-    proc = subprocess.run(
-        [sys.executable, "-m", "bot"],
-        cwd=tmp_path,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_bot(tmp_path, {"SHARD_COUNT": "2", "SHARD_IDS": "5", "DISCORD_TOKEN": "abcdef-secret-123456"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: SHARD_IDS: shard 5 does not exist with SHARD_COUNT=2 (shards are numbered 0 to 1)"

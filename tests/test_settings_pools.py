@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bot.settings import Settings, SettingsError, load_settings
+from tests.test_settings import run_bot
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_NAMES = [name.upper() for name in Settings.model_fields]
@@ -92,18 +90,8 @@ def test_bad_entries_are_one_clear_line(monkeypatch: pytest.MonkeyPatch, value: 
 
 
 def test_both_settings_stop_start_up_with_one_line_exit_2(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ALL_NAMES}
-    env.update(
-        {"IMAGE_BACKEND": "horde", "IMAGE_BACKENDS": json.dumps(POOL), "DISCORD_TOKEN": "abcdef-123456"}
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "bot", "imagine", "cat", "--out", str(tmp_path / "x.png")],
-        cwd=tmp_path,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    env = {"IMAGE_BACKEND": "horde", "IMAGE_BACKENDS": json.dumps(POOL), "DISCORD_TOKEN": "abcdef-123456"}
+    proc = run_bot(tmp_path, env, "imagine", "cat", "--out", str(tmp_path / "x.png"))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines == [
