@@ -282,9 +282,11 @@ class JobManager:
         return entry is not None and isinstance(entry.backend, ResumableBackend)
 
     def _entry_of(self, job: Job) -> PoolEntry | None:
+        """The entry a job ran on; None when the configuration no longer has it (a generation submitted to a
+        Horde cannot be followed up on the ComfyUI that replaced it)."""
         if job.backend in self.pool:
             return self.pool[job.backend]  # type: ignore[index]
-        return None if self.pool.many else self.pool.primary
+        return self.pool.primary if job.backend is None and not self.pool.many else None
 
     # -- limits ---------------------------------------------------------------------------------------------
     def guild_limit(self, guild_id: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.engine.backend import Capabilities
+from bot.engine.backend import Capabilities, ResumableBackend
 from bot.engine.cache import cache_key
 from bot.engine.catalog import ModelCatalog
 from bot.engine.errors import FailureReason, GenerationError, RequestRejected
@@ -310,3 +310,31 @@ def test_pool_capabilities_are_what_some_entry_supports() -> None:
     assert pool.eligible(ImageRequest(prompt="p", negative_prompt="ugly"), None) == {"two"}
     assert pool.eligible(ImageRequest(prompt="p"), None) == {"one", "two"}
     assert BackendPool.single(one, 3).capabilities is one.capabilities
+
+
+class Followable(PoolBackend, ResumableBackend):
+    """A controlled backend whose generations can be followed up by id after a restart."""
+
+    async def generate(self, request, on_progress=lambda _: None, *, on_submitted=None):  # type: ignore[override]
+        return await super().generate(request, on_progress)
+
+    async def resume(self, ref, on_progress=lambda _: None, *, count=None) -> list[GeneratedImage]:
+        raise AssertionError("not followed here")
+
+
+def test_a_generation_is_followed_up_only_on_the_entry_that_accepted_it() -> None:
+    # After a restart, a job submitted to an entry the configuration no longer has (the Horde replaced by a
+    # ComfyUI, say) cannot be followed: following its id on another backend would ask the wrong server.
+    horde = Followable("horde")
+    single = make([entry("horde", horde, 1)])
+    replaced = make([entry("comfyui", Followable("comfyui"), 1)])
+
+    def ran_on(backend: str | None) -> Job:
+        job = Job(id="a1b2c3d4e5f6", request=req("x"), guild_id=1, user_id=2, backend=backend)
+        job.backend_ref = "remote-id"
+        return job
+
+    assert single.can_resume(ran_on("horde"))
+    assert single.can_resume(ran_on(None))  # a record from before backends were named: the only one
+    assert not replaced.can_resume(ran_on("horde"))
+    assert not make([entry("a", horde, 1), entry("b", Followable("b"), 1)]).can_resume(ran_on(None))
