@@ -84,7 +84,9 @@ class PoolEntry:
         return self.health is Health.UP
 
     def serves_model(self, model: str | None, default: str | None) -> bool:
-        if model is None or model == default or model == self.backend.default_model():
+        """Whether this entry has ``model``. The bot-wide default counts only where nothing says otherwise:
+        an entry whose ``models`` (or own list) lacks it would be asked for a model it cannot load."""
+        if model is None or model == self.backend.default_model():
             return True
         catalog = self.catalog
         if catalog is None:
@@ -94,7 +96,7 @@ class PoolEntry:
         if catalog.backend is not None:  # it lists its models: those, once a first list arrived
             listed = catalog.listed
             return listed is None or model in listed
-        return False  # it cannot list and nobody said: only its default
+        return model == default  # it cannot list and nobody said: only the default
 
     def serves(self, request: ImageRequest, default: str | None) -> bool:
         caps = self.capabilities

@@ -338,3 +338,15 @@ def test_a_generation_is_followed_up_only_on_the_entry_that_accepted_it() -> Non
     assert single.can_resume(ran_on(None))  # a record from before backends were named: the only one
     assert not replaced.can_resume(ran_on("horde"))
     assert not make([entry("a", horde, 1), entry("b", Followable("b"), 1)]).can_resume(ran_on(None))
+
+
+def test_the_bot_wide_default_model_goes_only_to_entries_that_have_it() -> None:
+    # IMAGE_MODEL=base; gpu-1 says it serves only sdxl: asking it for "base" would make it load a model it
+    # does not have. An entry that says nothing about models takes the default.
+    restricted = entry("gpu-1", PoolBackend(), 1, models=("sdxl",))
+    open_entry = entry("gpu-2", PoolBackend(), 1)
+    pool = BackendPool([restricted, open_entry])
+    assert pool.eligible(ImageRequest(prompt="p", model="base"), "base") == {"gpu-2"}
+    assert pool.eligible(ImageRequest(prompt="p", model="sdxl"), "base") == {"gpu-1", "gpu-2"}
+    assert pool.eligible(ImageRequest(prompt="p", model="base"), "base") != {"gpu-1"}
+    assert BackendPool([restricted]).eligible(ImageRequest(prompt="p", model="base"), "base") == frozenset()
