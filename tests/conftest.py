@@ -36,6 +36,14 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+LONG_RUN = os.environ.get("HYPOTHESIS_PROFILE") == "long"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A long exploration runs for as long as it was asked to: no per-test timeout (pyproject's 120 s)."""
+    if LONG_RUN:
+        for item in items:
+            item.add_marker(pytest.mark.timeout(0))
 
 #: The bot token the fake Discord accepts in tests.
 TOKEN = "test-token-abcdef123456"

@@ -24,6 +24,7 @@ from bot.engine.errors import FailureReason, GenerationError
 from bot.engine.manager import JobEvent, JobManager
 from bot.engine.models import GeneratedImage, ImageRequest, Job, JobState
 from bot.engine.pool import BackendPool, PoolEntry
+from bot.engine.queue import JobPhase
 from tests.helpers import PNG
 
 EPOCH = 1_800_000_000.0
@@ -288,10 +289,14 @@ class PoolScripted(ScriptedBackend):
         self.probe_ok = True
 
     async def generate(self, request, on_progress=lambda _: None) -> list[GeneratedImage]:
+        # The jobs this call generates for: on this backend in the model now. A job cancelled a moment ago may
+        # still be winding down (active, same prompt) but has left the model: the call is not its.
+        queue = self.machine.manager.queue
         jobs = {
             j.id
             for j in self.machine.manager.active_jobs()
             if j.backend == self.name
+            and queue.phase(j.id) is JobPhase.RUNNING
             and (j.request.prompt, j.request.model) == (request.prompt, request.model)
         }
         call = PoolCall(request, jobs)
