@@ -86,7 +86,7 @@ class ProcessLease:
         self.last_ok = self.clock()
         log.info(
             "registered in the fleet",
-            extra={"process": self.me.id[:12], "shards": self.me.describe(), "lease_ttl_s": self.ttl_s},
+            extra={"process_id": self.me.id[:12], "shards": self.me.describe(), "lease_ttl_s": self.ttl_s},
         )
         self._task = asyncio.create_task(self._beat_forever(), name="process-heartbeat")
         self._task.add_done_callback(_log_if_crashed)
@@ -168,10 +168,10 @@ async def process_lease(settings: Settings) -> AsyncIterator[ProcessLease]:
     await store.open()  # migrates (the processes table included) under its advisory lock
     try:
         lease = ProcessLease(store, this_process(settings), ttl_s=settings.lease_ttl_s)
-        await lease.start()
         try:
+            await lease.start()
             yield lease
-        finally:
+        finally:  # also after a failed start: whatever got registered under our (unique) id goes
             await lease.close()
     finally:
         await store.close()
