@@ -270,6 +270,12 @@ class Settings(BaseSettings):
         default=None, description="postgresql://user:pass@host:5432/db; the password is a secret"
     )
 
+    # Fleet leases (DATABASE_URL only): a process whose heartbeat is older than this is dead, and its shards
+    # may be taken by another; it heartbeats every third of it.
+    lease_ttl_s: float = Field(
+        default=30, ge=3, le=3600, description="seconds before a silent process is dead"
+    )
+
     # Operations
     http_port: int = Field(default=8080, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

@@ -7,6 +7,12 @@ a miss and a warning, never an error for the user: the cache is an optimisation.
 All file and index work runs in worker threads (``asyncio.to_thread``) under one lock, so an operation such
 as "store, then evict" is atomic with respect to the others and never blocks the event loop.
 
+Several processes may share the directory (a fleet on one PostgreSQL, one ``DATA_DIR`` volume): each operation
+also holds ``index.lock`` (``flock``, exclusive) across processes, so one process's eviction never unlinks a
+blob another is indexing at that moment, and an entry served from one process's memory is checked against the
+index (the touch it does anyway), so an entry another process evicted is a miss here too. SQLite's locking
+needs a local filesystem (a Docker volume is; NFS is not).
+
 Pins: the images of a job whose result has not been posted yet are pinned under the job's id. Eviction (TTL or
 size) may drop the entry (no more cache hits for it) but never a pinned blob file, so a restart can still post
 the result; unpinning lets the blobs no entry uses go.
@@ -15,6 +21,7 @@ the result; unpinning lets the blobs no entry uses go.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import logging
@@ -43,6 +50,7 @@ T = TypeVar("T")
 KEY_VERSION = 1
 INDEX_VERSION = 1
 INDEX_NAME = "index.sqlite3"
+LOCK_NAME = "index.lock"
 #: Orphan blob files younger than this are left alone at open (another writer may be about to index them).
 ORPHAN_GRACE_S = 60.0
 
@@ -175,6 +183,8 @@ class ResultCache:
         # Touched only from worker threads, under _lock.
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        #: ``index.lock``, flocked around each operation: other processes sharing the directory wait.
+        self._lock_fd: int | None = None
         self._disk_entries = 0
         self._disk_bytes = 0
 
@@ -248,9 +258,14 @@ class ResultCache:
                 await asyncio.to_thread(self._guarded, self._remove_sync, [key], True)
                 self.misses += 1
                 return None
+            # Keep the disk LRU order honest for entries served from memory; an entry gone from the index
+            # (another process sharing the cache evicted it) is gone here too.
+            touched = await asyncio.to_thread(self._guarded, self._touch_sync, key, now)
+            if touched is False:
+                self._forget(key)
+                self.misses += 1
+                return None
             self._memory.move_to_end(key)
-            # Keep the disk LRU order honest for entries served from memory.
-            await asyncio.to_thread(self._guarded, self._touch_sync, key, now)
             self.hits += 1
             return replace(entry.result, from_cache=True), list(entry.refs)
         entry = await asyncio.to_thread(self._guarded, self._load_sync, key, now)
@@ -327,7 +342,7 @@ class ResultCache:
 
     def pinned_jobs(self) -> set[str]:
         """Jobs holding pins (blocking: a probe for tests and checks, not for the event loop)."""
-        with self._lock:
+        with self._lock, self._shared_lock():
             if self._db is None:
                 return set()
             return {row[0] for row in self._db.execute("SELECT DISTINCT job FROM pins")}
@@ -363,9 +378,22 @@ class ResultCache:
 
     # -- disk (worker threads, under _lock) ---------------------------------------------------------------------
 
+    @contextmanager
+    def _shared_lock(self) -> Iterator[None]:
+        """Exclusive among the processes sharing the directory (callers hold ``_lock`` already)."""
+        fd = self._lock_fd
+        if fd is None:
+            yield
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T | None:
-        """Run ``fn`` under the lock; any index or file failure becomes None (a miss) and a warning."""
-        with self._lock:
+        """Run ``fn`` under the locks; any index or file failure becomes None (a miss) and a warning."""
+        with self._lock, self._shared_lock():
             if self._db is None:
                 return None
             try:
@@ -386,20 +414,31 @@ class ResultCache:
             if self._db is not None:
                 return
             self.directory.mkdir(parents=True, exist_ok=True)
+            if self._lock_fd is None:
+                self._lock_fd = os.open(self.directory / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                self._connect_sync()
-            except _IndexUnusable as exc:
-                self._close_db_sync()
-                moved = move_aside_sync(self.index_path)
-                log.warning(
-                    "result cache index %s is unusable (%s); moved to %s", self.index_path, exc, moved
-                )
-                self._connect_sync()
+                with self._shared_lock():
+                    self._open_index_sync()
             except BaseException:
                 self._close_db_sync()
+                self._close_lock_sync()
                 raise
-            self._refresh_totals_sync()
-            self._sweep_orphans_sync()
+
+    def _open_index_sync(self) -> None:
+        try:
+            self._connect_sync()
+        except _IndexUnusable as exc:
+            self._close_db_sync()
+            moved = move_aside_sync(self.index_path)
+            log.warning("result cache index %s is unusable (%s); moved to %s", self.index_path, exc, moved)
+            self._connect_sync()
+        self._refresh_totals_sync()
+        self._sweep_orphans_sync()
+
+    def _close_lock_sync(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _connect_sync(self) -> None:
         """Connect and create the schema; raise _IndexUnusable when the file must be moved aside."""
@@ -437,6 +476,7 @@ class ResultCache:
     def _close_sync(self) -> None:
         with self._lock:
             self._close_db_sync()
+            self._close_lock_sync()
 
     def _reset_index_sync(self) -> None:
         """Quarantine a corrupt index met at runtime and carry on with an empty one."""
@@ -490,8 +530,10 @@ class ResultCache:
         if removed:
             log.info("result cache: removed %d orphan blob files", removed)
 
-    def _touch_sync(self, key: str, now: float) -> None:
-        self._require_db().execute("UPDATE entries SET last_used_at = ? WHERE key = ?", (now, key))
+    def _touch_sync(self, key: str, now: float) -> bool:
+        """Mark the entry used; False when the index has no such entry (any more)."""
+        cursor = self._require_db().execute("UPDATE entries SET last_used_at = ? WHERE key = ?", (now, key))
+        return cursor.rowcount > 0
 
     def _read_blob_sync(self, ref: str, ext: str) -> bytes:
         """Read a blob and check it still hashes to its name (cheap integrity, no image decoding)."""

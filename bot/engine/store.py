@@ -11,13 +11,14 @@ message and neither ``delivered_at`` nor ``delivery_error`` was never posted: ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -413,6 +414,12 @@ class JobStore:
             raise self._translate(exc, "run a query") from None
         except ValueError as exc:  # aiosqlite: "Connection closed"
             raise StoreError(f"The job store {self.path} is closed: {exc}") from None
+
+    @contextlib.asynccontextmanager
+    async def advisory_lock(self, name: str) -> AsyncIterator[None]:
+        """Work only one process may do at a time (PostgreSQL takes a lock). Nothing to take here: one process
+        owns an SQLite store (it holds ``DATA_DIR/bot.lock``)."""
+        yield
 
     # -- health ---------------------------------------------------------------------------------------------
 

@@ -15,6 +15,11 @@ What PostgreSQL adds:
 - **Migrations** (``MIGRATIONS``, versions kept in ``schema_version``) run in one transaction under
   ``pg_advisory_xact_lock``, so processes starting together migrate exactly once; the others wait for the
   lock, see the new version and go on. DDL is transactional here: a failing migration leaves nothing behind.
+- **The fleet's processes** (``processes``): each running bot keeps a row it heartbeats; PostgreSQL's ``now()``
+  judges which are alive, so clocks of the bot hosts never matter. Registration checks for a live process
+  running the same shards and inserts in one transaction under an advisory lock, so of two processes starting
+  together with the same shards exactly one gets in. :meth:`PgJobStore.advisory_lock` serialises other
+  once-for-the-fleet work (command sync).
 - **No password anywhere**: the store names its database by ``safe_dsn`` (no password), and any text from
   the driver is scrubbed of the password before it becomes part of an error.
 """
@@ -22,12 +27,15 @@ What PostgreSQL adds:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
@@ -47,7 +55,7 @@ from bot.logs import redact
 log = logging.getLogger(__name__)
 
 #: Forward migrations, numbered like the SQLite store's (v1 tables, v2 backend_ref, v3 delivery) so one
-#: schema version means the same columns in both. ``seq`` stands in for SQLite's rowid: insertion order,
+#: schema version means the same job columns in both; v4 (the fleet's ``processes``) exists here only. ``seq`` stands in for SQLite's rowid: insertion order,
 #: the tie-break of every "oldest/newest first". Never edit a shipped entry: add a new one.
 MIGRATIONS: list[Sequence[str]] = [
     (
@@ -94,10 +102,76 @@ MIGRATIONS: list[Sequence[str]] = [
         "UPDATE jobs SET delivered_at = COALESCE(finished_at, created_at) WHERE state NOT IN ('queued', 'running')",
         "CREATE INDEX jobs_undelivered ON jobs (state) WHERE delivered_at IS NULL AND delivery_error IS NULL",
     ),
+    (
+        # One row per running bot process (not in the SQLite store: there DATA_DIR/bot.lock does this).
+        # shard_ids NULL: every shard. Times are the server's, so liveness never depends on a host's clock.
+        """
+        CREATE TABLE processes (
+            id           TEXT PRIMARY KEY,
+            host         TEXT NOT NULL,
+            pid          INTEGER NOT NULL,
+            shard_count  INTEGER,
+            shard_ids    INTEGER[],
+            started_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+            heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now()
+        )
+        """,
+    ),
 ]
 
 #: The advisory lock every migrating process takes (one bigint; any constant unique to this application).
 MIGRATION_LOCK_KEY = 0x696D6167696E65  # "imagine"
+
+#: Held (per transaction) while a process registers: the overlap check and the insert are one step.
+PROCESS_LOCK_KEY = MIGRATION_LOCK_KEY + 1
+
+T = TypeVar("T")
+
+
+def advisory_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for ``name`` (the same in every process)."""
+    digest = hashlib.sha256(f"imagine-bot:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@dataclass(frozen=True)
+class FleetProcess:
+    """A bot process as the ``processes`` table knows it. ``shard_ids`` None: it runs every shard."""
+
+    id: str
+    host: str
+    pid: int
+    shard_count: int | None
+    shard_ids: tuple[int, ...] | None
+
+    def overlaps(self, other: FleetProcess) -> bool:
+        """Whether the two could both hear from one guild. Shard numbers mean different guilds under
+        different counts, so two counts overlap unless told otherwise."""
+        if self.shard_ids is None or other.shard_ids is None or self.shard_count != other.shard_count:
+            return True
+        return bool(set(self.shard_ids) & set(other.shard_ids))
+
+    def describe(self) -> str:
+        if self.shard_ids is None:
+            shards = "every shard"
+        else:
+            shards = f"shards {','.join(map(str, self.shard_ids))} of {self.shard_count}"
+        return f"host {self.host}, pid {self.pid}, {shards}"
+
+
+_PROCESS_COLUMNS = "id, host, pid, shard_count, shard_ids"
+
+
+def _process(row: Any) -> FleetProcess:
+    ids = row["shard_ids"]
+    return FleetProcess(
+        str(row["id"]),
+        str(row["host"]),
+        int(row["pid"]),
+        None if row["shard_count"] is None else int(row["shard_count"]),
+        None if ids is None else tuple(sorted(int(i) for i in ids)),
+    )
+
 
 _SELECT_JOBS = f"SELECT {', '.join(_JOB_COLUMNS + _DELIVERY_COLUMNS)} FROM jobs"
 _UPSERT_JOB = (
@@ -343,24 +417,34 @@ class PgJobStore:
             raise StoreError(f"The job store {self.name} is not open.")
         return self._pool
 
-    async def _run(self, sql: str, params: Sequence[Any], *, rows: bool) -> list[Any]:
-        """One statement on a pooled connection (its rows when ``rows``), retried once if the connection
-        turned out to be dead; every failure becomes StoreError."""
+    async def _on_connection(
+        self, work: Callable[[asyncpg.Connection], Awaitable[T]], action: str = "run a query"
+    ) -> T:
+        """``work`` on a pooled connection, retried once if the connection turned out to be dead (``work``
+        must be idempotent: one statement, or one transaction); every failure becomes StoreError."""
         pool = self._require()
         for attempt in (1, 2):
             try:
                 async with pool.acquire(timeout=self.connect_timeout_s) as conn:
-                    if rows:
-                        return list(await conn.fetch(sql, *params))
-                    await conn.execute(sql, *params)
-                    return []
+                    return await work(conn)
             except StoreError:
                 raise
             except Exception as exc:  # anything from the driver: a caller sees StoreError, never asyncpg's
                 if attempt == 2 or self._pool is None or not is_connection_error(exc):
-                    raise self._translate(exc, "run a query") from None
+                    raise self._translate(exc, action) from None
                 log.debug("PostgreSQL connection lost (%s); retrying once", self._scrub(_describe(exc)))
         raise AssertionError("unreachable")
+
+    async def _run(self, sql: str, params: Sequence[Any], *, rows: bool) -> list[Any]:
+        """One statement on a pooled connection (its rows when ``rows``)."""
+
+        async def statement(conn: asyncpg.Connection) -> list[Any]:
+            if rows:
+                return list(await conn.fetch(sql, *params))
+            await conn.execute(sql, *params)
+            return []
+
+        return await self._on_connection(statement)
 
     async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Rows of one statement (committed on return)."""
@@ -383,6 +467,89 @@ class PgJobStore:
                     return await conn.fetchval("SELECT 1") == 1
         except Exception:
             return False
+
+    @contextlib.asynccontextmanager
+    async def advisory_lock(self, name: str, *, wait_s: float = 300.0) -> AsyncIterator[None]:
+        """Hold the fleet-wide lock ``name`` for the block: a second process waits here (up to ``wait_s``)
+        until the first has left it. A transaction-level lock on one connection: released at the block's end
+        however it ends, and by the server if this process dies."""
+        pool = self._require()
+        key = advisory_key(name)
+        try:
+            conn = await pool.acquire(timeout=self.connect_timeout_s)
+        except Exception as exc:
+            raise self._translate(exc, f"take the lock {name!r}") from None
+        try:
+            transaction = conn.transaction()
+            try:
+                await transaction.start()
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", key, timeout=wait_s)
+            except Exception as exc:
+                raise self._translate(exc, f"take the lock {name!r}") from None
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):  # a dead connection released the lock with itself
+                    await transaction.rollback()  # nothing was written on it: rollback only ends the lock
+        finally:
+            await pool.release(conn)
+
+    # -- the fleet's processes ------------------------------------------------------------------------------
+
+    async def register_process(self, me: FleetProcess, *, ttl_s: float) -> FleetProcess | None:
+        """Add (or refresh) ``me`` unless a live process overlaps its shards; return that process then.
+
+        Rows whose heartbeat is older than ``ttl_s`` (by the server's clock) are dead: deleted here, and never
+        in the way. Check and insert are one transaction under ``PROCESS_LOCK_KEY``.
+        """
+
+        async def register(conn: asyncpg.Connection) -> FleetProcess | None:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", PROCESS_LOCK_KEY)
+                dead = await conn.fetch(
+                    f"DELETE FROM processes WHERE heartbeat_at < now() - make_interval(secs => $1) "
+                    f"AND id <> $2 RETURNING {_PROCESS_COLUMNS}",
+                    float(ttl_s),
+                    me.id,
+                )
+                for row in dead:
+                    log.info("removed the row of a dead process (%s)", _process(row).describe())
+                live = await conn.fetch(f"SELECT {_PROCESS_COLUMNS} FROM processes WHERE id <> $1", me.id)
+                for row in live:
+                    other = _process(row)
+                    if me.overlaps(other):
+                        return other
+                await conn.execute(
+                    "INSERT INTO processes (id, host, pid, shard_count, shard_ids) VALUES ($1, $2, $3, $4, $5) "
+                    "ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
+                    me.id,
+                    me.host,
+                    me.pid,
+                    me.shard_count,
+                    None if me.shard_ids is None else list(me.shard_ids),
+                )
+                return None
+
+        return await self._on_connection(register, "register this process")
+
+    async def heartbeat_process(self, process_id: str) -> bool:
+        """Renew the process's row; False when it is gone (deemed dead and removed by another process)."""
+        rows = await self._query(
+            "UPDATE processes SET heartbeat_at = now() WHERE id = $1 RETURNING id", (process_id,)
+        )
+        return bool(rows)
+
+    async def deregister_process(self, process_id: str) -> None:
+        await self._execute("DELETE FROM processes WHERE id = $1", (process_id,))
+
+    async def live_processes(self, *, ttl_s: float) -> list[FleetProcess]:
+        """Processes whose heartbeat is younger than ``ttl_s``, oldest start first."""
+        rows = await self._query(
+            f"SELECT {_PROCESS_COLUMNS} FROM processes WHERE heartbeat_at >= now() - make_interval(secs => $1) "
+            "ORDER BY started_at, id",
+            (float(ttl_s),),
+        )
+        return [_process(row) for row in rows]
 
     # -- jobs -----------------------------------------------------------------------------------------------
 

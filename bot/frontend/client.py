@@ -289,15 +289,20 @@ class ImagineBot(commands.AutoShardedBot):
         return hashlib.sha256(f"{guild.id if guild else 'global'}|{text}".encode()).hexdigest()
 
     async def sync_if_changed(self) -> bool:
-        """Sync only when the command set (or the application, or the target) changed since last time."""
+        """Sync only when the command set (or the application, or the target) changed since last time.
+
+        Once for the fleet: compare and sync hold the store's lock (PostgreSQL's advisory lock with
+        DATABASE_URL), so of processes starting together one syncs and the others find the signature current.
+        """
         assert self.application_id is not None
         key = f"commands:{self.application_id}"
         signature = self.command_signature()
-        if await self.engine.store.get_meta(key) == signature:
-            log.info("commands unchanged; not syncing")
-            return False
-        await self.sync_now()
-        await self.engine.store.set_meta(key, signature)
+        async with self.engine.store.advisory_lock(key):
+            if await self.engine.store.get_meta(key) == signature:
+                log.info("commands unchanged; not syncing")
+                return False
+            await self.sync_now()
+            await self.engine.store.set_meta(key, signature)
         return True
 
     async def sync_now(self, *, clear: bool = False) -> None:

@@ -1,12 +1,19 @@
-"""Running the bot: open dependencies, connect, and on SIGTERM/SIGINT drain before logging out."""
+"""Running the bot: open dependencies, connect, and on SIGTERM/SIGINT drain before logging out.
+
+One bot per DATA_DIR, or a fleet on one database: without DATABASE_URL the process holds ``DATA_DIR/bot.lock``;
+with it, it registers in the database's ``processes`` table instead (bot/service/fleet.py), so processes with
+distinct SHARD_IDS may share one DATA_DIR.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +22,7 @@ import discord
 
 from bot.engine import Engine
 from bot.frontend.client import ImagineBot, point_discord_at
+from bot.service.fleet import ProcessLease, process_lease
 from bot.service.metrics import Metrics
 from bot.service.runtime import open_engine
 from bot.service.web import Health, WebServer
@@ -44,8 +52,10 @@ class Service:
             await self.web.stop()
 
 
-def build_service(engine: Engine, *, serve_http: bool = True, **bot_options: Any) -> Service:
-    health = Health(engine.store)
+def build_service(
+    engine: Engine, *, serve_http: bool = True, lease: ProcessLease | None = None, **bot_options: Any
+) -> Service:
+    health = Health(engine.store, heartbeat=lease)
     metrics = Metrics(engine.manager, cache=engine.cache)
     engine.manager.add_listener(metrics.on_job_event)
     bot = ImagineBot(engine, health=health, discord_errors=metrics, **bot_options)
@@ -54,27 +64,27 @@ def build_service(engine: Engine, *, serve_http: bool = True, **bot_options: Any
     return Service(engine, bot, health, metrics, web)
 
 
-def install_signal_handlers(bot: ImagineBot) -> list[signal.Signals]:
-    """SIGTERM (docker stop) and SIGINT start ``bot.close()``, which drains before logging out."""
+def install_signal_handlers(bot: ImagineBot) -> Callable[[], None]:
+    """SIGTERM (docker stop) and SIGINT start ``bot.close()``, which drains before logging out. Returns that
+    same "close soon" for other reasons to stop (idempotent: one close however many ask)."""
     loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
     closing: set[asyncio.Task[None]] = set()
 
-    def on_signal(signum: signal.Signals) -> None:
-        log.info("signal received; shutting down", extra={"signal": signum.name})
+    def close_soon() -> None:
         if closing:
             return
         task = loop.create_task(bot.close(), name="close-on-signal")
         closing.add(task)
         task.add_done_callback(closing.discard)
 
+    def on_signal(signum: signal.Signals) -> None:
+        log.info("signal received; shutting down", extra={"signal": signum.name})
+        close_soon()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread, or Windows
             loop.add_signal_handler(signum, on_signal, signum)
-            installed.append(signum)
-        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
-            pass
-    return installed
+    return close_soon
 
 
 def _lock_data_dir_sync(data_dir: Path) -> int:
@@ -95,13 +105,26 @@ def _lock_data_dir_sync(data_dir: Path) -> int:
     return fd
 
 
+def _make_data_dir_sync(data_dir: Path) -> None:
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"DATA_DIR: cannot write to {data_dir} ({exc.strerror or exc})") from None
+
+
 async def run_bot(settings: Settings) -> int:
     token = settings.token()
-    lock = await asyncio.to_thread(_lock_data_dir_sync, settings.data_dir)
-    try:
-        return await _serve(settings, token)
-    finally:
-        os.close(lock)
+    if settings.database_url is None:
+        lock = await asyncio.to_thread(_lock_data_dir_sync, settings.data_dir)
+        try:
+            return await _serve(settings, token)
+        finally:
+            os.close(lock)
+    # A fleet: the processes table says which shards are taken; DATA_DIR (the cache) may be shared.
+    await asyncio.to_thread(_make_data_dir_sync, settings.data_dir)
+    async with process_lease(settings) as lease:
+        status = await _serve(settings, token, lease)
+    return 1 if lease.lost_to is not None else status
 
 
 def log_env_file(settings: Settings) -> None:
@@ -119,13 +142,15 @@ def log_env_file(settings: Settings) -> None:
         )
 
 
-async def _serve(settings: Settings, token: str) -> int:
+async def _serve(settings: Settings, token: str, lease: ProcessLease | None = None) -> int:
     log_env_file(settings)
     point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
     async with open_engine(settings) as engine:
-        service = build_service(engine)
+        service = build_service(engine, lease=lease)
         bot = service.bot
-        install_signal_handlers(bot)
+        close_on_signal = install_signal_handlers(bot)
+        if lease is not None:  # another process took our shards while the database was away: leave to it
+            lease.on_lost = close_on_signal
         await service.start_web()
         try:
             async with bot:

@@ -9,7 +9,10 @@ port is logged and kept in :attr:`WebServer.port` (tests use that; a container p
 
 - the bot has been READY once (start-up is not healthy yet);
 - it is not draining for shutdown;
-- the job store answers a trivial query within ``store_timeout_s`` (2 s);
+- the job store answers a trivial query within ``store_timeout_s`` (2 s) — or, for a process in a fleet
+  (``DATABASE_URL``: it heartbeats a row, see :mod:`bot.service.fleet`), the heartbeat has been written within
+  the last ``heartbeat_grace_s`` (30 s) and no other process took this one's shards: a database restart of a
+  few seconds is no reason for an orchestrator to kill every bot mid-job. (The ping is still reported.)
 - the gateway is connected — every shard this process runs — or has been down for at most
   ``gateway_grace_s`` (60 s), counted from the first shard that dropped: discord.py reconnects on its own,
   and an orchestrator must not kill a bot mid-job over a normal reconnect. A process whose one shard of two
@@ -27,7 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -42,10 +45,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GATEWAY_GRACE_S = 60.0
+HEARTBEAT_GRACE_S = 30.0
 STORE_TIMEOUT_S = 2.0
 #: HTTP_HOST's default: loopback only. The Docker image sets 0.0.0.0 so the container's probe and a Prometheus
 #: container on the same network reach it; on a host, /metrics is not for the whole network by default.
 DEFAULT_HOST = "127.0.0.1"
+
+
+class HeartbeatProbe(Protocol):
+    """A fleet process's lease (bot/service/fleet.py): why it is unhealthy, or None."""
+
+    def problem(self, grace_s: float) -> str | None: ...
 
 
 class Health:
@@ -60,9 +70,13 @@ class Health:
         *,
         gateway_grace_s: float = GATEWAY_GRACE_S,
         store_timeout_s: float = STORE_TIMEOUT_S,
+        heartbeat: HeartbeatProbe | None = None,
+        heartbeat_grace_s: float = HEARTBEAT_GRACE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
+        self.heartbeat = heartbeat
+        self.heartbeat_grace_s = heartbeat_grace_s
         self.gateway_grace_s = gateway_grace_s
         self.store_timeout_s = store_timeout_s
         self.clock = clock
@@ -149,7 +163,13 @@ class Health:
             checks["shards"] = {
                 str(k): "connected" if up else "down" for k, up in sorted(self.shards.items())
             }
-        healthy = self.ready and not self.draining and store_ok and gateway_ok
+        if self.heartbeat is not None:
+            problem = self.heartbeat.problem(self.heartbeat_grace_s)
+            checks["heartbeat"] = problem or "ok"
+            database_ok = problem is None
+        else:
+            database_ok = store_ok
+        healthy = self.ready and not self.draining and database_ok and gateway_ok
         if healthy:
             status = "ok"
         elif self.draining:

@@ -463,3 +463,38 @@ async def test_unpinning_keeps_images_a_live_entry_still_uses(open_cache: OpenCa
     await cache.unpin("job")
     assert await cache.get_images(refs) is not None
     assert await cache.get("k") is not None
+
+
+# -- one directory shared by several processes (a fleet on one DATA_DIR volume) --------------------------------
+
+
+async def test_an_entry_another_process_evicted_is_a_miss_even_from_memory(open_cache: OpenCache) -> None:
+    """Two caches on one directory stand for two processes: B remembers an entry A then discards."""
+    a, b = await open_cache(), await open_cache()
+    k = "k" * 64
+    await a.put(k, result(image((10, 20, 30))))
+    assert await b.get(k) is not None  # from disk, now in B's memory too
+    await a.discard([k], [])
+    assert await b.get(k) is None
+    assert b.stats()["misses"] == 1
+
+
+async def test_each_operation_waits_for_another_process_holding_the_index_lock(
+    open_cache: OpenCache, tmp_path: Path
+) -> None:
+    cache = await open_cache()
+    other = os.open(
+        tmp_path / "cache" / cache_module.LOCK_NAME, os.O_RDWR
+    )  # another open file: another process
+    try:
+        import fcntl
+
+        fcntl.flock(other, fcntl.LOCK_EX)
+        put = asyncio.create_task(cache.put("p" * 64, result(image((1, 2, 3)))))
+        await asyncio.sleep(0.3)
+        assert not put.done()  # blocked on the other's lock (in its worker thread)
+        fcntl.flock(other, fcntl.LOCK_UN)
+        await put
+    finally:
+        os.close(other)
+    assert await cache.get("p" * 64) is not None

@@ -66,8 +66,16 @@ _SETTING_PREFIXES = (
     "SHUTDOWN_",
     "LOG_",
     "SHARD_",
+    "LEASE_",
 )
-_SETTING_NAMES = {"DEV_GUILD_ID", "DATA_DIR", "HTTP_PORT", "HTTP_HOST", "HISTORY_RETENTION_DAYS"}
+_SETTING_NAMES = {
+    "DEV_GUILD_ID",
+    "DATA_DIR",
+    "HTTP_PORT",
+    "HTTP_HOST",
+    "HISTORY_RETENTION_DAYS",
+    "DATABASE_URL",
+}
 #: Any non-empty PYTHONASYNCIODEBUG (even "0") turns asyncio's debug mode on: runs choose it explicitly.
 _DEBUG_KNOBS = {"PYTHONASYNCIODEBUG", "PYTHONDEVMODE", "PYTHONTRACEMALLOC"}
 
@@ -92,16 +100,10 @@ def bot_env(fake: FakeDiscord, data_dir: Path, **settings: object) -> dict[str, 
     return env
 
 
-@contextlib.asynccontextmanager
-async def bot_process(
+async def spawn_bot(
     fake: FakeDiscord, data_dir: Path, *, dev_mode: bool = True, **settings: object
-) -> AsyncIterator[BotProcess]:
-    """Start the bot; wait until it has identified and is ready; always reap it.
-
-    ``dev_mode=False`` runs it as an operator does (no ``-X dev``): asyncio's debug mode slows the loop
-    enough to hide timing that a normal run shows.
-    """
-    before = fake.ready_count
+) -> BotProcess:
+    """Start ``python -m bot`` and collect its output; waits for nothing (the caller reaps it)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         # -X dev: asyncio debug warnings and ResourceWarnings become visible, so the checks below see them.
@@ -121,6 +123,22 @@ async def bot_process(
             running.output.append(line.decode(errors="replace").rstrip())
 
     running._reader = asyncio.create_task(read())
+    return running
+
+
+@contextlib.asynccontextmanager
+async def bot_process(
+    fake: FakeDiscord, data_dir: Path, *, dev_mode: bool = True, **settings: object
+) -> AsyncIterator[BotProcess]:
+    """Start the bot; wait until it has identified and is ready; always reap it.
+
+    ``dev_mode=False`` runs it as an operator does (no ``-X dev``): asyncio's debug mode slows the loop
+    enough to hide timing that a normal run shows.
+    """
+    before = fake.ready_count
+    running = await spawn_bot(fake, data_dir, dev_mode=dev_mode, **settings)
+    proc = running.proc
+    assert running._reader is not None
     try:
         async with asyncio.timeout(30):
             while fake.ready_count <= before:

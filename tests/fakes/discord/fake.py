@@ -103,6 +103,8 @@ class FakeDiscord:
         self.interactions: dict[str, FakeInteraction] = {}
         self.commands: dict[str | None, dict[str, dict[str, Any]]] = {}
         self.sync_calls: list[tuple[str | None, float]] = []
+        #: Awaited before a PUT of the commands is answered (a test widens the window two syncs could race in).
+        self.hold_command_sync: Callable[[], Awaitable[None]] | None = None
         self.requests: list[RecordedRequest] = []
         #: DM channels by recipient user id (POST /users/@me/channels opens them).
         self.dm_channels: dict[str, FakeChannel] = {}

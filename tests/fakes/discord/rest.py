@@ -244,6 +244,8 @@ class RestApi:
 
     async def h_put_commands(self, request: web.Request) -> web.Response:
         scope = self._command_scope(request)
+        if self.fake.hold_command_sync is not None:
+            await self.fake.hold_command_sync()
         body = request[BODY_KEY].json
         if not isinstance(body, list):
             raise form_error("_root", "LIST_TYPE_CONVERT", "Must be a list.")

@@ -1,0 +1,177 @@
+"""This process's place in the fleet (``DATABASE_URL`` set): a heartbeated row in the ``processes`` table.
+
+It replaces ``DATA_DIR/bot.lock`` when the job store is PostgreSQL, so several processes may share one
+``DATA_DIR`` volume, yet no two run the same gateway shard (each would answer the same guild, and take the
+other's running jobs for a dead process's leftovers)::
+
+    open: register (a live process with overlapping shards -> SettingsError, one line, exit 2)
+       -> heartbeat every LEASE_TTL_S / 3 (a tracked task)
+    close: cancel and await the heartbeat -> delete the row
+
+A process is alive while its heartbeat is younger than ``LEASE_TTL_S`` by PostgreSQL's ``now()``; the rows of
+dead ones (SIGKILL, a lost host) stop counting then and are deleted by the next process that registers.
+
+The lease talks to the database through a small pool of its own, so a job pool busy to its limit never delays
+a heartbeat. When the heartbeat cannot be written (the database is gone) the bot carries on; /healthz turns
+503 once the last good write is older than its grace (30 s, bot/service/web.py), and heals with the
+next write. If the row was removed meanwhile (the outage outlived the lease), the process registers again; if
+another process has taken its shards by then, it is the one to go: ``on_lost`` is called (the bot closes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from bot.engine.store import StoreError
+from bot.engine.store_pg import FleetProcess, PgJobStore
+from bot.settings import Settings, SettingsError
+
+log = logging.getLogger(__name__)
+
+
+def this_process(settings: Settings) -> FleetProcess:
+    """A new row for this process: a random id per start, and the shards it runs (None: every shard)."""
+    shard_ids = tuple(settings.shard_ids) if settings.shard_ids is not None else None
+    return FleetProcess(uuid.uuid4().hex, socket.gethostname(), os.getpid(), settings.shard_count, shard_ids)
+
+
+def overlap_problem(me: FleetProcess, other: FleetProcess) -> str:
+    """The one line start-up stops with when another live process runs our shards."""
+    ours = "every shard" if me.shard_ids is None else f"shards {','.join(map(str, me.shard_ids))}"
+    return (
+        f"SHARD_IDS: another bot process runs overlapping shards ({other.describe()}) on the same "
+        f"DATABASE_URL; this one would run {ours}. Give each process its own SHARD_IDS (with one SHARD_COUNT), "
+        "or stop the other first"
+    )
+
+
+class ProcessLease:
+    """Registers ``me`` in ``store``, heartbeats it, and deletes it on :meth:`close`."""
+
+    def __init__(
+        self,
+        store: PgJobStore,
+        me: FleetProcess,
+        *,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.me = me
+        self.ttl_s = ttl_s
+        self.interval_s = ttl_s / 3
+        self.clock = clock
+        #: Called (once) when another process has taken our shards while our heartbeat was failing.
+        self.on_lost: Callable[[], None] | None = None
+        self.lost_to: FleetProcess | None = None
+        self.last_ok = clock()
+        self.last_error: str | None = None
+        self.beats = 0
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register, or raise SettingsError naming the live process whose shards overlap ours."""
+        other = await self.store.register_process(self.me, ttl_s=self.ttl_s)
+        if other is not None:
+            raise SettingsError(overlap_problem(self.me, other))
+        self.last_ok = self.clock()
+        log.info(
+            "registered in the fleet",
+            extra={"process_id": self.me.id[:12], "shards": self.me.describe(), "lease_ttl_s": self.ttl_s},
+        )
+        self._task = asyncio.create_task(self._beat_forever(), name="process-heartbeat")
+        self._task.add_done_callback(_log_if_crashed)
+
+    async def close(self) -> None:
+        """Stop the heartbeat, then delete our row (a clean exit frees the shards at once)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.lost_to is not None:
+            return  # the row is not ours any more
+        try:
+            await self.store.deregister_process(self.me.id)
+        except StoreError as exc:  # it expires by itself after LEASE_TTL_S
+            log.warning("could not remove this process's row: %s", exc.message)
+
+    # -- health -----------------------------------------------------------------------------------------
+
+    def problem(self, grace_s: float) -> str | None:
+        """Why /healthz should say 503 (None: healthy): our shards were taken, or the heartbeat has failed
+        and the last good one is older than ``grace_s``."""
+        if self.lost_to is not None:
+            return f"another process took this process's shards ({self.lost_to.describe()})"
+        if self.last_error is None:
+            return None
+        silent = self.clock() - self.last_ok
+        if silent <= grace_s:
+            return None
+        return f"heartbeat failing for {silent:.0f}s: {self.last_error}"
+
+    # -- the heartbeat ----------------------------------------------------------------------------------
+
+    async def _beat_forever(self) -> None:
+        while self.lost_to is None:
+            await asyncio.sleep(self.interval_s)
+            await self.beat()
+
+    async def beat(self) -> None:
+        """One heartbeat: renew the row (or register again if it was removed); failures are remembered."""
+        try:
+            if not await self.store.heartbeat_process(self.me.id):
+                await self._register_again()
+                if self.lost_to is not None:
+                    return
+        except StoreError as exc:
+            if self.last_error is None:
+                log.warning("process heartbeat failed; retrying", extra={"error": exc.message})
+            self.last_error = exc.message
+            return
+        if self.last_error is not None:
+            log.info("process heartbeat restored", extra={"silent_s": round(self.clock() - self.last_ok, 1)})
+        self.last_error = None
+        self.last_ok = self.clock()
+        self.beats += 1
+
+    async def _register_again(self) -> None:
+        log.warning("this process's row had expired (heartbeat silent past LEASE_TTL_S); registering again")
+        other = await self.store.register_process(self.me, ttl_s=self.ttl_s)
+        if other is None:
+            return
+        self.lost_to = other
+        log.error("shutting down: %s", overlap_problem(self.me, other))
+        if self.on_lost is not None:
+            self.on_lost()
+
+
+def _log_if_crashed(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("process heartbeat stopped", exc_info=task.exception())
+
+
+@contextlib.asynccontextmanager
+async def process_lease(settings: Settings) -> AsyncIterator[ProcessLease]:
+    """Open a small pool of the lease's own, register this process, and clean up on the way out."""
+    assert settings.database_url is not None
+    store = PgJobStore(settings.database_url.get_secret_value(), max_size=2)
+    await store.open()  # migrates (the processes table included) under its advisory lock
+    try:
+        lease = ProcessLease(store, this_process(settings), ttl_s=settings.lease_ttl_s)
+        try:
+            await lease.start()
+            yield lease
+        finally:  # also after a failed start: whatever got registered under our (unique) id goes
+            await lease.close()
+    finally:
+        await store.close()
