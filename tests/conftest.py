@@ -45,6 +45,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for item in items:
             item.add_marker(pytest.mark.timeout(0))
 
+
 #: The bot token the fake Discord accepts in tests.
 TOKEN = "test-token-abcdef123456"
 

@@ -50,15 +50,22 @@ async def recover_unfinished_jobs(
     report: Callable[[Job], Awaitable[None]],
     clock: Callable[[], float],
     cache: ResultCache | None = None,
+    owns: Callable[[int], bool] = lambda _guild_id: True,
 ) -> RecoveryReport:
     """Run once at start-up, before new work is admitted.
 
     ``report`` posts a job's outcome as it stands and records the delivery (the frontend's messenger).
+    ``owns(guild_id)``: whether this process serves that guild. Processes sharing one database each take only
+    their own guilds' jobs: another guild's unfinished job belongs to a live process (it is still running it,
+    or posting it), never to this one.
     """
     outcome = RecoveryReport()
     for job in await store.undelivered_jobs():
-        await _redeliver(store, job, cache=cache, report=report, clock=clock, outcome=outcome)
+        if owns(job.guild_id):
+            await _redeliver(store, job, cache=cache, report=report, clock=clock, outcome=outcome)
     for job in await store.unfinished_jobs():
+        if not owns(job.guild_id):
+            continue
         if job.state is JobState.RUNNING and job.backend_ref and manager.can_resume(job):
             try:
                 await manager.adopt(job, follow_backend_ref=True)

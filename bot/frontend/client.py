@@ -188,9 +188,17 @@ class ImagineBot(commands.AutoShardedBot):
                 report=self.messenger.post_and_record,
                 cache=self.engine.cache,
                 clock=self.clock,
+                owns=self.owns_guild,
             )
         if self.sync_commands:
             await self.sync_if_changed()
+
+    def owns_guild(self, guild_id: int) -> bool:
+        """Whether this process runs the shard that guild's events arrive on (all of them without SHARD_IDS)."""
+        shard_ids, count = self.settings.shard_ids, self.settings.shard_count
+        if not shard_ids or not count:
+            return True
+        return (guild_id >> 22) % count in shard_ids
 
     async def on_ready(self) -> None:
         """Every shard of this process is READY (once at start; again only if all re-identify)."""

@@ -26,7 +26,7 @@ from bot.settings import load_settings
 from tests.conftest import TOKEN
 from tests.fakes.discord import FakeDiscord, FakeGuild, FakeInteraction
 from tests.fakes.openai_api import FakeOpenAI
-from tests.frontend.conftest import is_done
+from tests.frontend.conftest import embed_author, is_done
 from tests.frontend.process import BotProcess, assert_clean, bot_process, spawn_bot
 from tests.pg import PgCluster, free_port
 
@@ -287,3 +287,29 @@ async def test_a_process_whose_row_was_taken_over_during_an_outage_gives_way(
         await me.close()
         assert [p.id for p in await store.live_processes(ttl_s=TTL)] == [successor.me.id]
         await successor.close()
+
+
+async def test_a_process_starting_beside_a_live_one_leaves_the_other_shards_jobs_alone(
+    fake, backend, data_dir, pg_url
+) -> None:
+    # One database, two processes: a job process 0 is running is not "left by a dead process" for process 1,
+    # which must neither mark it interrupted nor run it again.
+    guild = fake.add_guild(fake.guild_id_on_shard(0, 2), name="s0")
+    fake.add_guild(fake.guild_id_on_shard(1, 2), name="s1")
+    backend.configure(delay=3.0)
+    common = fleet_settings(backend, pg_url)
+    async with bot_process(fake, data_dir, shard_ids=0, **common) as zero:
+        inter = await imagine(fake, guild, "a slow lighthouse")
+        await inter.wait_until(lambda m: embed_author(m).startswith("Generating"), timeout=20)
+        async with bot_process(fake, data_dir, shard_ids=1, **common) as one:
+            await inter.wait_until(is_done, timeout=30)
+            assert await one.terminate() == 0
+        assert await zero.terminate() == 0
+    assert backend.state.generations == 1  # generated once, by process 0
+    assert (
+        "interrupted" not in one.text
+        and "resumed" not in one.text
+        and "posting a finished job" not in one.text
+    )
+    assert_clean(zero.text)
+    assert_clean(one.text)
