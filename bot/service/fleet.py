@@ -138,6 +138,12 @@ class ProcessLease:
                 log.warning("process heartbeat failed; retrying", extra={"error": exc.message})
             self.last_error = exc.message
             return
+        except (
+            Exception
+        ) as exc:  # not the database's answer but our bug: keep beating, and say so on /healthz
+            log.exception("process heartbeat crashed; retrying")
+            self.last_error = f"the heartbeat crashed ({type(exc).__name__})"
+            return
         if self.last_error is not None:
             log.info("process heartbeat restored", extra={"silent_s": round(self.clock() - self.last_ok, 1)})
         self.last_error = None

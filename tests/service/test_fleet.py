@@ -313,3 +313,26 @@ async def test_a_process_starting_beside_a_live_one_leaves_the_other_shards_jobs
     )
     assert_clean(zero.text)
     assert_clean(one.text)
+
+
+async def test_a_heartbeat_that_crashes_keeps_beating_and_says_so_on_healthz() -> None:
+    # A bug in the heartbeat (not a database answer) must not stop it silently: a process whose row is no
+    # longer renewed would look healthy here while another process takes its shards.
+    class Flaky:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def heartbeat_process(self, process_id: str) -> bool:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("a bug")
+            return True
+
+    now = [0.0]
+    me = this_process(load_settings(env_file=None))
+    lease = ProcessLease(Flaky(), me, ttl_s=TTL, clock=lambda: now[0])  # type: ignore[arg-type]
+    await lease.beat()
+    now[0] = 40.0
+    assert lease.problem(grace_s=30) == "heartbeat failing for 40s: the heartbeat crashed (RuntimeError)"
+    await lease.beat()
+    assert lease.problem(grace_s=30) is None and lease.beats == 1
