@@ -8,17 +8,9 @@ import random
 import pytest
 
 from bot.engine.errors import FailureReason, GenerationError, RequestRejected, ShuttingDown
-from bot.engine.manager import JobEvent, JobManager
+from bot.engine.manager import JobEvent
 from bot.engine.models import ImageRequest, Job, JobState
 from tests.helpers import ControlledBackend, make_manager, req, until
-
-
-@pytest.fixture
-async def closing():
-    managers: list[JobManager] = []
-    yield managers.append
-    for manager in managers:
-        await manager.shutdown(0)
 
 
 async def test_random_load_never_exceeds_and_reaches_limits(closing) -> None:

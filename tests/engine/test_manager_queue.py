@@ -19,14 +19,6 @@ async def ended(manager: JobManager, job: Job) -> Job:
     return job
 
 
-@pytest.fixture
-async def closing():
-    managers: list[JobManager] = []
-    yield managers.append
-    for manager in managers:
-        await manager.shutdown(0)
-
-
 class SlowCancelBackend(ControlledBackend):
     """Takes a while to wind down after a cancel (an interrupt sent over HTTP)."""
 

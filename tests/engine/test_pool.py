@@ -61,15 +61,6 @@ def make(entries: list[PoolEntry], **kw: object) -> JobManager:
     return JobManager(pool, **options)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-async def closing():
-    managers: list[JobManager] = []
-    yield managers.append
-    for manager in managers:
-        await manager.shutdown(0)
-        assert not manager.pool.probing  # probing is cancelled and awaited on close
-
-
 async def ended(manager: JobManager, job: Job) -> Job:
     await manager.wait(job.id)
     return job
