@@ -223,7 +223,8 @@ async def run_cleanup(coro: Coroutine[Any, Any, Any], *, limit_s: float, what: s
 
     async def bounded() -> None:
         try:
-            await asyncio.wait_for(coro, limit_s)
+            async with asyncio.timeout(limit_s):
+                await coro
         except TimeoutError:
             log.warning("%s took longer than %.0fs; gave up", what, limit_s)
         except GenerationError as exc:

@@ -266,7 +266,8 @@ class ImagineBot(commands.AutoShardedBot):
                 connecting = DiscordWebSocket.from_client(
                     self, initial=initial, gateway=gateway, shard_id=shard_id
                 )
-                ws = await asyncio.wait_for(connecting, timeout=self.shard_connect_timeout)
+                async with asyncio.timeout(self.shard_connect_timeout):  # not wait_for: it can lose a cancel
+                    ws = await connecting
             except _GATEWAY_UNREACHABLE as exc:
                 delay = backoff.delay()
                 log.warning(

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from bot.backends.comfyui import BUILTIN_WORKFLOW, ComfyUIBackend, Workflow
+from bot.backends.comfyui.events import RECHECK
 from bot.engine.errors import FailureReason, GenerationError
 from bot.engine.models import ImageRequest, Progress
 from bot.settings import SettingsError
@@ -229,6 +230,23 @@ async def test_cancel_while_running_interrupts_only_our_prompt(session) -> None:
         assert fake.state.interrupts == [our_id] and fake.state.deletes == []
         await eventually(lambda: our_id in fake.history)
     assert fake.history[our_id]["status"]["status_str"] == "error"
+
+
+async def test_a_cancel_that_arrives_with_an_event_is_not_lost(session) -> None:
+    """Cancel pressed as an event reaches the prompt's queue (the recheck queued right after submitting):
+    Python 3.11's wait_for returned the event and dropped the cancel, so the generation went on waiting
+    until shutdown. The cancel must win and interrupt the prompt."""
+    async with FakeComfyUI(hold_running=True) as fake, comfy(session, fake) as backend:
+        ours = asyncio.create_task(backend.generate(REQ))
+        await eventually(lambda: fake.running is not None)
+        our_id = fake.running.prompt_id
+        await asyncio.sleep(0.05)  # waiting on its events now
+        backend._socket.watch(our_id).events.put_nowait(RECHECK)  # the race, made certain
+        ours.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(5):
+                await ours
+        assert fake.state.interrupts == [our_id]
 
 
 async def test_cancel_after_it_finished_sends_neither(session) -> None:

@@ -449,8 +449,12 @@ class ComfyUIBackend(ResumableBackend):
     ) -> list[GeneratedImage]:
         saw_preview = False
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel that arrives as the queue
+            # hands over an event (Cancel pressed just as the prompt's recheck was queued), and the generation
+            # would go on waiting.
             try:
-                event = await asyncio.wait_for(watch.events.get(), self._poll_interval_s)
+                async with asyncio.timeout(self._poll_interval_s):
+                    event = await watch.events.get()
             except TimeoutError:
                 event = RECHECK  # no word for a while: ask, do not trust the socket alone
             if event.kind == "executing":

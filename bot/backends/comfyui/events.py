@@ -126,7 +126,8 @@ class EventSocket:
                 self._task.add_done_callback(_log_end)
         if wait and not self._connected.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._connected.wait(), self._connect_wait_s)
+                async with asyncio.timeout(self._connect_wait_s):  # not wait_for: it can lose a cancel (3.11)
+                    await self._connected.wait()
 
     async def aclose(self) -> None:
         self._closed = True
