@@ -41,6 +41,7 @@ class Call:
         self.request = request
         self.outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.active = True
+        self.cancelled = False
 
 
 class ScriptedBackend(Backend):
@@ -56,22 +57,29 @@ class ScriptedBackend(Backend):
         self.wind_down_s = 0.0
 
     async def generate(self, request, on_progress=lambda _: None) -> list[GeneratedImage]:
-        call = Call(request)
+        call = self._new_call(request)
         self.calls.append(call)
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
-            outcome = await call.outcome
-            if outcome == "fail":
-                raise GenerationError(FailureReason.UNAVAILABLE, "The image service is down.")
-            return [GeneratedImage(PNG, "PNG", 8, 8, seed=1)]
+            return self._answer(call, await call.outcome)
         except asyncio.CancelledError:
+            call.cancelled = True
             if self.wind_down_s:
                 await asyncio.sleep(self.wind_down_s)
             raise
         finally:
             call.active = False
             self.active -= 1
+
+    def _new_call(self, request: ImageRequest) -> Call:
+        return Call(request)
+
+    def _answer(self, call: Call, outcome: str) -> list[GeneratedImage]:
+        """What the backend answers once the test decided the call's ``outcome``."""
+        if outcome == "fail":
+            raise GenerationError(FailureReason.UNAVAILABLE, "The image service is down.")
+        return [GeneratedImage(PNG, "PNG", 8, 8, seed=1)]
 
     async def list_models(self) -> list[str]:
         return []
@@ -276,7 +284,6 @@ class PoolCall(Call):
         super().__init__(request)
         self.jobs = jobs  # the jobs this generation was submitted for
         self.refused = False  # answered before accepting: not a submit that counts
-        self.cancelled = False
 
 
 class PoolScripted(ScriptedBackend):
@@ -288,7 +295,7 @@ class PoolScripted(ScriptedBackend):
         self.machine = machine
         self.probe_ok = True
 
-    async def generate(self, request, on_progress=lambda _: None) -> list[GeneratedImage]:
+    def _new_call(self, request: ImageRequest) -> Call:
         # The jobs this call generates for: on this backend in the model now. A job cancelled a moment ago may
         # still be winding down (active, same prompt) but has left the model: the call is not its.
         queue = self.machine.manager.queue
@@ -299,27 +306,14 @@ class PoolScripted(ScriptedBackend):
             and queue.phase(j.id) is JobPhase.RUNNING
             and (j.request.prompt, j.request.model) == (request.prompt, request.model)
         }
-        call = PoolCall(request, jobs)
-        self.calls.append(call)
-        self.active += 1
-        self.max_active = max(self.max_active, self.active)
-        try:
-            outcome = await call.outcome
-            if outcome in ("refuse", "busy"):
-                call.refused = True
-                reason = FailureReason.UNAVAILABLE if outcome == "refuse" else FailureReason.RATE_LIMITED
-                raise GenerationError(reason, "Not taken.", not_accepted=True)
-            if outcome == "fail":
-                raise GenerationError(FailureReason.UNAVAILABLE, "The image service is down.")
-            return [GeneratedImage(PNG, "PNG", 8, 8, seed=1)]
-        except asyncio.CancelledError:
-            call.cancelled = True
-            if self.wind_down_s:
-                await asyncio.sleep(self.wind_down_s)
-            raise
-        finally:
-            call.active = False
-            self.active -= 1
+        return PoolCall(request, jobs)
+
+    def _answer(self, call: Call, outcome: str) -> list[GeneratedImage]:
+        if outcome in ("refuse", "busy"):
+            call.refused = True  # type: ignore[attr-defined]
+            reason = FailureReason.UNAVAILABLE if outcome == "refuse" else FailureReason.RATE_LIMITED
+            raise GenerationError(reason, "Not taken.", not_accepted=True)
+        return super()._answer(call, outcome)
 
     async def probe(self) -> None:
         if not self.probe_ok:
