@@ -90,9 +90,11 @@ class Deadlines:
             self._heap = [item for item in self._heap if item[2].callback is not None]
             heapq.heapify(self._heap)
             self._dead = 0
-        if self._dead == len(self._heap) and self._timer is not None:
-            self._timer.cancel()  # nothing live left: no timer (a stale one would only wake the loop)
-            self._timer = None
+        if self._dead == len(self._heap):
+            # Nothing live left: forget the dead. The loop timer stays armed: re-arming one per deadline costs
+            # more than the single idle wake-up it may still cause (it then finds nothing and re-arms nothing).
+            self._heap.clear()
+            self._dead = 0
 
     def _schedule(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._timer is not None:

@@ -139,9 +139,12 @@ class _Run:
     image_refs: list[str] = field(default_factory=list)
     #: The job timeout cancelled the backend call (as opposed to a stop or a shutdown).
     timed_out: bool = False
+    #: A private generation (one job, never shared) runs inside that job's own task, not a task of its own:
+    #: ``task`` is the job's task once it began, None until then.
+    inline: bool = False
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Tracked:
     """A job's live state in this process. Its place in the queue lives in the model, not here."""
 
@@ -151,9 +154,13 @@ class _Tracked:
     resume_ref: str | None = None
     #: Set by the task's first step: a task cancelled before it ever ran would skip all its bookkeeping.
     started: bool = False
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    #: Set whenever the model changed this job's phase (started, sent back to the queue, its flight ended).
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Its end is recorded (or it never came to exist): :meth:`JobManager.cancel` returns then.
+    recorded: bool = False
+    #: Callers waiting for ``recorded`` (created only when someone waits).
+    recorded_waiters: list[asyncio.Future[None]] | None = None
+    #: What the job's task awaits while the model has nothing for it; resolved by :func:`_wake` when the model
+    #: changed its phase (started, sent back to the queue, its flight ended, its queue time ran out).
+    waiter: asyncio.Future[None] | None = None
     #: The job is admitted in the queue model (else it holds a reservation there: exactly one of the two).
     in_model: bool = False
     #: What its flight ended with: a result, or the exception to raise in the job's task.
@@ -539,7 +546,7 @@ class JobManager:
         if tracked is None or tracked.job.state.is_terminal:
             return False
         self._request_cancel(tracked, EndReason(reason), by)
-        await tracked.done.wait()
+        await _until_recorded(tracked)
         return tracked.job.state is JobState.CANCELLED
 
     @staticmethod
@@ -639,6 +646,7 @@ class JobManager:
         """Carry out what the model decided. Synchronous: tasks are started, nothing is awaited here."""
         mean_s: float | None = None  # recent generation time, read once per batch of positions
         capacity: int | None = None
+        never_began: list[_Run] = []  # private generations stopped before their job's task began them
         for decision in decisions:
             if isinstance(decision, Start):
                 run = self._runs.get(decision.flight)
@@ -650,11 +658,13 @@ class JobManager:
                     if self.pool.many:
                         tracked.job.backend = decision.backend
                     self._disarm(tracked)
-                    tracked.wake.set()
+                    _wake(tracked)
             elif isinstance(decision, Stop):
                 run = self._runs.get(decision.flight)
                 if run is not None and run.task is not None:
                     run.task.cancel()
+                elif run is not None and run.inline:
+                    never_began.append(run)
             elif isinstance(decision, Requeued):
                 for job_id in decision.jobs:
                     tracked = self._tracked[job_id]
@@ -662,7 +672,7 @@ class JobManager:
                     if self.pool.many:
                         tracked.job.backend = None  # on no backend while it waits
                     self._arm(tracked)
-                    tracked.wake.set()
+                    _wake(tracked)
             elif isinstance(decision, Moved):
                 log.info("generation now counts for another guild", extra={"guild": decision.guild_id})
             elif isinstance(decision, Position):
@@ -679,6 +689,8 @@ class JobManager:
                         decision.position, mean_s, min(self.guild_limit(job.guild_id), capacity)
                     )
                     self._emit(job, JobEvent.QUEUED)
+        for run in never_began:  # no backend call to wind down: the slot frees at once
+            self._end_run(run, asyncio.CancelledError(), "stopped")
         if self.queue.positions_pending and self._position_flush is None:
             loop = asyncio.get_running_loop()
             delay = max(0.0, self._position_flushed_at + POSITION_INTERVAL_S - loop.time())
@@ -700,6 +712,9 @@ class JobManager:
             resume_ref=first.resume_ref,
         )
         self._runs[start.flight] = run
+        if self.queue.flights[start.flight].key is None:
+            run.inline = True  # never shared: its job's task makes the backend call (see _obtain)
+            return run
         run.task = asyncio.create_task(self._run_flight(run), name=f"flight-{first.job.id}")
         self._run_tasks.add(run.task)
         run.task.add_done_callback(functools.partial(self._run_task_done, run))
@@ -756,7 +771,7 @@ class JobManager:
         if tracked.in_model and self.queue.phase(tracked.job.id) is JobPhase.WAITING:
             self._leave_model(tracked, EndReason.QUEUE_TIMEOUT)
             tracked.outcome = _QueueTimedOut()
-            tracked.wake.set()
+            _wake(tracked)
 
     # -- the job task -----------------------------------------------------------------------------------------
     async def _run_job(self, tracked: _Tracked) -> None:
@@ -814,7 +829,7 @@ class JobManager:
             self._settle(tracked)
             raise
         finally:
-            tracked.done.set()
+            _mark_recorded(tracked)
 
     async def _obtain(self, tracked: _Tracked) -> GenerationResult:
         job = tracked.job
@@ -837,7 +852,6 @@ class JobManager:
         if self.queue.phase(job.id) is JobPhase.RUNNING and len(self.queue.flight_of(job.id).jobs) > 1:  # type: ignore[union-attr]
             log.info("job shares a generation in flight", extra={"job": job.id})
         while tracked.outcome is None:
-            tracked.wake.clear()
             phase = self.queue.phase(job.id) if tracked.in_model else None
             if phase is JobPhase.RUNNING and job.state is JobState.QUEUED:
                 await self._transition(job, JobState.RUNNING, started_at=self.clock())
@@ -853,7 +867,13 @@ class JobManager:
                 await self._persist(job)
                 self._emit(job, JobEvent.QUEUED)
                 continue
-            await tracked.wake.wait()
+            run = tracked.run
+            if phase is JobPhase.RUNNING and run is not None and run.inline and run.task is None:
+                run.task = asyncio.current_task()
+                await self._run_flight(run)  # ends the flight (an outcome), or it waits again (bounced)
+                continue
+            waiter = tracked.waiter = asyncio.get_running_loop().create_future()
+            await waiter
         outcome = tracked.outcome
         if isinstance(outcome, BaseException):
             raise outcome
@@ -864,7 +884,7 @@ class JobManager:
         """Leave the queue model; if that stopped the generation, wait for its backend call to wind down."""
         stopped = self._leave_model(tracked, reason)
         run = self._runs.get(stopped) if stopped is not None else None
-        if run is None or run.task is None or run.task.done():
+        if run is None or run.task is None or run.task.done() or run.task is asyncio.current_task():
             return
         with contextlib.suppress(BaseException):
             async with asyncio.timeout(CANCEL_SETTLE_S):
@@ -988,7 +1008,7 @@ class JobManager:
             tracked = self._tracked[job_id]
             self._left_model(tracked)
             tracked.outcome = outcome
-            tracked.wake.set()
+            _wake(tracked)
         self._apply(decisions)
 
     async def _call_backend(self, run: _Run) -> list[GeneratedImage]:
@@ -1087,7 +1107,7 @@ class JobManager:
             "job finished",
             extra={"job": job.id, "state": state.value, **({"reason": error_reason} if error_reason else {})},
         )
-        tracked.done.set()
+        _mark_recorded(tracked)
         try:
             self._emit(job, JobEvent.FINISHED)
         finally:
@@ -1126,7 +1146,7 @@ class JobManager:
         """The first write failed: the job never existed. Anyone waiting on it (a cancel) returns at once."""
         self._tracked.pop(tracked.job.id, None)
         self._release(tracked)
-        tracked.done.set()
+        _mark_recorded(tracked)
 
     @staticmethod
     def _uncancel() -> None:
@@ -1139,10 +1159,10 @@ class JobManager:
     def _job_task_done(self, task: asyncio.Task[None]) -> None:
         job_id = task.get_name().removeprefix("job-")
         tracked = self._tracked.get(job_id)
-        if tracked is not None and not tracked.done.is_set():
+        if tracked is not None and not tracked.recorded:
             # Cancelled before its first step (only a shutdown's hard stop can do that): settle the books.
             self._settle(tracked)
-            tracked.done.set()
+            _mark_recorded(tracked)
         if not task.cancelled() and task.exception() is not None:
             log.error("job task crashed", exc_info=task.exception(), extra={"job": job_id})
         if tracked is not None and tracked.task is task:
@@ -1156,6 +1176,39 @@ class JobManager:
         self._end_run(run, asyncio.CancelledError(), "stopped")
         if not task.cancelled():
             task.exception()  # retrieved here so a failure is never "never retrieved" (logged in the run)
+
+
+def _wake(tracked: _Tracked) -> None:
+    """The model changed something the job's task must act on: resume it if it waits.
+
+    The task checks the job's phase and outcome before each wait without awaiting in between, so a wake while
+    it is busy needs no record.
+    """
+    waiter = tracked.waiter
+    if waiter is not None:
+        tracked.waiter = None
+        if not waiter.done():
+            waiter.set_result(None)
+
+
+def _mark_recorded(tracked: _Tracked) -> None:
+    if tracked.recorded:
+        return
+    tracked.recorded = True
+    waiters, tracked.recorded_waiters = tracked.recorded_waiters, None
+    for waiter in waiters or ():
+        if not waiter.done():
+            waiter.set_result(None)
+
+
+async def _until_recorded(tracked: _Tracked) -> None:
+    if tracked.recorded:
+        return
+    waiter = asyncio.get_running_loop().create_future()
+    if tracked.recorded_waiters is None:
+        tracked.recorded_waiters = []
+    tracked.recorded_waiters.append(waiter)
+    await waiter
 
 
 #: What a member reads when the pool entry that had taken their generation stopped answering.

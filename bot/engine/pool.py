@@ -126,6 +126,8 @@ class BackendPool:
         if len(set(names)) != len(names):
             raise ValueError("pool entries need unique names")
         self.entries: dict[str, PoolEntry] = {entry.name: entry for entry in entries}
+        #: More than one entry (fixed: a pool's entries never change after it is built).
+        self.many = len(self.entries) > 1
         self.failures_to_trip = failures_to_trip
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
@@ -153,10 +155,6 @@ class BackendPool:
 
     def __contains__(self, name: object) -> bool:
         return name in self.entries
-
-    @property
-    def many(self) -> bool:
-        return len(self.entries) > 1
 
     @property
     def primary(self) -> PoolEntry:

@@ -520,7 +520,7 @@ class QueueModel:
         else:
             self._enqueue(entry, decisions)
         self._dispatch(decisions)
-        return self._settled(decisions)
+        return decisions
 
     def leave(self, job_id: str, reason: str) -> list[Decision]:
         """A job ends before its flight does (cancel, queue timeout, shutdown, a failed write)."""
@@ -542,7 +542,7 @@ class QueueModel:
             elif flight.holder == job_id:
                 self._move_slot(flight, decisions)
         self._dispatch(decisions)
-        return self._settled(decisions)
+        return decisions
 
     def flight_ended(self, flight_id: int, reason: str = "done") -> list[Decision]:
         """The flight's backend call is over (result, failure or wound down): its jobs end, its slot frees."""
@@ -559,7 +559,7 @@ class QueueModel:
         self._free_slot(flight)
         decisions: list[Decision] = []
         self._dispatch(decisions)
-        return self._settled(decisions)
+        return decisions
 
     def set_backends(self, backends: dict[str, int]) -> list[Decision]:
         for name in backends:
@@ -567,7 +567,7 @@ class QueueModel:
         self.backends = dict(backends)
         decisions: list[Decision] = []
         self._dispatch(decisions)
-        return self._settled(decisions)
+        return decisions
 
     def set_out(self, backend: str, out: bool) -> list[Decision]:
         """Take a backend out (granted nothing; its running flights carry on) or bring it back."""
@@ -582,7 +582,7 @@ class QueueModel:
                 self._mark_ready(guild_id)  # skipped guilds may be servable now
         decisions: list[Decision] = []
         self._dispatch(decisions)
-        return self._settled(decisions)
+        return decisions
 
     def bounce(self, flight_id: int, *, exclude: bool = True) -> list[Decision]:
         """A running flight's backend did not take the generation: the flight waits again, never on that backend
@@ -613,7 +613,7 @@ class QueueModel:
             self._enqueue(self.jobs[job_id], decisions)
         decisions.append(Requeued(riders))
         self._dispatch(decisions)
-        return self._settled(decisions)
+        return decisions
 
     def eligible_after_bounce(self, flight: Flight) -> frozenset[str]:
         """The backends a running flight could still go to if its own refused it."""
@@ -627,19 +627,7 @@ class QueueModel:
                 self._mark_ready(guild_id)
         decisions: list[Decision] = []
         self._dispatch(decisions)
-        return self._settled(decisions)
-
-    def _settled(self, decisions: list[Decision]) -> list[Decision]:
-        """Positions only for jobs still waiting once the operation is over, the last one each."""
-        last: dict[str, int] = {}
-        for index, decision in enumerate(decisions):
-            if isinstance(decision, Position):
-                last[decision.job] = index
-        return [
-            d
-            for i, d in enumerate(decisions)
-            if not isinstance(d, Position) or (last[d.job] == i and self.phase(d.job) is JobPhase.WAITING)
-        ]
+        return decisions
 
     # -- internals: tickets ---------------------------------------------------------------------------------
     def _guild(self, guild_id: int) -> GuildQueue:
