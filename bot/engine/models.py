@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
