@@ -517,9 +517,9 @@ class QueueModel:
         if flight.state is FlightState.RUNNING:
             entry.phase = JobPhase.RUNNING  # shares a generation already on a backend: no slot, no ticket
             decisions.append(Start(flight.id, flight.backend or "", (job_id,)))
-        else:
+        elif not (len(flight.jobs) == 1 and self._start_at_once(entry, flight, decisions)):
             self._enqueue(entry, decisions)
-        self._dispatch(decisions)
+            self._dispatch(decisions)
         return decisions
 
     def leave(self, job_id: str, reason: str) -> list[Decision]:
@@ -778,20 +778,42 @@ class QueueModel:
                     return ticket
         return None
 
-    def _grant(
-        self, queue: GuildQueue, ticket: Ticket, front: bool, free: list[str], decisions: list[Decision]
-    ) -> None:
-        flight = self.flights[ticket.flight]
-        candidates = self._servable(flight, free)
-        backend = min(candidates, key=lambda b: (self.running[b] / self.backends[b], b))
+    def _start_at_once(self, entry: JobEntry, flight: Flight, decisions: list[Decision]) -> bool:
+        """A new flight starts without a ticket when its guild has nobody waiting and room, and a free backend
+        serves it: exactly what dispatch would grant, since no other waiting ticket can use a free slot
+        (invariant 2) and inside the guild nobody is ahead. Returns False (nothing changed) otherwise."""
+        queue = self.guilds.get(entry.guild_id)
+        if queue is not None and (queue.members or queue.running >= self.guild_limit(entry.guild_id)):
+            return False
+        candidates = self._servable(flight, self._free())
+        if not candidates:
+            return False
+        self._charge(self._guild(entry.guild_id), flight, entry.id, candidates)
+        self._guild(entry.guild_id).served(entry.member_id)
+        entry.phase = JobPhase.RUNNING
+        decisions.append(Start(flight.id, flight.backend, (entry.id,)))  # type: ignore[arg-type]
+        return True
+
+    def _charge(self, queue: GuildQueue, flight: Flight, job_id: str, candidates: list[str]) -> None:
+        """The flight takes a slot on the least loaded of ``candidates``, charged to ``queue``'s guild."""
+        if len(candidates) == 1:
+            backend = candidates[0]
+        else:
+            backend = min(candidates, key=lambda b: (self.running[b] / self.backends[b], b))
         self.running[backend] += 1
         queue.running += 1
         self._guild_tick += 1
         self._guild_served[queue.guild_id] = self._guild_tick
         flight.state = FlightState.RUNNING
         flight.backend = backend
-        flight.holder = ticket.job
+        flight.holder = job_id
         flight.charged_guild = queue.guild_id
+
+    def _grant(
+        self, queue: GuildQueue, ticket: Ticket, front: bool, free: list[str], decisions: list[Decision]
+    ) -> None:
+        flight = self.flights[ticket.flight]
+        self._charge(queue, flight, ticket.job, self._servable(flight, free))
         queue.remove(ticket)
         queue.served(ticket.member_id)
         self.jobs[ticket.job].ticket = None
@@ -805,7 +827,7 @@ class QueueModel:
             entry.phase = JobPhase.RUNNING
             if entry.ticket is not None:
                 self._withdraw(entry, decisions)
-        decisions.append(Start(flight.id, backend, tuple(flight.jobs)))
+        decisions.append(Start(flight.id, flight.backend, tuple(flight.jobs)))  # type: ignore[arg-type]
 
     def _move_slot(self, flight: Flight, decisions: list[Decision]) -> None:
         """The holder left a flight others still wait for: charge a remaining job's guild with room, or stop."""
