@@ -39,7 +39,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from bot.engine.alerts import OperatorAlerts
 from bot.engine.backend import Backend, Capabilities, ResumableBackend
@@ -104,8 +104,7 @@ Listener = Callable[[Job, JobEvent], None]
 Delivery = Callable[[Job], Awaitable[None]]
 
 
-@dataclass(frozen=True, slots=True)
-class AdmissionContext:
+class AdmissionContext(NamedTuple):
     """Who asks, and where: what per-guild rules (channels, NSFW, quotas, defaults) need to decide."""
 
     guild_id: int
@@ -241,8 +240,8 @@ class JobManager:
         self._position_flushed_at = float("-inf")
         self._accepting = True
         self._submitting = 0  # submits past admission, still writing their first record
-        self._no_submits = asyncio.Event()
-        self._no_submits.set()
+        #: Resolved when the last of them is done, if shutdown waits for that.
+        self._submits_done: asyncio.Future[None] | None = None
         self.completed = Counter[JobState]()
         #: Failures the operator must fix: WARNING lines and owner notifications, rate-limited.
         self.alerts = OperatorAlerts(clock=clock)
@@ -490,7 +489,6 @@ class JobManager:
         self._tracked[job.id] = tracked
         self.queue.reserve(guild_id, user_id, request.count)
         self._submitting += 1
-        self._no_submits.clear()
         try:
             if self.store is not None:
                 await self.store.save_job(job)
@@ -502,8 +500,10 @@ class JobManager:
             tracked.task.add_done_callback(self._job_task_done)
         finally:
             self._submitting -= 1
-            if not self._submitting:
-                self._no_submits.set()
+            if not self._submitting and self._submits_done is not None:
+                if not self._submits_done.done():
+                    self._submits_done.set_result(None)
+                self._submits_done = None
         log.info("job queued", extra={"job": job.id, "guild": guild_id, "user": user_id})
         self._emit(job, JobEvent.QUEUED)
         return job
@@ -628,9 +628,13 @@ class JobManager:
 
     async def _wait_for_submits(self, limit_s: float = 5.0) -> None:
         """Submits admitted before shutdown began may still be writing their first record: let them start."""
+        if not self._submitting:
+            return
+        if self._submits_done is None:
+            self._submits_done = asyncio.get_running_loop().create_future()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit_s):
-                await self._no_submits.wait()
+                await asyncio.shield(self._submits_done)
 
     def _pending_tasks(self) -> set[asyncio.Task[object]]:
         tasks: set[asyncio.Task[object]] = {
@@ -1082,7 +1086,8 @@ class JobManager:
             job.started_at = started_at
             job.queue_position = None
             job.queue_eta_s = None
-        await self._persist(job)
+        if self.store is not None:
+            await self._persist(job)
         log.info("job started", extra={"job": job.id})
         self._emit(job, JobEvent.STARTED)
 
@@ -1102,7 +1107,8 @@ class JobManager:
         job.error_reason = error_reason
         job.error_message = error_message
         self.completed[state] += 1
-        await self._persist(job)
+        if self.store is not None:
+            await self._persist(job)
         log.info(
             "job finished",
             extra={"job": job.id, "state": state.value, **({"reason": error_reason} if error_reason else {})},

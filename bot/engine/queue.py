@@ -472,7 +472,9 @@ class QueueModel:
 
     # -- reservations (admitted, not yet submitted) ------------------------------------------------------------
     def reserve(self, guild_id: int, member_id: int, images: int) -> None:
-        record = self.members.setdefault((guild_id, member_id), MemberRecord())
+        record = self.members.get((guild_id, member_id))
+        if record is None:
+            record = self.members[(guild_id, member_id)] = MemberRecord()
         record.reserved += 1
         record.reserved_images += images
 
@@ -510,7 +512,9 @@ class QueueModel:
         entry = JobEntry(job_id, guild_id, member_id, images, flight.id)
         self.jobs[job_id] = entry
         flight.jobs[job_id] = None
-        record = self.members.setdefault((guild_id, member_id), MemberRecord())
+        record = self.members.get((guild_id, member_id))
+        if record is None:
+            record = self.members[(guild_id, member_id)] = MemberRecord()
         record.jobs += 1
         record.images += images
         decisions: list[Decision] = []
