@@ -112,14 +112,6 @@ def final_text(inter: FakeInteraction) -> str:
     return str(inter.callback.data.get("content") or "")
 
 
-def is_final(message: Any) -> bool:
-    """Done with an image, or a sentence that is no queue position nor progress."""
-    author = embed_author(message)
-    if is_done(message):
-        return True
-    return bool(message.content) and not author.startswith(("Queued", "Generating", "Waiting"))
-
-
 def assert_member_safe(text: str) -> None:
     for needle in ("Traceback", "DATABASE_URL", "PostgreSQL", "asyncpg", PASSWORD, "check "):
         assert needle not in text, f"{needle!r} shown to a member: {text!r}"
@@ -216,7 +208,9 @@ async def test_postgresql_stopped_and_started_again_under_load(
     fleet_lines = [r.getMessage() for r in caplog.records if r.name == "bot.service.fleet"]
     assert sum(m.startswith("process heartbeat failed") for m in fleet_lines) == 1
     assert sum(m == "process heartbeat restored" for m in fleet_lines) == 1
-    noisy = [(r.name, r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
-    print("WARNING+ lines:", noisy)
+    # Nobody else warns about it, but the manager: it still logs each failed job write with a traceback
+    # (bot/engine/manager.py _persist; the change it needs is test_manager_store_outage.py's xfail).
+    warned = {r.name for r in caplog.records if r.levelno >= logging.WARNING}
+    assert warned <= {"bot.engine.store_pg", "bot.engine.manager"}, warned
     for inter in [*burst, *late, after]:
         assert_member_safe(final_text(inter))
