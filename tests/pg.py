@@ -183,9 +183,10 @@ class PgCluster:
             "start",
         )
 
-    def stop(self) -> None:
-        # fast: disconnect clients now (what a restart or failover looks like to the bot).
-        self._run("pg_ctl", "-D", str(self.datadir), "-m", "fast", "-w", "-t", "30", "stop")
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: disconnect clients now (what a restart or failover looks like to the bot);
+        ``immediate``: no goodbye to anyone (a crash, a pulled cable), recovery on the next start."""
+        self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "-t", "30", "stop")
 
     def destroy(self) -> None:
         with contextlib.suppress(ClusterError):

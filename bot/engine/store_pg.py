@@ -12,6 +12,16 @@ What PostgreSQL adds:
   database is unreachable, never an asyncpg traceback. A statement that failed because its connection died
   is retried once on a fresh connection: every operation here is idempotent (upserts, reads, set-to-value
   updates), and that retry makes the first call after a server restart succeed instead of failing.
+  When the retry fails too, the store knows the database is *away* (:attr:`PgJobStore.outage`)::
+
+      answering --(a call fails twice: connection refused, dropped, timed out)--> away
+          one WARNING line; every pooled connection is expired (replaced on its next acquire)
+      away: every call fails at once with the same StoreError (no socket opened, no pile-up on a dead host)
+            one reconnect task tries ``SELECT 1`` after 0.5 s, 1 s, 2 s, 4 s, then every 5 s
+      away --(a try answers)--> answering: one INFO line with how long it was away
+
+  So an outage costs one connection attempt per try, however many callers there are, and no busy loop; the
+  store heals by itself within ``reconnect_max_s`` of the server being back, without being reopened.
 - **Migrations** (``MIGRATIONS``, versions kept in ``schema_version``) run in one transaction under
   ``pg_advisory_xact_lock``, so processes starting together migrate exactly once; the others wait for the
   lock, see the new version and go on. DDL is transactional here: a failing migration leaves nothing behind.
@@ -118,6 +128,11 @@ MIGRATIONS: list[Sequence[str]] = [
         """,
     ),
 ]
+
+#: While the database is away: the first wait before a reconnection try, doubled after each failed one up to
+#: the second (so a long outage costs one connection attempt every 5 s, and a short one heals quickly).
+RECONNECT_FIRST_S = 0.5
+RECONNECT_MAX_S = 5.0
 
 #: The advisory lock every migrating process takes (one bigint; any constant unique to this application).
 MIGRATION_LOCK_KEY = 0x696D6167696E65  # "imagine"
@@ -234,6 +249,18 @@ def dsn_secrets(dsn: str) -> list[str]:
     return sorted({raw, unquote(raw)}, key=len, reverse=True)
 
 
+@dataclass
+class Outage:
+    """The database stopped answering (``PgJobStore.outage``; None while it answers)."""
+
+    #: When the store noticed (its own clock, monotonic seconds).
+    since: float
+    #: The latest failure, one line without the password.
+    error: str
+    #: Reconnection tries so far (each one connection attempt).
+    tries: int = 0
+
+
 def _describe(exc: BaseException) -> str:
     """One line about ``exc``: its first line of text, or what it is when it has none."""
     if isinstance(exc, asyncio.TimeoutError):
@@ -248,6 +275,9 @@ class PgJobStore:
     #: ``min_size`` 0: connections open on demand and stay for asyncpg's idle lifetime (300 s), so a busy bot
     #: keeps them warm, while an outage does not start asyncpg's "restore the floor" loop, which logs a
     #: traceback per attempt.
+    #: ``report_outages`` False: an outage is logged at DEBUG only (a second pool on the same database, the
+    #: fleet lease's, need not say again what the job store says). ``clock`` and ``sleep`` pace reconnection
+    #: tries; tests inject them.
     def __init__(
         self,
         dsn: str,
@@ -256,6 +286,11 @@ class PgJobStore:
         max_size: int = 10,
         connect_timeout_s: float = 5.0,
         command_timeout_s: float = 10.0,
+        reconnect_first_s: float = RECONNECT_FIRST_S,
+        reconnect_max_s: float = RECONNECT_MAX_S,
+        report_outages: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._dsn = dsn
         self.name = safe_dsn(dsn)
@@ -264,7 +299,20 @@ class PgJobStore:
         self.max_size = max_size
         self.connect_timeout_s = connect_timeout_s
         self.command_timeout_s = command_timeout_s
+        self.reconnect_first_s = reconnect_first_s
+        self.reconnect_max_s = max(reconnect_first_s, reconnect_max_s)
+        self.report_outages = report_outages
+        self.clock = clock
+        self.sleep = sleep
         self._pool: asyncpg.Pool | None = None
+        #: Set while the database is away (see the module docstring); the reconnect task clears it.
+        self.outage: Outage | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+
+    @property
+    def reachable(self) -> bool:
+        """Open, and not known to be away: what admission asks before taking a job it could not record."""
+        return self._pool is not None and self.outage is None
 
     def __repr__(self) -> str:
         return f"PgJobStore({self.name!r})"
@@ -367,6 +415,12 @@ class PgJobStore:
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
+        task, self._reconnect_task = self._reconnect_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.outage = None
         if pool is None:
             return
         try:
@@ -400,8 +454,11 @@ class PgJobStore:
                 f"The PostgreSQL database {self.name} does not exist: {self._scrub(_describe(exc))}; "
                 "create it (createdb) or fix DATABASE_URL."
             )
+        return self._cannot(action, self._scrub(_describe(exc)))
+
+    def _cannot(self, action: str, detail: str) -> StoreError:
         return StoreError(
-            f"Cannot {action} the PostgreSQL database {self.name} ({self._scrub(_describe(exc))}); "
+            f"Cannot {action} the PostgreSQL database {self.name} ({detail}); "
             "check DATABASE_URL and that the server is running."
         )
 
@@ -417,23 +474,78 @@ class PgJobStore:
             raise StoreError(f"The job store {self.name} is not open.")
         return self._pool
 
+    def _refuse_while_away(self) -> None:
+        """While the database is away a call fails at once: only the reconnect task opens sockets."""
+        outage = self.outage
+        if outage is not None:
+            raise self._cannot("reach", outage.error)
+
     async def _on_connection(
         self, work: Callable[[asyncpg.Connection], Awaitable[T]], action: str = "run a query"
     ) -> T:
         """``work`` on a pooled connection, retried once if the connection turned out to be dead (``work``
-        must be idempotent: one statement, or one transaction); every failure becomes StoreError."""
+        must be idempotent: one statement, or one transaction); every failure becomes StoreError. A retry
+        that fails too means the database is away (see the module docstring)."""
         pool = self._require()
         for attempt in (1, 2):
+            self._refuse_while_away()  # also between the two: another call may just have found it away
             try:
                 async with pool.acquire(timeout=self.connect_timeout_s) as conn:
                     return await work(conn)
             except StoreError:
                 raise
             except Exception as exc:  # anything from the driver: a caller sees StoreError, never asyncpg's
-                if attempt == 2 or self._pool is None or not is_connection_error(exc):
+                if self._pool is not pool or not is_connection_error(exc):
+                    raise self._translate(exc, action) from None
+                if attempt == 2:
+                    self._went_away(pool, exc)
                     raise self._translate(exc, action) from None
                 log.debug("PostgreSQL connection lost (%s); retrying once", self._scrub(_describe(exc)))
         raise AssertionError("unreachable")
+
+    # -- outages --------------------------------------------------------------------------------------------
+
+    def _went_away(self, pool: asyncpg.Pool, exc: BaseException) -> None:
+        """A call failed on two connections: the database is away until the reconnect task reaches it."""
+        detail = self._scrub(_describe(exc))
+        if self.outage is not None:
+            self.outage.error = detail
+            return
+        self.outage = Outage(self.clock(), detail)
+        log.log(
+            logging.WARNING if self.report_outages else logging.DEBUG,
+            "PostgreSQL unreachable; calls fail at once until it answers again (retrying every %g s at most)",
+            self.reconnect_max_s,
+            extra={"database": self.name, "error": detail},
+        )
+        self._reconnect_task = asyncio.create_task(self._reconnect(pool), name="pg-reconnect")
+        self._reconnect_task.add_done_callback(_log_if_crashed)
+
+    async def _reconnect(self, pool: asyncpg.Pool) -> None:
+        """Try one ``SELECT 1`` after each wait (doubling up to ``reconnect_max_s``) until one answers."""
+        # No connection from before the outage is trusted again: each is replaced on its next acquire.
+        await pool.expire_connections()
+        delay = self.reconnect_first_s
+        while (outage := self.outage) is not None and self._pool is pool:
+            await self.sleep(delay)
+            outage.tries += 1
+            try:
+                async with pool.acquire(timeout=self.connect_timeout_s) as conn:
+                    await conn.fetchval("SELECT 1", timeout=self.connect_timeout_s)
+            except Exception as exc:  # whatever it is, the database does not answer yet
+                outage.error = self._scrub(_describe(exc))
+                delay = min(delay * 2, self.reconnect_max_s)
+                continue
+            self.outage = None
+            log.log(
+                logging.INFO if self.report_outages else logging.DEBUG,
+                "PostgreSQL reachable again",
+                extra={
+                    "database": self.name,
+                    "away_s": round(self.clock() - outage.since, 1),
+                    "tries": outage.tries,
+                },
+            )
 
     async def _run(self, sql: str, params: Sequence[Any], *, rows: bool) -> list[Any]:
         """One statement on a pooled connection (its rows when ``rows``)."""
@@ -457,14 +569,17 @@ class PgJobStore:
     # -- health ---------------------------------------------------------------------------------------------
 
     async def ping(self, timeout_s: float = 1.0) -> bool:
-        """For /healthz: True when a trivial query answers quickly."""
-        pool = self._pool
-        if pool is None:
+        """For /healthz: True when a trivial query answers quickly (False at once while the database is
+        away: the reconnect task, not every probe, finds out when it is back)."""
+        if not self.reachable:
             return False
+
+        async def select_one(conn: asyncpg.Connection) -> object:
+            return await conn.fetchval("SELECT 1")
+
         try:
             async with asyncio.timeout(timeout_s):
-                async with pool.acquire() as conn:
-                    return await conn.fetchval("SELECT 1") == 1
+                return await self._on_connection(select_one, "answer a ping") == 1
         except Exception:
             return False
 
@@ -474,6 +589,7 @@ class PgJobStore:
         until the first has left it. A transaction-level lock on one connection: released at the block's end
         however it ends, and by the server if this process dies."""
         pool = self._require()
+        self._refuse_while_away()
         key = advisory_key(name)
         try:
             conn = await pool.acquire(timeout=self.connect_timeout_s)
@@ -694,6 +810,11 @@ class PgJobStore:
             "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
             (key, value),
         )
+
+
+def _log_if_crashed(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("PostgreSQL reconnection stopped", exc_info=task.exception())
 
 
 def _jobs(rows: Iterable[Any]) -> list[Job]:

@@ -8,6 +8,8 @@
 - Images within the upload limit are posted byte-for-byte; larger ones are re-encoded off the event loop.
 - Delivery is recorded: once the outcome is posted (or cannot be), ``JobStore.mark_delivered`` says so. Until
   then the job's images stay pinned in the cache, so a restart after a crash mid-post can post them again.
+  A record the store refused (the database away) is retried in the background, 1 s then doubling up to 30 s,
+  until it is written: once the database is back its rows say what the members saw.
 - Per-job state (``_JobMessage``) lives only while the job's message can still change: it is dropped when the
   final message is posted, so nothing here grows with the number of jobs served.
 """
@@ -28,6 +30,7 @@ import discord
 from bot.engine.images import shrink_to_fit
 from bot.engine.manager import JobEvent
 from bot.engine.models import GeneratedImage, Job, JobState
+from bot.engine.store import StoreError
 from bot.frontend.render import job_embed, job_view
 
 if TYPE_CHECKING:
@@ -39,6 +42,9 @@ log = logging.getLogger(__name__)
 #: Discord kills interaction tokens after 15 minutes; stop using them a minute before.
 TOKEN_USABLE_S = 14 * 60
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+#: First wait before a delivery record the store refused is tried again (doubling up to RECORD_RETRY_MAX_S).
+RECORD_RETRY_S = 1.0
+RECORD_RETRY_MAX_S = 30.0
 #: Error codes that mean the interaction token (or its message) is gone for good.
 DEAD_TOKEN_CODES = {50027, 10015, 10008, 10062}
 NO_MENTIONS = discord.AllowedMentions.none()
@@ -74,6 +80,17 @@ class _JobMessage:
     task: asyncio.Task[None] | None = None
 
 
+@dataclass(frozen=True)
+class _Delivery:
+    """A posted outcome, to be recorded: when, why it could not be posted (None: it was), and whether the
+    job's images are pinned until the record is written."""
+
+    job: Job
+    at: float
+    error: str | None
+    pinned: bool
+
+
 class DiscordErrorSink(Protocol):
     """Where failed Discord calls are counted (the service's metrics)."""
 
@@ -104,6 +121,9 @@ class JobMessenger:
         self.clock = clock
         self._messages: dict[str, _JobMessage] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Deliveries posted but not recorded yet (the store refused): retried by ``_record_task``.
+        self._unrecorded: dict[str, _Delivery] = {}
+        self._record_task: asyncio.Task[None] | None = None
         self.edits = 0
 
     # -- manager hooks ----------------------------------------------------------------------------------
@@ -145,29 +165,69 @@ class JobMessenger:
             assert self.cache is not None
             await self.cache.pin(job.id, job.image_refs)
         error = await self.post_final(job, token_dead=token_dead)
+        delivery = _Delivery(job, self.clock(), error, pinned)
+        if await self._record(delivery):
+            return
+        # Not recorded yet: retried until the store takes it. Should this process end first, the next start
+        # posts it again (an edit of the same message), which is harmless.
+        self._unrecorded[job.id] = delivery
+        if self._record_task is None or self._record_task.done():
+            self._record_task = asyncio.create_task(self._retry_records(), name="delivery-records")
+            self._tasks.add(self._record_task)
+            self._record_task.add_done_callback(self._task_done)
+
+    async def _record(self, delivery: _Delivery, *, retrying: bool = False) -> bool:
+        """Write the delivery record (then unpin the images); False when the store refused it."""
+        job = delivery.job
         if self.store is not None:
             try:
-                await self.store.mark_delivered(job.id, at=self.clock(), error=error)
+                await self.store.mark_delivered(job.id, at=delivery.at, error=delivery.error)
+            except StoreError as exc:
+                if not retrying:  # one line per delivery, not one per try (the store says it is away)
+                    log.info(
+                        "delivery not recorded yet; retrying", extra={"job": job.id, "error": exc.message}
+                    )
+                return False
             except Exception:
-                # Not recorded: the next start posts it again (an edit of the same message), which is harmless.
-                log.exception("could not record a delivery", extra={"job": job.id})
-                return
-        job.delivered_at, job.delivery_error = (None, error) if error else (self.clock(), None)
-        if pinned:
+                log.exception("could not record a delivery; retrying", extra={"job": job.id})
+                return False
+        job.delivered_at, job.delivery_error = (
+            (None, delivery.error) if delivery.error else (delivery.at, None)
+        )
+        if delivery.pinned:
             assert self.cache is not None
             await self.cache.unpin(job.id)
+        return True
+
+    async def _retry_records(self) -> None:
+        delay = RECORD_RETRY_S
+        while self._unrecorded:
+            await asyncio.sleep(delay)
+            await self._flush_records()
+            delay = min(delay * 2, RECORD_RETRY_MAX_S)
+
+    async def _flush_records(self) -> None:
+        for job_id, delivery in list(self._unrecorded.items()):
+            if await self._record(delivery, retrying=True):
+                self._unrecorded.pop(job_id, None)
+
+    def unrecorded_deliveries(self) -> list[str]:
+        """Jobs whose outcome was posted but whose record the store has not taken yet (being retried)."""
+        return list(self._unrecorded)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        for task in list(self._tasks):  # progress pumps and the record retry
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._record_task = None
+        await self._flush_records()  # a last try; what is left is posted again by the next start
         self._messages.clear()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("progress updates failed", exc_info=task.exception())
+            log.error("%s failed", task.get_name(), exc_info=task.exception())
 
     # -- progress -----------------------------------------------------------------------------------------
     async def _pump(self, entry: _JobMessage) -> None:

@@ -21,11 +21,12 @@ from typing import Any
 import discord
 
 from bot.engine import Engine
+from bot.engine.store_pg import PgJobStore
 from bot.frontend.client import ImagineBot, point_discord_at
-from bot.service.fleet import ProcessLease, process_lease
+from bot.service.fleet import OutageGuard, ProcessLease, process_lease
 from bot.service.metrics import Metrics
 from bot.service.runtime import open_engine
-from bot.service.web import Health, WebServer
+from bot.service.web import HEARTBEAT_GRACE_S, Health, WebServer
 from bot.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class Service:
     health: Health
     metrics: Metrics
     web: WebServer | None
+    #: In a fleet (DATABASE_URL): what the bot does while the database is away (bot/service/fleet.py).
+    outage: OutageGuard | None = None
 
     async def start_web(self) -> None:
         """Bind /healthz and /metrics (503 until READY): before logging in, so a clashing port stops start-up
@@ -53,15 +56,23 @@ class Service:
 
 
 def build_service(
-    engine: Engine, *, serve_http: bool = True, lease: ProcessLease | None = None, **bot_options: Any
+    engine: Engine,
+    *,
+    serve_http: bool = True,
+    lease: ProcessLease | None = None,
+    heartbeat_grace_s: float = HEARTBEAT_GRACE_S,
+    **bot_options: Any,
 ) -> Service:
-    health = Health(engine.store, heartbeat=lease)
+    health = Health(engine.store, heartbeat=lease, heartbeat_grace_s=heartbeat_grace_s)
     metrics = Metrics(engine.manager, cache=engine.cache)
     engine.manager.add_listener(metrics.on_job_event)
+    outage = None
+    if lease is not None and isinstance(engine.store, PgJobStore):
+        outage = OutageGuard(engine.manager, engine.store, lease).install()
     bot = ImagineBot(engine, health=health, discord_errors=metrics, **bot_options)
     settings = engine.settings
     web = WebServer(health, metrics, port=settings.http_port, host=settings.http_host) if serve_http else None
-    return Service(engine, bot, health, metrics, web)
+    return Service(engine, bot, health, metrics, web, outage)
 
 
 def install_signal_handlers(bot: ImagineBot) -> Callable[[], None]:

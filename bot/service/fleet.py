@@ -16,6 +16,16 @@ a heartbeat. When the heartbeat cannot be written (the database is gone) the bot
 503 once the last good write is older than its grace (30 s, bot/service/web.py), and heals with the
 next write. If the row was removed meanwhile (the outage outlived the lease), the process registers again; if
 another process has taken its shards by then, it is the one to go: ``on_lost`` is called (the bot closes).
+
+While the database is away (:class:`OutageGuard`, installed by bot/service/app.py)::
+
+    job store away, or lease not renewed -> a new /imagine is refused with UNAVAILABLE (no job, no defer)
+    lease not renewed                    -> no new generation starts (StartGate): running ones finish,
+                                            queued ones keep their places, their queue timeout still runs
+    lease renewed again                  -> the queued jobs start, each backend as its breaker says
+
+A process whose lease has lapsed may find its shards taken and its queued jobs recovered by a successor:
+starting nothing while it cannot renew is what keeps a job from running in two processes.
 """
 
 from __future__ import annotations
@@ -28,10 +38,16 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
+from bot.engine.errors import RequestRejected
 from bot.engine.store import StoreError
 from bot.engine.store_pg import FleetProcess, PgJobStore
 from bot.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from bot.engine.manager import AdmissionContext, JobManager
+    from bot.engine.models import ImageRequest
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +90,8 @@ class ProcessLease:
         self.last_ok = clock()
         self.last_error: str | None = None
         self.beats = 0
+        #: Told ``renewing`` each time it changes (the start gate listens).
+        self.on_renewal: list[Callable[[bool], None]] = []
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------------
@@ -107,6 +125,12 @@ class ProcessLease:
 
     # -- health -----------------------------------------------------------------------------------------
 
+    @property
+    def renewing(self) -> bool:
+        """Whether the last heartbeat was written and the shards are still ours: while not, this process
+        starts no new work (it may have lapsed, and a successor may take its jobs)."""
+        return self.lost_to is None and self.last_error is None
+
     def problem(self, grace_s: float) -> str | None:
         """Why /healthz should say 503 (None: healthy): our shards were taken, or the heartbeat has failed
         and the last good one is older than ``grace_s``."""
@@ -128,6 +152,14 @@ class ProcessLease:
 
     async def beat(self) -> None:
         """One heartbeat: renew the row (or register again if it was removed); failures are remembered."""
+        was = self.renewing
+        try:
+            await self._renew()
+        finally:
+            if self.renewing != was:
+                self._tell_renewal()
+
+    async def _renew(self) -> None:
         try:
             if not await self.store.heartbeat_process(self.me.id):
                 await self._register_again()
@@ -135,7 +167,11 @@ class ProcessLease:
                     return
         except StoreError as exc:
             if self.last_error is None:
-                log.warning("process heartbeat failed; retrying", extra={"error": exc.message})
+                # INFO: the job store's own line (one WARNING per outage) says the database is away.
+                log.info(
+                    "process heartbeat failed; no new generation starts until it is written again",
+                    extra={"error": exc.message},
+                )
             self.last_error = exc.message
             return
         except (
@@ -150,6 +186,13 @@ class ProcessLease:
         self.last_ok = self.clock()
         self.beats += 1
 
+    def _tell_renewal(self) -> None:
+        for listener in list(self.on_renewal):
+            try:
+                listener(self.renewing)
+            except Exception:
+                log.exception("lease listener failed")
+
     async def _register_again(self) -> None:
         log.warning("this process's row had expired (heartbeat silent past LEASE_TTL_S); registering again")
         other = await self.store.register_process(self.me, ttl_s=self.ttl_s)
@@ -161,6 +204,87 @@ class ProcessLease:
             self.on_lost()
 
 
+# -- while the database is away --------------------------------------------------------------------------------
+
+#: What a member reads when their /imagine arrives while this process could not record or schedule it.
+UNAVAILABLE = "The bot cannot take new image requests right now; try again in a few minutes."
+
+
+class StartGate:
+    """Holds every generation start while held: the queue model grants nothing, as if each backend were taken
+    out; running generations carry on and queued jobs keep their places. Released, each backend is again as
+    its circuit breaker says (what the breaker decided meanwhile is applied then, not lost).
+
+    It sits on the pool's ``on_change`` hook (the manager's way of telling the queue model that a backend is
+    out or back), the one switch the manager has for "grant nothing on this backend".
+    """
+
+    def __init__(self, manager: JobManager) -> None:
+        pool = manager.pool
+        tell_model = pool.on_change
+        if tell_model is None:
+            raise ValueError("the pool is not wired to a manager")
+        self._pool = pool
+        self._tell_model: Callable[[str, bool], None] = tell_model
+        self.held = False
+        pool.on_change = self._breaker_changed
+
+    def _breaker_changed(self, name: str, out: bool) -> None:
+        if not self.held:  # while held every backend is out; the breaker's word is applied on release
+            self._tell_model(name, out)
+
+    def hold(self) -> None:
+        if self.held:
+            return
+        self.held = True
+        for entry in self._pool:
+            self._tell_model(entry.name, True)
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        for entry in self._pool:
+            self._tell_model(entry.name, not entry.up)
+
+
+class OutageGuard:
+    """What this process does while its database is away (see the module docstring): refuses new jobs
+    while the job store is away or the lease is not renewed, and starts no generation while the lease is not
+    renewed. :meth:`may_start` is the question a manager could ask itself before granting a slot."""
+
+    def __init__(self, manager: JobManager, store: PgJobStore, lease: ProcessLease) -> None:
+        self.manager = manager
+        self.store = store
+        self.lease = lease
+        self.gate = StartGate(manager)
+        self.refused = 0
+
+    def install(self) -> OutageGuard:
+        self.manager.admission_checks.append(self.check_admission)
+        self.lease.on_renewal.append(self._renewal_changed)
+        self._renewal_changed(self.lease.renewing)
+        return self
+
+    def may_start(self) -> bool:
+        return self.lease.renewing
+
+    def check_admission(self, request: ImageRequest, context: AdmissionContext) -> None:
+        """An admission check (the manager's hook): no job this process could not record or run."""
+        if self.store.reachable and self.lease.renewing:
+            return
+        self.refused += 1
+        raise RequestRejected(UNAVAILABLE, code="database_away")
+
+    def _renewal_changed(self, renewing: bool) -> None:
+        if renewing:
+            if self.gate.held:
+                log.info("lease renewed; queued jobs may start again")
+            self.gate.release()
+        else:
+            self.gate.hold()
+
+
 def _log_if_crashed(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("process heartbeat stopped", exc_info=task.exception())
@@ -170,7 +294,8 @@ def _log_if_crashed(task: asyncio.Task[None]) -> None:
 async def process_lease(settings: Settings) -> AsyncIterator[ProcessLease]:
     """Open a small pool of the lease's own, register this process, and clean up on the way out."""
     assert settings.database_url is not None
-    store = PgJobStore(settings.database_url.get_secret_value(), max_size=2)
+    # The job store reports an outage (one WARNING line); this second pool on the same database stays quiet.
+    store = PgJobStore(settings.database_url.get_secret_value(), max_size=2, report_outages=False)
     await store.open()  # migrates (the processes table included) under its advisory lock
     try:
         lease = ProcessLease(store, this_process(settings), ttl_s=settings.lease_ttl_s)

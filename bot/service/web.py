@@ -61,7 +61,8 @@ class HeartbeatProbe(Protocol):
 class Health:
     """The bot's health as the client's gateway hooks report it, plus a live store ping.
 
-    ``clock`` (monotonic seconds) and ``gateway_grace_s`` are injectable so tests need not wait a minute.
+    ``clock`` (monotonic seconds), ``gateway_grace_s`` and ``heartbeat_grace_s`` (also through
+    ``build_service``) are injectable so tests need not wait a minute.
     """
 
     def __init__(
