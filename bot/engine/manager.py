@@ -72,6 +72,7 @@ from bot.engine.queue import (
     estimate_wait,
     mean_generation_s,
 )
+from bot.engine.store import StoreError
 from bot.logs import current_job
 
 if TYPE_CHECKING:
@@ -908,6 +909,16 @@ class JobManager:
             return frozenset({job.backend})  # type: ignore[arg-type]  # follows its generation where it runs
         return self.pool.eligible(job.request, self.default_model)
 
+    def hold_starts(self, held: bool) -> None:
+        """Start no generation while held (running ones carry on, queued jobs keep their places); released,
+        queued jobs start at once. The fleet holds starts while this process cannot renew its lease."""
+        if held != self.queue.held:
+            self._apply(self.queue.hold(held))
+
+    @property
+    def starts_held(self) -> bool:
+        return self.queue.held
+
     def _backend_out(self, name: str, out: bool) -> None:
         """The pool's circuit breaker took an entry out or brought it back."""
         self._apply(self.queue.set_out(name, out))
@@ -1051,13 +1062,29 @@ class JobManager:
             return
         try:
             await self.store.save_job(job)
-        except Exception:
-            log.exception("could not record a job; retrying", extra={"job": job.id})
-            self._unsaved[job.id] = job
-            if self._retry_task is None or self._retry_task.done():
-                self._retry_task = asyncio.create_task(self._retry_unsaved(), name="store-retry")
+        except Exception as exc:
+            self._write_failed(job, exc)
         else:
             self._unsaved.pop(job.id, None)
+
+    def _write_failed(self, job: Job, exc: Exception) -> None:
+        """Keep the job to write again. A store that says why (StoreError: the database away, the disk full)
+        is logged once per spell of failed writes, not per job and per retry; anything else is a bug and
+        logged with its traceback each time."""
+        first = not self._unsaved
+        self._unsaved[job.id] = job
+        if not isinstance(exc, StoreError):
+            log.error("could not record a job; retrying", exc_info=exc, extra={"job": job.id})
+        elif first:
+            log.warning(
+                "could not record job states; retrying until the store takes them: %s",
+                exc.message,
+                extra={"job": job.id},
+            )
+        else:
+            log.debug("job record not written yet: %s", exc.message, extra={"job": job.id})
+        if self._retry_task is None or self._retry_task.done():
+            self._retry_task = asyncio.create_task(self._retry_unsaved(), name="store-retry")
 
     async def _retry_unsaved(self) -> None:
         delay = STORE_RETRY_S
@@ -1068,13 +1095,17 @@ class JobManager:
 
     async def _flush_unsaved(self) -> None:
         assert self.store is not None or not self._unsaved
+        if not self._unsaved:
+            return
         for job_id, job in list(self._unsaved.items()):
             try:
                 await self.store.save_job(job)  # type: ignore[union-attr]
-            except Exception:
-                log.warning("job record still not written", extra={"job": job_id})
+            except Exception as exc:
+                log.debug("job record still not written: %s", _one_line(exc), extra={"job": job_id})
             else:
                 self._unsaved.pop(job_id, None)
+        if not self._unsaved:
+            log.info("job records written again; the store agrees with memory")
 
     def unsaved_jobs(self) -> list[str]:
         """Jobs whose record in the store is behind memory (a write failed; it is being retried)."""
@@ -1182,6 +1213,10 @@ class JobManager:
         self._end_run(run, asyncio.CancelledError(), "stopped")
         if not task.cancelled():
             task.exception()  # retrieved here so a failure is never "never retrieved" (logged in the run)
+
+
+def _one_line(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, StoreError) else type(exc).__name__
 
 
 def _wake(tracked: _Tracked) -> None:

@@ -128,6 +128,8 @@ class BackendPool:
         self.entries: dict[str, PoolEntry] = {entry.name: entry for entry in entries}
         #: More than one entry (fixed: a pool's entries never change after it is built).
         self.many = len(self.entries) > 1
+        #: The first entry (``IMAGE_BACKEND``'s, for a pool of one).
+        self.primary: PoolEntry = entries[0]
         self.failures_to_trip = failures_to_trip
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
@@ -155,10 +157,6 @@ class BackendPool:
 
     def __contains__(self, name: object) -> bool:
         return name in self.entries
-
-    @property
-    def primary(self) -> PoolEntry:
-        return next(iter(self.entries.values()))
 
     def capacities(self) -> dict[str, int]:
         return {entry.name: entry.capacity for entry in self}

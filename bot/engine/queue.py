@@ -36,7 +36,8 @@ Invariants (``check_invariants`` verifies every one; the tests call it after eve
    stops and its remaining jobs go back to the queue.
 4. A STOPPING flight (its last job left, the backend is winding down) still holds its slot until the manager
    reports ``flight_ended``, and is never joined: an identical newcomer starts a fresh flight. A flight's
-   eligible set is never empty and names configured backends only; no slot is granted on a backend taken out.
+   eligible set is never empty and names configured backends only; no slot is granted on a backend taken out,
+   nor anywhere while starts are held (``hold``: a slot then counts as not free, for invariant 2 too).
 5. Every job ends exactly once; the per-member record (jobs and images queued or running, plus reservations
    admitted but not yet submitted) is the one count admission reads.
 6. Positions: a waiting job's position is its place in its guild's order if nothing else arrived (members take
@@ -435,6 +436,8 @@ class QueueModel:
         self._dirty: set[int] = set()  # guilds with position changes not yet announced
         self._restricted = 0  # flights with an eligibility set (slow dispatch path only when > 0)
         self.out: set[str] = set()  # backends taken out (circuit breaker open): granted nothing
+        #: Starts held (the process cannot renew its lease): nothing is granted anywhere; see :meth:`hold`.
+        self.held = False
         self.ended: dict[str, str] = {}  # job -> end reason, for jobs this model ended (tests read it)
 
     # -- inspection -----------------------------------------------------------------------------------------
@@ -588,6 +591,18 @@ class QueueModel:
         self._dispatch(decisions)
         return decisions
 
+    def hold(self, held: bool) -> list[Decision]:
+        """Hold every start (``True``): nothing is granted, running flights carry on, waiting jobs keep their
+        places. Released (``False``), waiting work starts at once."""
+        self.held = held
+        if not held:
+            for guild_id, queue in self.guilds.items():
+                if queue.members:
+                    self._mark_ready(guild_id)
+        decisions: list[Decision] = []
+        self._dispatch(decisions)
+        return decisions
+
     def bounce(self, flight_id: int, *, exclude: bool = True) -> list[Decision]:
         """A running flight's backend did not take the generation: the flight waits again, never on that backend
         (``exclude``), or for that very backend to be back (``exclude=False``, when it was taken out and no
@@ -733,6 +748,8 @@ class QueueModel:
         )
 
     def _free(self) -> list[str]:
+        if self.held:
+            return []
         return [
             name
             for name, capacity in self.backends.items()
@@ -792,8 +809,9 @@ class QueueModel:
         candidates = self._servable(flight, self._free())
         if not candidates:
             return False
-        self._charge(self._guild(entry.guild_id), flight, entry.id, candidates)
-        self._guild(entry.guild_id).served(entry.member_id)
+        queue = self._guild(entry.guild_id)
+        self._charge(queue, flight, entry.id, candidates)
+        queue.served(entry.member_id)
         entry.phase = JobPhase.RUNNING
         decisions.append(Start(flight.id, flight.backend, (entry.id,)))  # type: ignore[arg-type]
         return True

@@ -20,7 +20,7 @@ another process has taken its shards by then, it is the one to go: ``on_lost`` i
 While the database is away (:class:`OutageGuard`, installed by bot/service/app.py)::
 
     job store away, or lease not renewed -> a new /imagine is refused with UNAVAILABLE (no job, no defer)
-    lease not renewed                    -> no new generation starts (StartGate): running ones finish,
+    lease not renewed                    -> no new generation starts (the manager holds starts): running ones finish,
                                             queued ones keep their places, their queue timeout still runs
     lease renewed again                  -> the queued jobs start, each backend as its breaker says
 
@@ -90,7 +90,7 @@ class ProcessLease:
         self.last_ok = clock()
         self.last_error: str | None = None
         self.beats = 0
-        #: Told ``renewing`` each time it changes (the start gate listens).
+        #: Told ``renewing`` each time it changes (the outage guard listens).
         self.on_renewal: list[Callable[[bool], None]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -210,54 +210,15 @@ class ProcessLease:
 UNAVAILABLE = "The bot cannot take new image requests right now; try again in a few minutes."
 
 
-class StartGate:
-    """Holds every generation start while held: the queue model grants nothing, as if each backend were taken
-    out; running generations carry on and queued jobs keep their places. Released, each backend is again as
-    its circuit breaker says (what the breaker decided meanwhile is applied then, not lost).
-
-    It sits on the pool's ``on_change`` hook (the manager's way of telling the queue model that a backend is
-    out or back), the one switch the manager has for "grant nothing on this backend".
-    """
-
-    def __init__(self, manager: JobManager) -> None:
-        pool = manager.pool
-        tell_model = pool.on_change
-        if tell_model is None:
-            raise ValueError("the pool is not wired to a manager")
-        self._pool = pool
-        self._tell_model: Callable[[str, bool], None] = tell_model
-        self.held = False
-        pool.on_change = self._breaker_changed
-
-    def _breaker_changed(self, name: str, out: bool) -> None:
-        if not self.held:  # while held every backend is out; the breaker's word is applied on release
-            self._tell_model(name, out)
-
-    def hold(self) -> None:
-        if self.held:
-            return
-        self.held = True
-        for entry in self._pool:
-            self._tell_model(entry.name, True)
-
-    def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        for entry in self._pool:
-            self._tell_model(entry.name, not entry.up)
-
-
 class OutageGuard:
     """What this process does while its database is away (see the module docstring): refuses new jobs
     while the job store is away or the lease is not renewed, and starts no generation while the lease is not
-    renewed. :meth:`may_start` is the question a manager could ask itself before granting a slot."""
+    renewed (the manager's :meth:`~bot.engine.manager.JobManager.hold_starts`)."""
 
     def __init__(self, manager: JobManager, store: PgJobStore, lease: ProcessLease) -> None:
         self.manager = manager
         self.store = store
         self.lease = lease
-        self.gate = StartGate(manager)
         self.refused = 0
 
     def install(self) -> OutageGuard:
@@ -265,9 +226,6 @@ class OutageGuard:
         self.lease.on_renewal.append(self._renewal_changed)
         self._renewal_changed(self.lease.renewing)
         return self
-
-    def may_start(self) -> bool:
-        return self.lease.renewing
 
     def check_admission(self, request: ImageRequest, context: AdmissionContext) -> None:
         """An admission check (the manager's hook): no job this process could not record or run."""
@@ -277,12 +235,9 @@ class OutageGuard:
         raise RequestRejected(UNAVAILABLE, code="database_away")
 
     def _renewal_changed(self, renewing: bool) -> None:
-        if renewing:
-            if self.gate.held:
-                log.info("lease renewed; queued jobs may start again")
-            self.gate.release()
-        else:
-            self.gate.hold()
+        if renewing and self.manager.starts_held:
+            log.info("lease renewed; queued jobs may start again")
+        self.manager.hold_starts(not renewing)
 
 
 def _log_if_crashed(task: asyncio.Task[None]) -> None:

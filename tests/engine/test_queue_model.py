@@ -170,7 +170,19 @@ class QueueMachine(RuleBasedStateMachine):
     def grow_pool(self) -> None:
         self.apply(self.model.set_backends({"big": 2, "small": min(3, self.model.backends["small"] + 1)}))
 
+    @rule(held=st.booleans())
+    def hold_starts(self, held: bool) -> None:
+        self.apply(self.model.hold(held))
+
     # -- invariants -----------------------------------------------------------------------------------------
+    @invariant()
+    def nothing_starts_while_held(self) -> None:
+        """While starts are held no slot is taken (flights end, jobs join running ones); released, the model is
+        work-conserving again at once (model_invariants)."""
+        if self.model.held:
+            assert self.model.slots_held <= getattr(self, "slots_seen", 0)
+        self.slots_seen = self.model.slots_held
+
     @invariant()
     def model_invariants(self) -> None:
         self.model.check_invariants()

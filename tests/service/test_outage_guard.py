@@ -57,14 +57,14 @@ async def test_a_lease_that_cannot_be_renewed_starts_no_new_generation_until_it_
     backend = ControlledBackend()
     manager = make_manager(backend, guild_concurrency=1)
     closing(manager)
-    guard, lease, store = guarded(manager)
+    _, lease, store = guarded(manager)
     running = await manager.submit(req("g1:running"), guild_id=1, user_id=1)
     queued = await manager.submit(req("g1:queued"), guild_id=1, user_id=2)
     await backend.wait_calls(1)
 
     store.away = True
     await lease.beat()
-    assert not lease.renewing and not guard.may_start()
+    assert not lease.renewing and manager.starts_held
     backend.release_all()  # the running one may finish...
     await manager.wait(running.id)
     assert running.state is JobState.SUCCEEDED
@@ -75,7 +75,7 @@ async def test_a_lease_that_cannot_be_renewed_starts_no_new_generation_until_it_
 
     store.away = False
     await lease.beat()
-    assert lease.renewing and guard.may_start()
+    assert lease.renewing and not manager.starts_held
     await backend.wait_calls(2)
     backend.release_all()
     await manager.wait(queued.id)
