@@ -498,7 +498,6 @@ class JobManager:
             raise
         else:
             tracked.task = asyncio.create_task(self._run_job(tracked), name=f"job-{job.id}")
-            tracked.task.add_done_callback(self._job_task_done)
         finally:
             self._submitting -= 1
             if not self._submitting and self._submits_done is not None:
@@ -525,7 +524,6 @@ class JobManager:
         self.queue.reserve(job.guild_id, job.user_id, job.request.count)
         await self._persist(job)
         tracked.task = asyncio.create_task(self._run_job(tracked), name=f"job-{job.id}")
-        tracked.task.add_done_callback(self._job_task_done)
         self._emit(job, JobEvent.QUEUED)
         return job
 
@@ -615,6 +613,7 @@ class JobManager:
         remaining = self._pending_tasks()
         if remaining:
             await asyncio.gather(*remaining, return_exceptions=True)
+        self._settle_never_started()
         await self._flush_unsaved()
         await self.pool.aclose()  # stops probing backends that are out (cancelled and awaited)
         if self._position_flush is not None:
@@ -833,8 +832,20 @@ class JobManager:
             # A second cancel (the shutdown's hard stop) while recording or delivering: give up quietly.
             self._settle(tracked)
             raise
+        except Exception:
+            # A bug in the bookkeeping itself: logged, and the job is ended in the books, never left half-way.
+            log.error("job task crashed", exc_info=True, extra={"job": job.id})
+            self._settle(tracked)
         finally:
             _mark_recorded(tracked)
+            self._forget_finished(tracked)
+
+    def _forget_finished(self, tracked: _Tracked) -> None:
+        """Finished jobs leave memory; their record lives on in the store."""
+        job_id = tracked.job.id
+        if self._tracked.get(job_id) is tracked:
+            del self._tracked[job_id]
+            self.queue.forget_ended(job_id)
 
     async def _obtain(self, tracked: _Tracked) -> GenerationResult:
         job = tracked.job
@@ -1193,19 +1204,14 @@ class JobManager:
             while task.cancelling():
                 task.uncancel()
 
-    def _job_task_done(self, task: asyncio.Task[None]) -> None:
-        job_id = task.get_name().removeprefix("job-")
-        tracked = self._tracked.get(job_id)
-        if tracked is not None and not tracked.recorded:
-            # Cancelled before its first step (only a shutdown's hard stop can do that): settle the books.
-            self._settle(tracked)
-            _mark_recorded(tracked)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("job task crashed", exc_info=task.exception(), extra={"job": job_id})
-        if tracked is not None and tracked.task is task:
-            # Finished jobs leave memory; their record lives on in the store.
-            del self._tracked[job_id]
-            self.queue.forget_ended(job_id)
+    def _settle_never_started(self) -> None:
+        """Jobs whose task was cancelled before its first step (only the shutdown's hard stop can do that):
+        their task never ran its own bookkeeping, so the books are settled here."""
+        for tracked in [t for t in self._tracked.values() if t.task is not None and t.task.done()]:
+            if not tracked.started:
+                self._settle(tracked)
+                _mark_recorded(tracked)
+                self._forget_finished(tracked)
 
     def _run_task_done(self, run: _Run, task: asyncio.Task[None]) -> None:
         self._run_tasks.discard(task)
