@@ -31,7 +31,8 @@ store has recorded every delivery. Figures:
   for the server: Query, Sync, Flush (asyncpg's prepare) and the handshake's messages; each is attributed to its
   SQL, and the report names the store call behind each SQL. Counted over the same window as the CPU, so the
   fleet's heartbeats in that window are included. The proxy adds a loopback hop to every round trip (it runs
-  as a process of its own); SQLite has no round trips (an in-process call on aiosqlite's thread).
+  as a process of its own; ``--no-count`` connects the bots straight to the server, to see what that hop
+  costs); SQLite has no round trips (an in-process call on aiosqlite's thread).
 - **grant latency**: the jobs table's ``started_at - created_at`` for each job of the burst, read from the
   store after the run (the bot's /metrics has no such figure): ``created_at`` is the manager's admission,
   ``started_at`` the moment the queue granted the job a slot (set before the RUNNING write). In a burst
@@ -503,8 +504,13 @@ async def run_config(config: Config, options: argparse.Namespace, cluster: PgClu
             if cluster is not None:
                 direct = await asyncio.to_thread(cluster.create_database, f"fleet_{config.key}")
                 jobs_table = PgJobs(direct)
-                proxy = await stack.enter_async_context(WireProxy.running(cluster.host, cluster.port, names))
-                urls = {name: with_port(direct, proxy.ports[name]) for name in names}
+                if options.no_count:
+                    urls = dict.fromkeys(names, direct)
+                else:
+                    proxy = await stack.enter_async_context(
+                        WireProxy.running(cluster.host, cluster.port, names)
+                    )
+                    urls = {name: with_port(direct, proxy.ports[name]) for name in names}
             else:
                 jobs_table = SqliteJobs(data_dir / "bot.sqlite3")
             processes: list[Process] = []
@@ -758,6 +764,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated set-ups to run, in order (default {','.join(CONFIGS)})",
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a burst may take (default 600)")
+    parser.add_argument(
+        "--no-count",
+        action="store_true",
+        help="connect the bots straight to PostgreSQL: no round-trip counts, no proxy hop in the figures",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     options = parser.parse_args(argv)
     options.configs = [key.strip() for key in options.configs.split(",") if key.strip()]
