@@ -75,6 +75,8 @@ from bench.harness import (
     cpu_seconds,
     describe_unfinished,
     done_at,
+    embed_author,
+    has_image,
     job_state,
     percentile,
     tail,
@@ -304,6 +306,8 @@ class Figures:
     server_cpu_s: float | None = None
     proxy_cpu_s: float | None = None
     bench_cpu_s: float = 0.0
+    #: Per job whose message showed "Done" before its image: for how many seconds.
+    done_before_image_s: list[float] = field(default_factory=list)
 
     @property
     def round_trips(self) -> int | None:
@@ -358,6 +362,10 @@ class Figures:
             if self.proxy_cpu_s is None
             else round(self.proxy_cpu_s * 1000 / self.jobs, 3),
             "bench_cpu_ms_per_job": round(self.bench_cpu_s * 1000 / self.jobs, 3),
+            "done_before_image": {
+                "jobs": len(self.done_before_image_s),
+                "max_s": round(max(self.done_before_image_s), 3) if self.done_before_image_s else None,
+            },
         }
 
 
@@ -437,6 +445,29 @@ async def warm_up(fake: FakeDiscord, world: World, processes: list[Process], tim
         raise BenchError(f"warm-up failed: {describe_unfinished(inters)}")
 
 
+def burst_state(inter: FakeInteraction) -> str:
+    """``job_state``, except that "Done" without the image yet is still pending: the bot can show a finished
+    job's embed in a progress edit before the edit that uploads its image (see ``done_before_image``)."""
+    state = job_state(inter)
+    if state == "failed" and embed_author(inter.original).startswith("Done"):
+        return "pending"
+    return state
+
+
+def done_before_image(inter: FakeInteraction) -> float | None:
+    """Seconds the message showed "Done" without its image before the image came (None: it never did)."""
+    first = None
+    for revision in inter.original.history if inter.original else []:
+        author = str((revision.embeds[0].get("author") or {}).get("name", "")) if revision.embeds else ""
+        if not author.startswith("Done"):
+            continue
+        if has_image(revision.attachments):
+            return None if first is None else revision.time - first
+        if first is None:
+            first = revision.time
+    return None
+
+
 async def wait_all_done(
     fake: FakeDiscord, inters: list[FakeInteraction], processes: list[Process], budget: float
 ) -> None:
@@ -444,7 +475,7 @@ async def wait_all_done(
     ack_deadline = (fake.ack_deadline_s or 3) + 2
     while True:
         now = time.monotonic()
-        states = [job_state(i) for i in inters]
+        states = [burst_state(i) for i in inters]
         stuck = [
             i
             for i, s in zip(inters, states, strict=True)
@@ -553,6 +584,7 @@ async def run_config(config: Config, options: argparse.Namespace, cluster: PgClu
             rest_calls = len(fake.requests) - requests0
             finished = [t for t in (done_at(i) for i in inters) if t is not None]
             acks = [i.ack_latency for i in inters if i.ack_latency is not None]
+            early_done = [t for t in (done_before_image(i) for i in inters) if t is not None]
 
             timings = await jobs_table.timings(since)
             if len(timings) != options.jobs:
@@ -594,6 +626,7 @@ async def run_config(config: Config, options: argparse.Namespace, cluster: PgClu
         server_cpu_s=None if server0 is None or server1 is None else server1 - server0,
         proxy_cpu_s=None if proxy0 is None or proxy1 is None else proxy1 - proxy0,
         bench_cpu_s=bench1 - bench0,
+        done_before_image_s=early_done,
     )
 
 
@@ -668,6 +701,11 @@ def report(options: argparse.Namespace, results: dict[str, Figures]) -> None:
             extra.append(f"proxy {figures.proxy_cpu_s * 1000 / figures.jobs:.2f} CPU ms/job")
         extra.append(f"fake Discord + driver {figures.bench_cpu_s * 1000 / figures.jobs:.2f} CPU ms/job")
         extra.append(f"burst dispatched in {figures.dispatch_s:.2f} s")
+        if figures.done_before_image_s:
+            extra.append(
+                f"{len(figures.done_before_image_s)} messages showed Done before their image "
+                f"(up to {max(figures.done_before_image_s):.1f} s)"
+            )
         print(f"{figures.config.label}: " + "; ".join(extra))
         for process in figures.processes:
             if process.round_trips is not None:
