@@ -273,6 +273,7 @@ class ProcessFigures:
     connections: int | None = None
     by_sql: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    acks: list[float] = field(default_factory=list)  # of its own guilds' interactions
 
     @property
     def cpu_ms_per_job(self) -> float:
@@ -282,6 +283,10 @@ class ProcessFigures:
         return {
             "name": self.name,
             "jobs": self.jobs,
+            "ack_ms": {
+                "p50": round(percentile(self.acks, 50) * 1000, 2) if self.acks else None,
+                "p99": round(percentile(self.acks, 99) * 1000, 2) if self.acks else None,
+            },
             "cpu_ms_per_job": round(self.cpu_ms_per_job, 3),
             "round_trips": self.round_trips,
             "round_trips_per_job": None
@@ -308,6 +313,9 @@ class Figures:
     bench_cpu_s: float = 0.0
     #: Per job whose message showed "Done" before its image: for how many seconds.
     done_before_image_s: list[float] = field(default_factory=list)
+    #: How late this process's event loop (the fake Discord's) woke during the burst: when it is late, so is
+    #: every timestamp the fake takes, acknowledgements included.
+    fake_lag_s: list[float] = field(default_factory=list)
 
     @property
     def round_trips(self) -> int | None:
@@ -362,6 +370,7 @@ class Figures:
             if self.proxy_cpu_s is None
             else round(self.proxy_cpu_s * 1000 / self.jobs, 3),
             "bench_cpu_ms_per_job": round(self.bench_cpu_s * 1000 / self.jobs, 3),
+            "fake_loop_lag_ms": {"p99": ms(self.fake_lag_s, 99), "max": ms(self.fake_lag_s, 100)},
             "done_before_image": {
                 "jobs": len(self.done_before_image_s),
                 "max_s": round(max(self.done_before_image_s), 3) if self.done_before_image_s else None,
@@ -501,6 +510,31 @@ async def wait_delivered(jobs: SqliteJobs | PgJobs, timeout: float = 30.0) -> No
         await asyncio.sleep(0.2)
 
 
+class LoopLag:
+    """Samples how late this event loop wakes from a short sleep: the fake Discord's own backlog."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(self.interval)
+            self.samples.append(max(0.0, time.monotonic() - before - self.interval))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="loop-lag")
+
+    async def stop(self) -> list[float]:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        return self.samples
+
+
 def with_port(url: str, port: int) -> str:
     parts = urlsplit(url)
     return f"postgresql://{SUPERUSER}:{PASSWORD}@{parts.hostname}:{port}{parts.path}"
@@ -570,11 +604,16 @@ async def run_config(config: Config, options: argparse.Namespace, cluster: PgClu
             bench0 = time.process_time()
             since, clock0, requests0 = time.time(), fake.clock(), len(fake.requests)
             started = time.monotonic()
+            lag = LoopLag()
+            lag.start()
             inters = [
                 await invoke(fake, who, f"fleet {tag} job {i}: a fox") for i, who in enumerate(world.burst)
             ]
             dispatch_s = time.monotonic() - started
-            await wait_all_done(fake, inters, processes, budget)
+            try:
+                await wait_all_done(fake, inters, processes, budget)
+            finally:
+                lag_samples = await lag.stop()
             await wait_delivered(jobs_table)
             cpu1 = [cpu_seconds(p.pid) for p in processes]
             bench1 = time.process_time()
@@ -594,6 +633,11 @@ async def run_config(config: Config, options: argparse.Namespace, cluster: PgClu
             figures = []
             for index, (name, process) in enumerate(zip(names, processes, strict=True)):
                 one = ProcessFigures(name, jobs_of[index], cpu1[index] - cpu0[index])
+                one.acks = [
+                    i.ack_latency
+                    for i in inters
+                    if i.ack_latency is not None and owner(int(i.guild_id or 0)) == index
+                ]
                 if stats0 is not None and stats1 is not None:
                     before, after = stats0[name], stats1[name]
                     if after["unparsed"]:
@@ -627,6 +671,7 @@ async def run_config(config: Config, options: argparse.Namespace, cluster: PgClu
         proxy_cpu_s=None if proxy0 is None or proxy1 is None else proxy1 - proxy0,
         bench_cpu_s=bench1 - bench0,
         done_before_image_s=early_done,
+        fake_lag_s=lag_samples,
     )
 
 
@@ -699,7 +744,10 @@ def report(options: argparse.Namespace, results: dict[str, Figures]) -> None:
             extra.append(f"PostgreSQL server {figures.server_cpu_s * 1000 / figures.jobs:.2f} CPU ms/job")
         if figures.proxy_cpu_s is not None:
             extra.append(f"proxy {figures.proxy_cpu_s * 1000 / figures.jobs:.2f} CPU ms/job")
-        extra.append(f"fake Discord + driver {figures.bench_cpu_s * 1000 / figures.jobs:.2f} CPU ms/job")
+        extra.append(
+            f"fake Discord + driver {figures.bench_cpu_s * 1000 / figures.jobs:.2f} CPU ms/job, its loop late by "
+            f"up to {_ms(figures.fake_lag_s, 100)} ms (p99 {_ms(figures.fake_lag_s, 99)})"
+        )
         extra.append(f"burst dispatched in {figures.dispatch_s:.2f} s")
         if figures.done_before_image_s:
             extra.append(
@@ -708,10 +756,16 @@ def report(options: argparse.Namespace, results: dict[str, Figures]) -> None:
             )
         print(f"{figures.config.label}: " + "; ".join(extra))
         for process in figures.processes:
-            if process.round_trips is not None:
+            trips = (
+                ""
+                if process.round_trips is None
+                else f", {process.round_trips / max(1, process.jobs):.1f} round trips/job, "
+                f"{process.connections} connections opened"
+            )
+            if len(figures.processes) > 1 or trips:
                 print(
-                    f"  {process.name}: {process.jobs} jobs, {process.round_trips / max(1, process.jobs):.1f} "
-                    f"round trips/job, {process.connections} connections opened"
+                    f"  {process.name}: {process.jobs} jobs, ack p50 {_ms(process.acks, 50)} ms, "
+                    f"p99 {_ms(process.acks, 99)} ms{trips}"
                 )
             if process.warnings:
                 print(f"  {process.name} log: {len(process.warnings)} warning/error lines, e.g.")
