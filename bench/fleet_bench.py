@@ -37,8 +37,9 @@ store has recorded every delivery. Figures:
   store after the run (the bot's /metrics has no such figure): ``created_at`` is the manager's admission,
   ``started_at`` the moment the queue granted the job a slot (set before the RUNNING write). In a burst
   larger than the backend's slots that is mostly queueing, so a second figure isolates the grant itself:
-  **free-slot grant**, the same latency for the jobs that started before the first job of their process
-  finished (a slot was free when they were admitted).
+  **free-slot grant**, the same latency for the first ``BACKEND_CONCURRENCY`` jobs to start in each process
+  (fewer jobs than slots had started before them, so each found a slot free): the first store write, the
+  job's task and the grant, while the process is still reading the rest of the burst.
 
 The machine running it is shared (the fake Discord runs in this process, PostgreSQL and the proxy beside the
 bots): compare the rows of one run, not runs on different machines.
@@ -180,10 +181,9 @@ class Timing:
     guild_id: int
     created_at: float
     started_at: float | None
-    finished_at: float | None
 
 
-_TIMINGS = "SELECT guild_id, created_at, started_at, finished_at FROM jobs WHERE created_at >= {}"
+_TIMINGS = "SELECT guild_id, created_at, started_at FROM jobs WHERE created_at >= {}"
 _UNDELIVERED = "SELECT count(*) FROM jobs WHERE message_ref IS NOT NULL AND delivered_at IS NULL AND delivery_error IS NULL"
 
 
@@ -202,7 +202,7 @@ class SqliteJobs:
 
     async def timings(self, since: float) -> list[Timing]:
         rows = await asyncio.to_thread(self._fetch, _TIMINGS.format("?"), (since,))
-        return [Timing(int(g), c, s, f) for g, c, s, f in rows]
+        return [Timing(int(g), c, s) for g, c, s in rows]
 
 
 class PgJobs:
@@ -223,7 +223,7 @@ class PgJobs:
 
     async def timings(self, since: float) -> list[Timing]:
         rows = await self._fetch(_TIMINGS.format("$1"), since)
-        return [Timing(int(g), c, s, f) for g, c, s, f in rows]
+        return [Timing(int(g), c, s) for g, c, s in rows]
 
 
 # ----------------------------------------------------------------------------------------------- figures
@@ -379,17 +379,19 @@ class Figures:
         }
 
 
-def grant_figures(timings: list[Timing], owner: Callable[[int], int]) -> tuple[list[float], list[float]]:
+def grant_figures(
+    timings: list[Timing], owner: Callable[[int], int], slots: int
+) -> tuple[list[float], list[float]]:
     """(every job's grant latency, the free-slot ones): see the module docstring."""
-    missing = [t for t in timings if t.started_at is None or t.finished_at is None]
+    missing = [t for t in timings if t.started_at is None]
     if missing:
-        raise BenchError(f"{len(missing)} jobs of the burst have no start or finish time in the store")
+        raise BenchError(f"{len(missing)} jobs of the burst have no start time in the store")
     grants = [t.started_at - t.created_at for t in timings]  # type: ignore[operator]
     free: list[float] = []
     for process in {owner(t.guild_id) for t in timings}:
-        mine = [t for t in timings if owner(t.guild_id) == process]
-        first_finish = min(t.finished_at for t in mine)  # type: ignore[type-var]
-        free += [t.started_at - t.created_at for t in mine if t.started_at < first_finish]  # type: ignore[operator]
+        mine = sorted((t for t in timings if owner(t.guild_id) == process), key=lambda t: t.started_at or 0.0)
+        # The first `slots` to start found a slot free: fewer than `slots` jobs had started before them.
+        free += [t.started_at - t.created_at for t in mine[:slots]]  # type: ignore[operator]
     return grants, free
 
 
@@ -642,7 +644,7 @@ async def run_config(config: Config, options: argparse.Namespace, cluster: PgClu
             timings = await jobs_table.timings(since)
             if len(timings) != options.jobs:
                 raise BenchError(f"the store has {len(timings)} jobs of the burst, not {options.jobs}")
-            grants, free = grant_figures(timings, owner)
+            grants, free = grant_figures(timings, owner, concurrency)
             jobs_of = Counter(owner(int(g.id)) for g, _ in world.burst)
             figures = []
             for index, (name, process) in enumerate(zip(names, processes, strict=True)):
