@@ -1,7 +1,7 @@
 """Fleet benchmark (issue 11): one burst of /imagine through three set-ups of the real bot.
 
     python -m bench.fleet_bench [--jobs 1000] [--guilds 100] [--backend-delay 0.1] [--backend-concurrency 16]
-                                [--configs sqlite,pg,pg2] [--json FILE]
+                                [--configs sqlite,pg,pg2] [--no-count] [--json FILE]
 
 The set-ups, each a fresh run of ``python -m bot`` subprocesses against the in-process fake Discord and a fake
 OpenAI images API (``--backend-delay`` seconds per image):
