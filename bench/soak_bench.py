@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.discord_bench import (
+from bench.harness import (
     TOKEN,
     BenchError,
     CountingOpenAI,
