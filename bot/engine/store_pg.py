@@ -143,6 +143,15 @@ PROCESS_LOCK_KEY = MIGRATION_LOCK_KEY + 1
 T = TypeVar("T")
 
 
+async def _undo_interrupted_transaction(conn: asyncpg.Connection) -> None:
+    """What a connection needs before it goes back to the pool. The store keeps no session state (its advisory
+    locks are transaction-scoped; it opens no cursors outside transactions, LISTENs and SETs nothing), so
+    asyncpg's default reset (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``) is one round
+    trip per store call for nothing: only a transaction a cancel interrupted is rolled back."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 def advisory_key(name: str) -> int:
     """A stable signed 64-bit advisory-lock key for ``name`` (the same in every process)."""
     digest = hashlib.sha256(f"imagine-bot:{name}".encode()).digest()
@@ -331,6 +340,7 @@ class PgJobStore:
                 max_size=self.max_size,
                 timeout=self.connect_timeout_s,
                 command_timeout=self.command_timeout_s,
+                reset=_undo_interrupted_transaction,
             )
         except Exception as exc:
             raise self._unreachable(exc, "connect to") from None

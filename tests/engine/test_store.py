@@ -761,6 +761,31 @@ async def test_a_malformed_database_url_is_named_as_such(url: str) -> None:
     assert "pw-secret" not in info.value.message
 
 
+async def test_postgres_a_connection_back_in_the_pool_has_no_transaction_and_costs_no_reset_query(
+    pg_url: str,
+) -> None:
+    """The pool's release undoes a transaction a cancel interrupted, and sends nothing when there is none
+    (asyncpg's default reset is a round trip per store call: half of a job's round trips)."""
+    async with PgJobStore(pg_url, min_size=1, max_size=1) as store:
+        pool = store._pool
+        assert pool is not None
+        async with pool.acquire() as conn:
+            await conn.execute("BEGIN")
+            await conn.execute("CREATE TEMP TABLE interrupted (x int)")
+            assert conn.is_in_transaction()
+        async with pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT to_regclass('pg_temp.interrupted')") is None  # rolled back
+            sent: list[str] = []
+            conn.add_query_logger(lambda record: sent.append(record.query))
+        await store.save_job(make_job("counted"))  # one statement, and no reset query after it
+        assert not any("RESET ALL" in q or "UNLISTEN" in q for q in sent)
+        async with pool.acquire() as conn:
+            conn.add_query_logger(lambda record: sent.append(record.query))
+            await conn.execute("SELECT 1")
+        assert not any("pg_advisory_unlock_all" in q or "RESET ALL" in q for q in sent)
+
+
 async def test_postgres_a_connection_dropped_unseen_is_replaced_by_the_first_call(
     pg_cluster: PgCluster, pg_url: str
 ) -> None:
