@@ -8,9 +8,13 @@ differ are in different rate-limit keys and may IDENTIFY at the same time; withi
 discord.py's own ``before_identify_hook`` sleeps 5 s before every IDENTIFY but the process's first, whatever
 ``max_concurrency`` says: 16 shards that may all start at once take 75 s. The gate decides instead::
 
-    max_concurrency known:    wait until 5 s after this key's last IDENTIFY from this process;
+    max_concurrency known:    wait until 5.5 s after this key's last IDENTIFY from this process;
                               the key's first IDENTIFY (and one long after the last) goes at once
     max_concurrency unknown:  discord.py's rule: 5 s before every IDENTIFY but the initial one
+
+Why 5.5: Discord measures the 5 s between arrivals. An IDENTIFY let go exactly 5 s after the last may arrive
+sooner than 5 s after it when the last one was slower on the wire or sent late by a busy loop. (discord.py's
+5 s sleep runs after the next connection's handshake, which gives it a margin of its own.)
 
 Only this process's IDENTIFYs are known to it. Processes started together whose shards share a key (SHARD_IDS
 0 and 1 with ``max_concurrency`` 1) may still collide; Discord then invalidates one session and discord.py
@@ -30,8 +34,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: Discord's window: one IDENTIFY per rate-limit key per this many seconds.
-IDENTIFY_INTERVAL_S = 5.0
+#: Discord's window: one IDENTIFY per rate-limit key per this many seconds (between arrivals).
+DISCORD_IDENTIFY_WINDOW_S = 5.0
+#: What the gate keeps between two IDENTIFYs of one key: the window and a margin for the wire.
+IDENTIFY_INTERVAL_S = DISCORD_IDENTIFY_WINDOW_S + 0.5
 
 
 def max_concurrency_of(session_start_limit: Mapping[str, Any] | None) -> int | None:
@@ -94,7 +100,7 @@ class IdentifyGate:
         if key is None:
             if not initial:
                 log.debug("identify: waiting (max_concurrency unknown)", extra={"shard": shard_id})
-                await self._sleep(self.interval)
+                await self._sleep(DISCORD_IDENTIFY_WINDOW_S)
             return
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:  # two shards of one key wait in turn, not both for the same slot
