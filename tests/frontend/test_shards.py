@@ -171,6 +171,34 @@ async def test_four_shards_in_two_keys_identify_two_at_a_time_and_only_a_shared_
             await inter.wait_until(is_done, timeout=15)
 
 
+async def test_when_get_gateway_bot_fails_shards_fall_back_to_discord_pys_5_s_and_say_so(
+    fake_openai, tmp_path, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="bot.frontend.client")
+    clock = FakeClock(base=lambda: T0)
+    paced = PacedTime(clock)
+    async with FakeDiscord(token=TOKEN, max_concurrency=2, enforce_identify_limit=True, clock=clock) as fake:
+        guilds_on_shards(fake, 2)
+        fake.inject_error("GET", r"/gateway/bot$", 403, {"message": "Missing Access", "code": 50001})
+        async with running_bot(
+            fake,
+            tmp_path,
+            backend_url=fake_openai.url,
+            shard_count=2,
+            identify_gate=paced.gate(),
+            ready_timeout=READY_TIMEOUT,
+        ) as h:
+            assert fake.gateway.connected_shards == [(0, 2), (1, 2)]
+            assert h.bot.identify_gate.max_concurrency is None
+            assert paced.sleeps == [5.0]  # discord.py's rule: 5 s before every IDENTIFY but the first
+    (warning,) = [
+        r for r in caplog.records if r.levelno == logging.WARNING and "gateway/bot" in r.getMessage()
+    ]
+    assert warning.getMessage() == "GET /gateway/bot failed; shards identify 5 s apart"
+    (line,) = [r for r in caplog.records if r.getMessage() == "gateway shards"]
+    assert line.max_concurrency == "unknown"  # type: ignore[attr-defined]
+
+
 async def test_an_identify_that_breaks_max_concurrency_gets_op_9_and_the_shard_identifies_again_later(
     fake_openai, tmp_path
 ) -> None:
