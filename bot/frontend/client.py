@@ -5,8 +5,10 @@ It is an ``AutoShardedBot``: with ``SHARD_COUNT`` (and ``SHARD_IDS``) it runs th
 every shard ``GET /gateway/bot`` recommends. Each guild's events arrive on the shard ``(guild_id >> 22) %
 SHARD_COUNT``, so the process running that shard is the only one that hears from that guild. Start-up::
 
-    login (REST) -> setup_hook -> launch_shards: [GET /gateway/bot for the count] -> log the shards
+    login (REST) -> setup_hook -> launch_shards: GET /gateway/bot (the count unless SHARD_COUNT gives it,
+                    and max_concurrency) -> log the shards
                  -> launch_shard per shard (retried with backoff while the gateway is unreachable)
+                    -> before_identify_hook: the IdentifyGate holds the IDENTIFY until Discord allows it
                  -> READY per shard (on_shard_connect) -> on_ready once every shard is ready
 """
 
@@ -32,6 +34,7 @@ from discord.shard import Shard
 from bot.engine import Engine
 from bot.engine.policy import GuildPolicy
 from bot.engine.recovery import recover_unfinished_jobs
+from bot.frontend.identify import IdentifyGate, max_concurrency_of
 from bot.frontend.interactions import tell_failure
 from bot.frontend.messenger import DiscordErrorSink, JobMessenger
 from bot.frontend.owner import OwnerNotifier
@@ -124,6 +127,7 @@ class ImagineBot(commands.AutoShardedBot):
         sync_commands: bool = True,
         recover_jobs: bool = True,
         progress_interval: float = 1.5,
+        identify_gate: IdentifyGate | None = None,
         **options: object,
     ) -> None:
         intents = discord.Intents.none()
@@ -163,6 +167,8 @@ class ImagineBot(commands.AutoShardedBot):
         self._drain_task: asyncio.Task[None] | None = None
         #: The ``url`` of GET /gateway/bot, when this process asked it for the shard count.
         self._recommended_gateway: yarl.URL | None = None
+        #: When each shard may IDENTIFY (max_concurrency from GET /gateway/bot, set in launch_shards).
+        self.identify_gate = identify_gate or IdentifyGate()
 
     @property
     def manager(self):
@@ -230,17 +236,22 @@ class ImagineBot(commands.AutoShardedBot):
         return self._recommended_gateway or offered
 
     async def launch_shards(self) -> None:
-        """Settle the shard count and the shards this process runs, say so, then let discord.py launch them.
+        """Settle the shard count, ``max_concurrency`` and the shards this process runs, say so, then let
+        discord.py launch them.
 
         Without SHARD_COUNT discord.py would ask GET /gateway/bot itself and connect to the URL it returns,
         past DISCORD_GATEWAY_URL: ask it here for the count, so every shard goes through
-        :meth:`gateway_for_shards`.
+        :meth:`gateway_for_shards`. With SHARD_COUNT it is asked only for ``max_concurrency`` (once per
+        start; if that fails, shards identify 5 s apart as discord.py's default hook has them).
         """
         if self.is_closed():
             return
         if self.shard_count is None:
-            self.shard_count, url, _limits = await self.http.get_bot_gateway()
+            self.shard_count, url, limits = await self.http.get_bot_gateway()
             self._recommended_gateway = yarl.URL(url)
+            self.identify_gate.configure(max_concurrency_of(limits))
+        elif self.identify_gate.max_concurrency is None:
+            self.identify_gate.configure(await self._fetch_max_concurrency())
         shard_ids = sorted(self.shard_ids or range(self.shard_count))
         self.health.expect_shards(shard_ids)
         log.info(
@@ -249,9 +260,26 @@ class ImagineBot(commands.AutoShardedBot):
                 "shards": ",".join(map(str, shard_ids)),
                 "shard_count": self.shard_count,
                 "source": "SHARD_COUNT" if self.settings.shard_count else "GET /gateway/bot",
+                "max_concurrency": self.identify_gate.max_concurrency or "unknown",
             },
         )
         await super().launch_shards()
+
+    async def _fetch_max_concurrency(self) -> int | None:
+        """``max_concurrency`` from GET /gateway/bot; None (with a warning) when Discord does not say."""
+        try:
+            _count, _url, limits = await self.http.get_bot_gateway()
+        except (TimeoutError, discord.DiscordException, aiohttp.ClientError, OSError) as exc:
+            log.warning(
+                "GET /gateway/bot failed; shards identify 5 s apart",
+                extra={"error": type(exc).__name__},
+            )
+            return None
+        return max_concurrency_of(limits)
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        """Called by discord.py right before each IDENTIFY (first connections and re-identifies alike)."""
+        await self.identify_gate.wait(shard_id, initial=initial)
 
     async def launch_shard(self, gateway: yarl.URL, shard_id: int, *, initial: bool = False) -> None:
         """Connect one shard; while the gateway is unreachable, retry with backoff and one line per attempt.

@@ -22,10 +22,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.fakes.discord import FakeDiscord
+from tests.fakes.discord import FakeClock, FakeDiscord
 from tests.fakes.discord.model import shard_of
 
 TOKEN = "test-token"
+#: A fixed base for clocks that move only when a test advances them.
+T0 = 1_750_000_000.0
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -67,6 +69,17 @@ class RawSession:
             if item[0] == event and marker in json.dumps(item[1]):
                 return seen
             seen.append(item)
+
+
+async def identify(http: aiohttp.ClientSession, fake: FakeDiscord, shard: list[int]) -> dict[str, Any]:
+    """Connect and IDENTIFY as ``shard``; the fake's first answer to it (READY's dispatch, or op 9)."""
+    ws = await http.ws_connect(f"{fake.gateway_url}?v=10&encoding=json")
+    assert (await ws.receive_json(timeout=5))["op"] == 10
+    await ws.send_json({"op": 2, "d": {"token": fake.token, "intents": 1, "properties": {}, "shard": shard}})
+    while True:
+        frame = await ws.receive_json(timeout=5)
+        if frame["op"] != 11:
+            return frame
 
 
 def guild_ids(events: list[tuple[str, Any]], event: str = "GUILD_CREATE") -> list[str]:
@@ -222,6 +235,54 @@ async def test_gateway_bot_recommends_shards_and_lets_them_identify_at_once(fake
         body = await response.json()
     assert body["shards"] == 5 and body["session_start_limit"]["max_concurrency"] >= 5
     assert body["url"] == "ws://192.0.2.1:9/nowhere"
+    fake.max_concurrency = 2  # fewer than the shards: they must then IDENTIFY in turns
+    async with http.get(f"{fake.api_base}/gateway/bot", headers=headers) as response:
+        body = await response.json()
+    assert body["shards"] == 5 and body["session_start_limit"]["max_concurrency"] == 2
+
+
+async def test_an_identify_sooner_than_5_s_after_its_keys_last_gets_op_9_while_other_keys_go_at_once(
+    http,
+) -> None:
+    clock = FakeClock(base=lambda: T0)  # moves only when the test says
+    async with FakeDiscord(
+        token=TOKEN, recommended_shards=4, max_concurrency=2, enforce_identify_limit=True, clock=clock
+    ) as fake:
+        # Keys are shard_id % 2: shards 0 and 2 share key 0, shards 1 and 3 key 1.
+        assert (await identify(http, fake, [0, 4]))["t"] == "READY"
+        assert (await identify(http, fake, [1, 4]))["t"] == "READY"  # another key: at the same instant
+        assert await identify(http, fake, [2, 4]) == {"op": 9, "d": False}
+        clock.advance(4.9)
+        assert await identify(http, fake, [3, 4]) == {"op": 9, "d": False}
+        clock.advance(0.1)  # 5 s after key 0's and key 1's accepted IDENTIFYs
+        assert (await identify(http, fake, [2, 4]))["t"] == "READY"
+        assert (await identify(http, fake, [3, 4]))["t"] == "READY"
+        assert await identify(http, fake, [0, 4]) == {"op": 9, "d": False}  # key 0 went just now (shard 2)
+
+        assert fake.gateway.identified_shards == [(0, 4), (1, 4), (2, 4), (3, 4)]
+        seen = [
+            (a.shard[0] if a.shard else None, a.key, a.at - T0, a.accepted) for a in fake.gateway.identifies
+        ]
+        assert seen == [
+            (0, 0, 0.0, True),
+            (1, 1, 0.0, True),
+            (2, 0, 0.0, False),
+            (3, 1, pytest.approx(4.9), False),
+            (2, 0, pytest.approx(5.0), True),
+            (3, 1, pytest.approx(5.0), True),
+            (0, 0, pytest.approx(5.0), False),
+        ]
+        assert [a.shard for a in fake.gateway.rate_limited_identifies] == [(2, 4), (3, 4), (0, 4)]
+        assert fake.state()["rate_limited_identifies"] == 3
+
+
+async def test_without_enforcement_every_identify_is_accepted_but_still_recorded(http) -> None:
+    clock = FakeClock(base=lambda: T0)
+    async with FakeDiscord(token=TOKEN, recommended_shards=2, max_concurrency=1, clock=clock) as fake:
+        for shard in ([0, 2], [1, 2]):
+            assert (await identify(http, fake, shard))["t"] == "READY"
+        assert [(a.key, a.accepted) for a in fake.gateway.identifies] == [(0, True), (0, True)]
+        assert fake.gateway.rate_limited_identifies == []
 
 
 async def test_standalone_fake_takes_a_shard_count(http) -> None:
@@ -249,6 +310,12 @@ async def test_standalone_fake_takes_a_shard_count(http) -> None:
             assert response.status == 200
         async with http.get(f"{info['api_base']}/gateway/bot", headers=headers) as response:
             assert (await response.json())["shards"] == 4
+        control = {"max_concurrency": 1, "enforce_identify_limit": True}
+        async with http.post(f"{info['url']}/_fake/gateway", json=control) as response:
+            state = await response.json()
+        assert (state["max_concurrency"], state["enforce_identify_limit"]) == (1, True)
+        async with http.get(f"{info['api_base']}/gateway/bot", headers=headers) as response:
+            assert (await response.json())["session_start_limit"]["max_concurrency"] == 1
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 10) == 0

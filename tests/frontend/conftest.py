@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.frontend.client import ImagineBot, point_discord_at
+from bot.frontend.identify import IdentifyGate
 from bot.service.app import Service, build_service
 from bot.service.runtime import open_engine
 from bot.settings import load_settings
@@ -65,6 +66,7 @@ async def running_bot(
     clock: Callable[[], float] | None = None,
     guild: FakeGuild | None = None,
     ready_timeout: float = 10.0,
+    identify_gate: IdentifyGate | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Harness]:
     settings = bot_settings(fake, data_dir, backend, backend_url, **overrides)
@@ -72,13 +74,17 @@ async def running_bot(
     guild = guild or (next(iter(fake.guilds.values())) if fake.guilds else fake.add_guild(name="Test Guild"))
     async with open_engine(settings) as engine:
         service = build_service(
-            engine, clock=clock or fake.clock, progress_interval=0.2, guild_ready_timeout=0.05
+            engine,
+            clock=clock or fake.clock,
+            progress_interval=0.2,
+            guild_ready_timeout=0.05,
+            identify_gate=identify_gate,
         )
         bot = service.bot
         await service.start_web()
         runner = asyncio.create_task(bot.start(TOKEN), name="bot-under-test")
         try:
-            # Every shard after the first waits 5 s before its IDENTIFY (discord.py 2.7's default hook).
+            # With max_concurrency 1 (the fake's default for one recommended shard) shards IDENTIFY 5.5 s apart.
             async with asyncio.timeout(ready_timeout):
                 while not bot.ready_once.is_set():
                     if runner.done():

@@ -154,6 +154,11 @@ class ControlApi:
                 self.fake.set_gateway_available(bool(b["available"]))
             if "recommended_shards" in b:
                 self.fake.recommended_shards = int(b["recommended_shards"])
+            if "max_concurrency" in b:
+                value = b["max_concurrency"]
+                self.fake.max_concurrency = None if value is None else int(value)
+            if "enforce_identify_limit" in b:
+                self.fake.enforce_identify_limit = bool(b["enforce_identify_limit"])
             if b.get("disconnect"):
                 shard = b.get("shard")
                 await self.fake.disconnect_gateway(b.get("code"), shard=None if shard is None else int(shard))

@@ -76,6 +76,8 @@ class FakeDiscord:
         rate_limit: tuple[int, float] = (50, 1.0),
         api_version: int = 10,
         recommended_shards: int = 1,
+        max_concurrency: int | None = None,
+        enforce_identify_limit: bool = False,
     ) -> None:
         self.token = token
         self.clock = clock or FakeClock()
@@ -91,8 +93,17 @@ class FakeDiscord:
         self.ack_deadline_s = ack_deadline_s
         self.rate_limit = rate_limit
         self.api_version = api_version
-        #: What GET /gateway/bot recommends as ``shards`` (with ``max_concurrency`` as high).
+        #: What GET /gateway/bot recommends as ``shards``.
         self.recommended_shards = recommended_shards
+        #: GET /gateway/bot's ``session_start_limit.max_concurrency``; None: as many as ``recommended_shards``
+        #: (all recommended shards may IDENTIFY at once). See ``session_start_concurrency``.
+        self.max_concurrency = max_concurrency
+        #: Enforce Discord's session start limit: an IDENTIFY sooner than ``identify_interval_s`` after the
+        #: last accepted one of its rate-limit key (``shard_id % session_start_concurrency``) is answered with
+        #: op 9, as Discord does. Off by default: the many tests that restart a bot against one fake would
+        #: each wait 5 s for it, as Discord would make them; the shard tests turn it on.
+        self.enforce_identify_limit = enforce_identify_limit
+        self.identify_interval_s = 5.0
         #: The ``url`` GET /gateway/bot answers (None: this fake's own gateway); a bogus one proves that a
         #: client which must not use it does not.
         self.gateway_bot_url: str | None = None
@@ -380,6 +391,9 @@ class FakeDiscord:
             "ready_count": self.ready_count,
             "identify_count": self.identify_count,
             "identified_shards": self.gateway.identified_shards,
+            "rate_limited_identifies": len(self.gateway.rate_limited_identifies),
+            "max_concurrency": self.session_start_concurrency,
+            "enforce_identify_limit": self.enforce_identify_limit,
             "connected_shards": self.gateway.connected_shards,
             "resume_count": self.resume_count,
             "refused_connections": self.refused_connections,
@@ -428,6 +442,11 @@ class FakeDiscord:
         return self.rest.pending_injections
 
     # ------------------------------------------------------------------ gateway
+
+    @property
+    def session_start_concurrency(self) -> int:
+        """The ``max_concurrency`` GET /gateway/bot answers (and the limit enforces)."""
+        return self.max_concurrency or max(1, self.recommended_shards)
 
     @property
     def sessions(self) -> dict[str, Session]:

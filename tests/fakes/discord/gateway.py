@@ -8,6 +8,12 @@ Sharding, as Discord does it: an IDENTIFY with ``shard: [id, count]`` makes a se
 READY and GUILD_CREATEs carry only the guilds it owns (``(guild_id >> 22) % count == id``), and every event
 about a guild goes only to the session of the shard owning it; events without a guild (DMs) go to shard 0.
 A session that identified without ``shard`` is unsharded and receives everything, as before.
+
+Session start limit (when ``FakeDiscord.enforce_identify_limit``): shards whose ``shard_id %
+max_concurrency`` differ may IDENTIFY at once; within one such rate-limit key (an unsharded session is shard
+0) one IDENTIFY per ``identify_interval_s`` (5 s) by the fake's clock. One that comes sooner gets op 9
+(invalid session, ``d: false``) and no session, as Discord answers it. Every IDENTIFY, accepted or not, is
+recorded in ``Gateway.identifies`` with its time, so a test can check the spacing itself.
 """
 
 from __future__ import annotations
@@ -54,6 +60,16 @@ class Session:
         return shard_of(guild_id, shard_count) == shard_id
 
 
+@dataclass(frozen=True)
+class IdentifyAttempt:
+    """One IDENTIFY as the fake saw it: the shard it named, its rate-limit key, when, and the answer."""
+
+    shard: tuple[int, int] | None
+    key: int
+    at: float
+    accepted: bool
+
+
 def event_guild_id(event: str, data: Any) -> str | None:
     """The guild an event is about: ``guild_id`` in its payload, or the guild itself for GUILD_* events."""
     if not isinstance(data, dict):
@@ -94,14 +110,27 @@ class Gateway:
         self.close_codes: list[int | None] = []
         self.presence_updates: list[dict[str, Any]] = []
         self.acks_pending = 0  # heartbeats whose (delayed) ACK is not sent yet
-        #: The ``shard`` of every IDENTIFY, in order (None for an unsharded one).
+        #: The ``shard`` of every accepted IDENTIFY, in order (None for an unsharded one).
         self.identified_shards: list[tuple[int, int] | None] = []
+        #: Every well-formed IDENTIFY with a valid token, accepted or refused for the session start limit.
+        self.identifies: list[IdentifyAttempt] = []
 
     def add_routes(self, app: web.Application) -> None:
         api = "/api/v{version:\\d+}"
         app.router.add_get("/gateway", self.handler)
         app.router.add_get(f"{api}/gateway", self.h_gateway)
         app.router.add_get(f"{api}/gateway/bot", self.h_gateway)
+
+    @property
+    def rate_limited_identifies(self) -> list[IdentifyAttempt]:
+        """The IDENTIFYs answered with op 9 for coming too soon after their key's last one."""
+        return [attempt for attempt in self.identifies if not attempt.accepted]
+
+    def _identify_too_soon(self, key: int, now: float) -> bool:
+        if not self.fake.enforce_identify_limit:
+            return False
+        window = self.fake.identify_interval_s
+        return any(a.accepted and a.key == key and now - a.at < window for a in self.identifies)
 
     @property
     def last_close_code(self) -> int | None:
@@ -185,12 +214,13 @@ class Gateway:
             data |= {
                 "url": self.fake.gateway_bot_url or self.fake.gateway_url,
                 "shards": shards,
-                # As Discord sizes it for a bot of this many shards: all may IDENTIFY at once.
+                # Unless max_concurrency is set, as Discord sizes it for a bot of this many shards (all
+                # may IDENTIFY at once).
                 "session_start_limit": {
                     "total": 1000,
                     "remaining": 999,
                     "reset_after": 86400000,
-                    "max_concurrency": max(1, shards),
+                    "max_concurrency": self.fake.session_start_concurrency,
                 },
             }
         return json_response(data)
@@ -254,6 +284,13 @@ class Gateway:
                 shard = parse_shard(d.get("shard"))
             except ValueError:
                 await self.close_ws(ws, 4010, b"Invalid shard.")
+                return None
+            key = (shard[0] if shard else 0) % self.fake.session_start_concurrency
+            now = self.fake.clock()
+            too_soon = self._identify_too_soon(key, now)
+            self.identifies.append(IdentifyAttempt(shard, key, now, accepted=not too_soon))
+            if too_soon:  # Discord's answer: invalid session, not resumable; identify again later
+                await ws.send_str(json.dumps({"op": 9, "d": False}))
                 return None
             self.identify_count += 1
             self.identified_shards.append(shard)
