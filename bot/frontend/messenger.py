@@ -243,6 +243,8 @@ class JobMessenger:
                 if entry.closed:
                     return
                 job = entry.job
+                if job.state.is_terminal:
+                    return  # the result is deliver()'s to post: an edit now would say "Done" with no image
                 if not self.token_usable(job):
                     entry.token_dead = True
                     return

@@ -83,3 +83,21 @@ async def test_progress_edits_are_coalesced_and_unchanged_states_not_resent() ->
     assert 2 <= len(messenger.sent) <= 3
     assert messenger.sent[-1].endswith("30%")
     await messenger.close()
+
+
+async def test_a_progress_edit_never_shows_a_finished_job_before_its_result_is_posted() -> None:
+    """The manager sets the final state, then writes it (a slow database) before delivering: a pump woken in
+    between must leave the message alone, or members read "Done" with no image until the upload lands."""
+    messenger = RecordingMessenger()
+    job = make_job(message_ref={"application_id": 1, "token": "t", "created_at": time.time()})
+    job.state = JobState.RUNNING
+    job.progress = Progress(fraction=0.5)
+    messenger.on_job_event(job, JobEvent.PROGRESS)
+    await asyncio.sleep(0.1)
+    assert len(messenger.sent) == 1
+    job.progress = Progress(fraction=0.9)
+    messenger.on_job_event(job, JobEvent.PROGRESS)  # a pump is due again ...
+    job.state = JobState.SUCCEEDED  # ... and the job finishes before it runs; delivery comes later
+    await asyncio.sleep(0.2)
+    assert len(messenger.sent) == 1, messenger.sent
+    await messenger.close()
