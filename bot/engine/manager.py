@@ -122,7 +122,7 @@ RequestDefaults = Callable[[ImageRequest, AdmissionContext], ImageRequest]
 AdmissionCheck = Callable[[ImageRequest, AdmissionContext], None]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Run:
     """One generation on a backend (the model's flight), as the manager runs it."""
 

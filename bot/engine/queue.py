@@ -254,14 +254,15 @@ class GuildQueue:
         self.last_served: dict[int, int] = {}
         self.running = 0  # slots charged to this guild
         self._tick = 0
-        self._arrivals = itertools.count(1)
+        self._arrivals = 0  # members arrived so far (a never-served member's mark)
         #: _levels[k-1][region]: members with at least k tickets, indexed by their mark in that region.
         self._levels: list[tuple[Fenwick, Fenwick]] = []
-        self._by_index: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        #: Created with the first waiting member: most guilds come and go with nobody waiting (a free slot).
+        self._by_index: tuple[dict[int, int], dict[int, int]] | None = None
         #: Changes not yet announced: the earliest position changed, how many changes, whose tickets.
         self.dirty_from: int | None = None
         self.dirty_changes = 0
-        self.dirty_members: set[int] = set()
+        self.dirty_members: set[int] | None = None
 
     # -- size ---------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -289,12 +290,15 @@ class GuildQueue:
 
     def _set_mark(self, member_id: int, member: _Member, mark: tuple[int, int] | None) -> None:
         count = len(member.tickets)
+        by_index = self._by_index
+        if by_index is None:
+            by_index = self._by_index = ({}, {})
         if member.mark is not None:
             self._place(member, range(1, count + 1), -1)
-            del self._by_index[member.mark[0]][member.mark[1]]
+            del by_index[member.mark[0]][member.mark[1]]
         member.mark = mark
         if mark is not None:
-            self._by_index[mark[0]][mark[1]] = member_id
+            by_index[mark[0]][mark[1]] = member_id
             self._place(member, range(1, count + 1), +1)
 
     # -- changes --------------------------------------------------------------------------------------------
@@ -303,7 +307,9 @@ class GuildQueue:
         if member is None:
             member = self.members[ticket.member_id] = _Member()
             served = self.last_served.get(ticket.member_id)
-            mark = (1, served) if served is not None else (0, next(self._arrivals))
+            if served is None:
+                self._arrivals += 1
+            mark = (1, served) if served is not None else (0, self._arrivals)
             self._set_mark(ticket.member_id, member, mark)
         member.tickets.append(ticket)
         self._place(member, range(len(member.tickets), len(member.tickets) + 1), +1)
@@ -327,8 +333,11 @@ class GuildQueue:
     # -- order ----------------------------------------------------------------------------------------------
     def rotation(self) -> Iterator[int]:
         """Members with waiting tickets, in the order they are served (O(members log); for slow paths only)."""
+        by_index = self._by_index
+        if by_index is None:
+            return
         for region in (0, 1):
-            yield from (self._by_index[region][i] for i in sorted(self._by_index[region]))
+            yield from (by_index[region][i] for i in sorted(by_index[region]))
 
     def position(self, ticket: Ticket) -> int:
         member = self.members[ticket.member_id]
@@ -345,16 +354,18 @@ class GuildQueue:
 
     def at(self, position: int) -> Ticket | None:
         """The ticket at a 1-based position, or None past the end: O(rounds + log n)."""
-        rank = position
+        rank, by_index = position, self._by_index
+        if by_index is None:
+            return None
         for k, (fresh, served) in enumerate(self._levels, start=1):
             size = fresh.total + served.total
             if rank > size:
                 rank -= size
                 continue
             if rank <= fresh.total:
-                member_id = self._by_index[0][fresh.select(rank)]
+                member_id = by_index[0][fresh.select(rank)]
             else:
-                member_id = self._by_index[1][served.select(rank - fresh.total)]
+                member_id = by_index[1][served.select(rank - fresh.total)]
             return self.members[member_id].tickets[k - 1]
         return None
 
@@ -370,7 +381,7 @@ class GuildQueue:
                     yield member.tickets[k]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Flight:
     id: int
     key: str | None  # None: private (never shared)
@@ -683,7 +694,10 @@ class QueueModel:
         """
         queue.dirty_from = start if queue.dirty_from is None else min(queue.dirty_from, start)
         queue.dirty_changes += 1
-        queue.dirty_members.add(member_id)
+        if queue.dirty_members is None:
+            queue.dirty_members = {member_id}
+        else:
+            queue.dirty_members.add(member_id)
         self._dirty.add(queue.guild_id)
 
     def positions(self) -> list[Position]:
@@ -697,8 +711,8 @@ class QueueModel:
             queue = self.guilds.get(guild_id)
             if queue is None or queue.dirty_from is None:
                 continue
-            start, changes, members = queue.dirty_from, queue.dirty_changes, queue.dirty_members
-            queue.dirty_from, queue.dirty_changes, queue.dirty_members = None, 0, set()
+            start, changes, members = queue.dirty_from, queue.dirty_changes, queue.dirty_members or ()
+            queue.dirty_from, queue.dirty_changes, queue.dirty_members = None, 0, None
             own: set[int] = set()
             for member_id in members:
                 member = queue.members.get(member_id)
