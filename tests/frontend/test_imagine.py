@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 
 from PIL import Image
 
@@ -211,3 +212,33 @@ async def test_a_store_failure_at_submit_is_told_not_left_thinking(
         assert not message.loading
         assert fake_openai.state.generations == 0
         assert h.bot.manager.active_count(int(h.guild.id), int(user.id)) == 0  # the slot was given back
+
+
+async def test_imagine_is_acknowledged_before_any_database_round_trip(
+    fake_discord, fake_openai, tmp_path
+) -> None:
+    """The defer goes out before the store is touched, so a slow or distant database (PostgreSQL across a
+    network) never costs the 3-second acknowledgement: every store statement of the job comes after it."""
+    async with running_bot(fake_discord, tmp_path, backend_url=fake_openai.url) as h:
+        store = h.bot.manager.store
+        real_query = store._query
+        statements: list[float] = []
+        database_slow = asyncio.Event()
+
+        async def slow_query(sql, params=()):  # type: ignore[no-untyped-def]
+            statements.append(time.monotonic())
+            await asyncio.sleep(0.5 if database_slow.is_set() else 0)
+            return await real_query(sql, params)
+
+        store._query = slow_query
+        database_slow.set()
+        user = fake_discord.add_member(h.guild.id)
+        inter = await h.imagine(user.id, "a slow database")
+        callback = await inter.wait_for_callback()
+        assert callback.type == 5  # deferred
+        message = await inter.wait_until(is_done, timeout=15)
+        assert image_attachments(message)
+        assert statements, "the job was never written"
+        assert inter.dispatched_monotonic is not None
+        # Every statement since the interaction was dispatched (each one 0.5 s) began after the acknowledgement.
+        assert all(at > callback.monotonic for at in statements if at > inter.dispatched_monotonic)
