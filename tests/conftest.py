@@ -4,13 +4,14 @@ PostgreSQL cluster per session with a fresh database per test."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import discord
 import pytest
 from hypothesis import HealthCheck, settings
 
+from bot.engine.manager import JobManager
 from tests.fakes.a1111 import FakeA1111
 from tests.fakes.discord import FakeDiscord
 from tests.fakes.openai_api import FakeOpenAI
@@ -103,3 +104,13 @@ def pg_cluster() -> Iterator[PgCluster]:
 def pg_url(pg_cluster: PgCluster) -> str:
     """The URL of a fresh, empty database on the session's cluster (its own for each test)."""
     return pg_cluster.create_database()
+
+
+@pytest.fixture
+async def closing() -> AsyncIterator[Callable[[JobManager], None]]:
+    """Register a manager to be shut down after the test (its probing cancelled and awaited too)."""
+    managers: list[JobManager] = []
+    yield managers.append
+    for manager in managers:
+        await manager.shutdown(0)
+        assert not manager.pool.probing

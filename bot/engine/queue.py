@@ -595,24 +595,13 @@ class QueueModel:
             self.out.add(backend)
         else:
             self.out.discard(backend)
-        for guild_id, queue in self.guilds.items():
-            if queue.members:
-                self._mark_ready(guild_id)  # skipped guilds may be servable now
-        decisions: list[Decision] = []
-        self._dispatch(decisions)
-        return decisions
+        return self._dispatch_everywhere()  # skipped guilds may be servable now
 
     def hold(self, held: bool) -> list[Decision]:
         """Hold every start (``True``): nothing is granted, running flights carry on, waiting jobs keep their
         places. Released (``False``), waiting work starts at once."""
         self.held = held
-        if not held:
-            for guild_id, queue in self.guilds.items():
-                if queue.members:
-                    self._mark_ready(guild_id)
-        decisions: list[Decision] = []
-        self._dispatch(decisions)
-        return decisions
+        return self._dispatch_everywhere() if not held else []
 
     def bounce(self, flight_id: int, *, exclude: bool = True) -> list[Decision]:
         """A running flight's backend did not take the generation: the flight waits again, never on that backend
@@ -652,6 +641,10 @@ class QueueModel:
 
     def limits_changed(self) -> list[Decision]:
         """Call after a guild's limit changed: waiting work may start at once."""
+        return self._dispatch_everywhere()
+
+    def _dispatch_everywhere(self) -> list[Decision]:
+        """Every guild with someone waiting is considered again (a limit, a backend or the hold changed)."""
         for guild_id, queue in self.guilds.items():
             if queue.members:
                 self._mark_ready(guild_id)

@@ -8,7 +8,7 @@ that they are written again, not per job and per retry round.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -22,14 +22,6 @@ AWAY = (
     "Cannot reach the PostgreSQL database postgresql://bot@db/imagine (refused); "
     "check DATABASE_URL and that the server is running."
 )
-
-
-@pytest.fixture
-async def closing() -> AsyncIterator[Callable[[JobManager], None]]:
-    managers: list[JobManager] = []
-    yield managers.append
-    for manager in managers:
-        await manager.shutdown(0)
 
 
 class AwayStore:

@@ -8,7 +8,7 @@ the PostgreSQL end to end is tests/service/test_pg_outage.py.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -20,15 +20,6 @@ from bot.service.fleet import UNAVAILABLE, OutageGuard, ProcessLease, this_proce
 from bot.settings import load_settings
 from tests.engine.test_pool import LOST, PoolBackend, entry, make
 from tests.helpers import ControlledBackend, make_manager, req, until
-
-
-@pytest.fixture
-async def closing() -> AsyncIterator[Callable[[JobManager], None]]:
-    """Managers to shut down after the test (as tests/engine's fixture of the same name)."""
-    managers: list[JobManager] = []
-    yield managers.append
-    for manager in managers:
-        await manager.shutdown(0)
 
 
 class HeartbeatStore:
