@@ -80,22 +80,31 @@ async def running_bot(
             guild_ready_timeout=0.05,
             identify_gate=identify_gate,
         )
-        bot = service.bot
-        await service.start_web()
-        runner = asyncio.create_task(bot.start(TOKEN), name="bot-under-test")
-        try:
-            # With max_concurrency 1 (the fake's default for one recommended shard) shards IDENTIFY 5.5 s apart.
-            async with asyncio.timeout(ready_timeout):
-                while not bot.ready_once.is_set():
-                    if runner.done():
-                        runner.result()
-                    await asyncio.sleep(0.01)
-            yield Harness(fake, bot, guild, data_dir, service)
-        finally:
-            await bot.close()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-            await service.stop_web()
+        async with serving(service, fake, guild, data_dir, ready_timeout=ready_timeout) as harness:
+            yield harness
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    service: Service, fake: FakeDiscord, guild: FakeGuild, data_dir: Path, *, ready_timeout: float = 10.0
+) -> AsyncIterator[Harness]:
+    """Start a built service's web server and bot, wait until the bot is ready; close both after."""
+    bot = service.bot
+    await service.start_web()
+    runner = asyncio.create_task(bot.start(TOKEN), name="bot-under-test")
+    try:
+        # With max_concurrency 1 (the fake's default for one recommended shard) shards IDENTIFY 5.5 s apart.
+        async with asyncio.timeout(ready_timeout):
+            while not bot.ready_once.is_set():
+                if runner.done():
+                    runner.result()
+                await asyncio.sleep(0.01)
+        yield Harness(fake, bot, guild, data_dir, service)
+    finally:
+        await bot.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        await service.stop_web()
 
 
 def image_attachments(message) -> list:

@@ -28,10 +28,9 @@ from bot.frontend.client import point_discord_at
 from bot.service.app import build_service
 from bot.service.fleet import process_lease
 from bot.service.runtime import open_engine
-from tests.conftest import TOKEN
 from tests.fakes.discord import FakeDiscord, FakeInteraction
 from tests.fakes.openai_api import FakeOpenAI
-from tests.frontend.conftest import Harness, bot_settings, embed_author, image_attachments, is_done
+from tests.frontend.conftest import Harness, bot_settings, embed_author, image_attachments, is_done, serving
 from tests.pg import PASSWORD, PgCluster
 from tests.service.test_web import poll_health
 
@@ -83,21 +82,8 @@ async def fleet_bot(
             progress_interval=0.2,
             guild_ready_timeout=0.05,
         )
-        bot = service.bot
-        await service.start_web()
-        runner = asyncio.create_task(bot.start(TOKEN), name="bot-under-test")
-        try:
-            async with asyncio.timeout(10):
-                while not bot.ready_once.is_set():
-                    if runner.done():
-                        runner.result()
-                    await asyncio.sleep(0.01)
-            yield Harness(fake, bot, guild, data_dir, service)
-        finally:
-            await bot.close()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-            await service.stop_web()
+        async with serving(service, fake, guild, data_dir) as harness:
+            yield harness
 
 
 def final_text(inter: FakeInteraction) -> str:
