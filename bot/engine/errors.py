@@ -39,6 +39,9 @@ class EndReason(StrEnum):
     SHUTDOWN = "shutdown"  # still queued or running when the shutdown grace ended
     QUEUE_TIMEOUT = "timeout"  # waited QUEUE_TIMEOUT_S for a slot (the same label as FailureReason.TIMEOUT)
     INTERRUPTED = "interrupted"  # the process died while it ran (recovery)
+    HANDED_OVER = (
+        "handed_over"  # still queued at shutdown, given back for another process to run (no end here)
+    )
 
 
 class GenerationError(Exception):

@@ -103,6 +103,8 @@ class JobEvent(StrEnum):
 
 Listener = Callable[[Job, JobEvent], None]
 Delivery = Callable[[Job], Awaitable[None]]
+#: At shutdown, gives a still-queued job back for another process to run; True when it was taken.
+HandBack = Callable[[Job], Awaitable[bool]]
 
 
 class AdmissionContext(NamedTuple):
@@ -220,6 +222,10 @@ class JobManager:
         self.clock = clock
         #: Hook run inside each job's task once it is finished (the Discord layer posts there).
         self.deliver: Delivery | None = None
+        #: With several processes on one database (the fleet wires it): at the grace's end a job still queued is
+        #: offered here before it would be cancelled; taken (True), it leaves this process with no end of its
+        #: own: no terminal state, no delivery, its message left for the process that runs it.
+        self.hand_back: HandBack | None = None
         #: Per-guild rules plugged into the one admission path (see check_admission).
         self.request_defaults: list[RequestDefaults] = []
         self.admission_checks: list[AdmissionCheck] = []
@@ -601,7 +607,8 @@ class JobManager:
             if t.task is not None and not t.task.done() and not t.job.state.is_terminal
         ]
         for tracked in leftovers:
-            self._request_cancel(tracked, EndReason.SHUTDOWN, None)
+            queued = tracked.job.state is JobState.QUEUED and self.hand_back is not None
+            self._request_cancel(tracked, EndReason.HANDED_OVER if queued else EndReason.SHUTDOWN, None)
         delivering = sum(1 for t in self._tracked.values() if t.delivering)
         pending = self._pending_tasks()
         if pending:
@@ -791,6 +798,10 @@ class JobManager:
                 self._uncancel()
                 reason = tracked.cancel_reason or EndReason.CANCELLED
                 await self._stop_waiting(tracked, reason)
+                if reason is EndReason.HANDED_OVER:
+                    if await self._handed_over(tracked):
+                        return
+                    reason = EndReason.SHUTDOWN
                 await self._finish(
                     tracked,
                     JobState.CANCELLED,
@@ -839,6 +850,22 @@ class JobManager:
         finally:
             _mark_recorded(tracked)
             self._forget_finished(tracked)
+
+    async def _handed_over(self, tracked: _Tracked) -> bool:
+        """Offer a job still queued at the grace's end to ``hand_back``; taken, it stops counting here."""
+        job = tracked.job
+        if job.state is not JobState.QUEUED or self.hand_back is None:
+            return False  # it started meanwhile: a running job is not handed over
+        try:
+            taken = await self.hand_back(job)
+        except Exception:
+            log.exception("could not hand a queued job over; cancelling it", extra={"job": job.id})
+            return False
+        if not taken:
+            return False
+        log.info("queued job handed over to another process", extra={"job": job.id})
+        self._release(tracked)
+        return True
 
     def _forget_finished(self, tracked: _Tracked) -> None:
         """Finished jobs leave memory; their record lives on in the store."""

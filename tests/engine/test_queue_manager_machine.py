@@ -111,6 +111,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.tasks: list[asyncio.Task[object]] = []
         self.ids = itertools.count(1)
         self.shut = False
+        self.handed: set[str] = set()  # jobs handed back at shutdown (another process runs them)
         self.manager.add_listener(self._heard)
 
     async def _make(self) -> JobManager:
@@ -201,6 +202,17 @@ class ManagerMachine(RuleBasedStateMachine):
     def backend_winds_down(self, wind_down: float) -> None:
         self.backend.wind_down_s = wind_down
 
+    @rule(takes=st.booleans())
+    def other_processes_take_queued_jobs(self, takes: bool) -> None:
+        """A fleet: at shutdown, a job still queued is handed back (taken or not) instead of cancelled."""
+
+        async def hand_back(job: Job) -> bool:
+            if takes:
+                self.handed.add(job.id)
+            return takes
+
+        self.manager.hand_back = hand_back
+
     @rule(count=st.integers(1, 2))
     def store_fails(self, count: int) -> None:
         self.store.fail_next = count
@@ -221,7 +233,11 @@ class ManagerMachine(RuleBasedStateMachine):
         assert task.done()
         task.result()
         for job in self.jobs.values():
-            assert job.state.is_terminal, job
+            if job.id in self.handed:
+                assert job.state is JobState.QUEUED and self.finished[job.id] == 0, job
+            else:
+                assert job.state.is_terminal, job
+        assert self.manager.task_count() == 0 and not self.manager.queue.jobs
         for pending in self.tasks:
             assert pending.done()
 
