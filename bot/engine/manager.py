@@ -17,7 +17,9 @@ timeout, backend failure, job timeout, shutdown) goes through the model's ``leav
 generation whose last job left is stopped and keeps its slot until its backend call has wound down.
 
 Every state change is written to the store before listeners hear of it; a write that fails is retried until
-the store agrees with memory. Nothing here imports discord.
+the store agrees with memory. A write the store refuses because another process has claimed the job
+(:class:`~bot.engine.store.JobTaken`: this process's lease had lapsed) drops the job here: its task is stopped,
+listeners hear ``TAKEN`` instead of the rest, nothing is delivered. Nothing here imports discord.
 
 Pools (:mod:`bot.engine.pool`): the model's backends are the pool's entries. A job may go only to the entries
 that serve its model, size and count (refused at admission when none ever could); the model grants the least
@@ -72,7 +74,7 @@ from bot.engine.queue import (
     estimate_wait,
     mean_generation_s,
 )
-from bot.engine.store import StoreError
+from bot.engine.store import JobTaken, StoreError
 from bot.logs import current_job
 
 if TYPE_CHECKING:
@@ -99,6 +101,7 @@ class JobEvent(StrEnum):
     STARTED = "started"
     PROGRESS = "progress"
     FINISHED = "finished"  # reached a terminal state (see job.state)
+    TAKEN = "taken"  # another process answers for it now: nothing more is heard of it here
 
 
 Listener = Callable[[Job, JobEvent], None]
@@ -172,6 +175,8 @@ class _Tracked:
     delivering: bool = False
     #: Stopped counting against its member (its end recorded and heard).
     released: bool = False
+    #: Another process claimed it (a write was refused): it is dropped here, never delivered.
+    taken: bool = False
 
 
 class JobManager:
@@ -528,7 +533,9 @@ class JobManager:
         tracked = _Tracked(job, resume_ref=job.backend_ref if follow_backend_ref else None)
         self._tracked[job.id] = tracked
         self.queue.reserve(job.guild_id, job.user_id, job.request.count)
-        await self._persist(job)
+        if not await self._persist(job):
+            self._forget(tracked)  # claimed by another process meanwhile: theirs to run
+            return job
         tracked.task = asyncio.create_task(self._run_job(tracked), name=f"job-{job.id}")
         self._emit(job, JobEvent.QUEUED)
         return job
@@ -834,11 +841,12 @@ class JobManager:
                 job.from_cache = result.from_cache
                 job.seeds = [image.seed for image in result.images]
                 await self._finish(tracked, JobState.SUCCEEDED)
-            tracked.delivering = True
-            try:
-                await self._deliver(job)
-            finally:
-                tracked.delivering = False
+            if not tracked.taken:
+                tracked.delivering = True
+                try:
+                    await self._deliver(job)
+                finally:
+                    tracked.delivering = False
         except asyncio.CancelledError:
             # A second cancel (the shutdown's hard stop) while recording or delivering: give up quietly.
             self._settle(tracked)
@@ -1094,16 +1102,35 @@ class JobManager:
                 self._emit(job, JobEvent.PROGRESS)
 
     # -- state changes --------------------------------------------------------------------------------------
-    async def _persist(self, job: Job) -> None:
-        """Write the job; a failed write is retried in the background until the store agrees with memory."""
+    async def _persist(self, job: Job) -> bool:
+        """Write the job; a failed write is retried in the background until the store agrees with memory.
+        False when the store refused it because another process has claimed the job (dropped here)."""
         if self.store is None:
-            return
+            return True
         try:
             await self.store.save_job(job)
+        except JobTaken:
+            self._taken(job)
+            return False
         except Exception as exc:
             self._write_failed(job, exc)
         else:
             self._unsaved.pop(job.id, None)
+        return True
+
+    def _taken(self, job: Job) -> None:
+        """Another process claimed the job while this one's lease had lapsed: it answers for the job now. Drop it
+        here: nothing more is written, heard or delivered; an unfinished one's task is stopped (its generation
+        too, unless another job of ours shares it)."""
+        self._unsaved.pop(job.id, None)
+        tracked = self._tracked.get(job.id)
+        if tracked is None or tracked.taken or tracked.job is not job:
+            return
+        tracked.taken = True
+        log.warning("job claimed by another process; dropped here", extra={"job": job.id})
+        self._emit(job, JobEvent.TAKEN)
+        if not job.state.is_terminal:
+            self._request_cancel(tracked, EndReason.SHUTDOWN, None)
 
     def _write_failed(self, job: Job, exc: Exception) -> None:
         """Keep the job to write again. A store that says why (StoreError: the database away, the disk full)
@@ -1138,6 +1165,8 @@ class JobManager:
         for job_id, job in list(self._unsaved.items()):
             try:
                 await self.store.save_job(job)  # type: ignore[union-attr]
+            except JobTaken:
+                self._taken(job)
             except Exception as exc:
                 log.debug("job record still not written: %s", _one_line(exc), extra={"job": job_id})
             else:
@@ -1155,8 +1184,8 @@ class JobManager:
             job.started_at = started_at
             job.queue_position = None
             job.queue_eta_s = None
-        if self.store is not None:
-            await self._persist(job)
+        if self.store is not None and not await self._persist(job):
+            return  # claimed by another process: its task is being stopped
         log.info("job started", extra={"job": job.id})
         self._emit(job, JobEvent.STARTED)
 
@@ -1175,9 +1204,11 @@ class JobManager:
         job.queue_eta_s = None
         job.error_reason = error_reason
         job.error_message = error_message
+        if self.store is not None and not await self._persist(job):
+            _mark_recorded(tracked)  # claimed by another process: its record is theirs, and so is the post
+            self._release(tracked)
+            return
         self.completed[state] += 1
-        if self.store is not None:
-            await self._persist(job)
         log.info(
             "job finished",
             extra={"job": job.id, "state": state.value, **({"reason": error_reason} if error_reason else {})},

@@ -1,4 +1,9 @@
-"""After a crash: find the jobs a dead process left unfinished, decide what becomes of each, and tell the rest.
+"""After a crash: claim the jobs a dead process left unfinished, decide what becomes of each, and tell the rest.
+
+Two ways in, one set of decisions (:func:`recover_jobs`): at start-up (:func:`recover_unfinished_jobs`, the jobs of
+this process's guilds that nobody alive answers for), and in a fleet while running (bot/service/fleet.py's
+watcher hands over the jobs of a process that died, whatever their guild). The store's claim makes each job this
+process's before anything is decided, so no job is taken by two processes.
 
 - Queued jobs whose reply can still be posted (``can_reply``) are resumed under their own id and message.
 - Running jobs whose generation lives on at the backend under its own id (AI Horde) are followed up by that
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,7 +32,7 @@ from bot.engine.models import GenerationResult, Job, JobState
 if TYPE_CHECKING:
     from bot.engine.cache import ResultCache
     from bot.engine.manager import JobManager
-    from bot.engine.store import JobStore
+    from bot.engine.store import JobStore, ShardFilter
 
 log = logging.getLogger(__name__)
 
@@ -50,40 +55,19 @@ async def recover_unfinished_jobs(
     report: Callable[[Job], Awaitable[None]],
     clock: Callable[[], float],
     cache: ResultCache | None = None,
-    owns: Callable[[int], bool] = lambda _guild_id: True,
+    shards: ShardFilter | None = None,
 ) -> RecoveryReport:
-    """Run once at start-up, before new work is admitted.
+    """Run once at start-up, before new work is admitted: claim what is left in ``shards``' guilds (None: every
+    guild) and recover it.
 
     ``report`` posts a job's outcome as it stands and records the delivery (the frontend's messenger).
-    ``owns(guild_id)``: whether this process serves that guild. Processes sharing one database each take only
-    their own guilds' jobs: another guild's unfinished job belongs to a live process (it is still running it,
-    or posting it), never to this one.
+    Processes sharing one database each claim only their own guilds' jobs, and only those no live process
+    answers for: another guild's unfinished job may be running in a live process, never in this one.
     """
-    outcome = RecoveryReport()
-    for job in await store.undelivered_jobs():
-        if owns(job.guild_id):
-            await _redeliver(store, job, cache=cache, report=report, clock=clock, outcome=outcome)
-    for job in await store.unfinished_jobs():
-        if not owns(job.guild_id):
-            continue
-        if job.state is JobState.RUNNING and job.backend_ref and manager.can_resume(job):
-            try:
-                await manager.adopt(job, follow_backend_ref=True)
-                outcome.resumed.append(job.id)
-                log.info("following up a running job after restart", extra={"job": job.id})
-                continue
-            except RequestRejected:
-                pass
-        if job.state is JobState.QUEUED and can_reply(job):
-            try:
-                await manager.adopt(job)
-                outcome.resumed.append(job.id)
-                log.info("resumed queued job after restart", extra={"job": job.id})
-                continue
-            except RequestRejected:
-                pass  # shutting down already: fall through and record it as interrupted
-        await _mark_interrupted(store, job, report=report, clock=clock)
-        outcome.interrupted.append(job.id)
+    jobs = await store.claim_jobs(shards=shards)
+    outcome = await recover_jobs(
+        jobs, store, manager, can_reply=can_reply, report=report, clock=clock, cache=cache
+    )
     if outcome.resumed or outcome.interrupted or outcome.redelivered:
         log.info(
             "recovered unfinished jobs",
@@ -93,6 +77,47 @@ async def recover_unfinished_jobs(
                 "redelivered": len(outcome.redelivered),
             },
         )
+    return outcome
+
+
+async def recover_jobs(
+    jobs: Iterable[Job],
+    store: JobStore,
+    manager: JobManager,
+    *,
+    can_reply: Callable[[Job], bool],
+    report: Callable[[Job], Awaitable[None]],
+    clock: Callable[[], float],
+    cache: ResultCache | None = None,
+) -> RecoveryReport:
+    """Decide for each of ``jobs`` (claimed by this process already): follow up, resume, report interrupted, or
+    post again (see the module docstring). Finished ones are posted first, then the unfinished, oldest first."""
+    outcome = RecoveryReport()
+    jobs = list(jobs)
+    for job in jobs:
+        if job.state.is_terminal:
+            await _redeliver(store, job, cache=cache, report=report, clock=clock, outcome=outcome)
+    for job in jobs:
+        if job.state.is_terminal:
+            continue
+        if job.state is JobState.RUNNING and job.backend_ref and manager.can_resume(job):
+            try:
+                await manager.adopt(job, follow_backend_ref=True)
+                outcome.resumed.append(job.id)
+                log.info("following up a running job left by a dead process", extra={"job": job.id})
+                continue
+            except RequestRejected:
+                pass
+        if job.state is JobState.QUEUED and can_reply(job):
+            try:
+                await manager.adopt(job)
+                outcome.resumed.append(job.id)
+                log.info("resumed a queued job left by a dead process", extra={"job": job.id})
+                continue
+            except RequestRejected:
+                pass  # shutting down already: fall through and record it as interrupted
+        await _mark_interrupted(store, job, report=report, clock=clock)
+        outcome.interrupted.append(job.id)
     return outcome
 
 

@@ -6,6 +6,10 @@ operator can still look at it; the bot then starts with an empty store instead o
 A job's state and its delivery are separate facts: ``save_job`` writes the state (the manager's), and
 ``mark_delivered`` records that the outcome reached the requester (the frontend's). A finished job with a
 message and neither ``delivered_at`` nor ``delivery_error`` was never posted: ``undelivered_jobs`` finds it.
+
+Which process answers for a job is the PostgreSQL store's business (a fleet shares one database there); one
+process owns an SQLite file (``DATA_DIR/bot.lock``), so here every job is this process's: ``claim_jobs`` hands
+back what a dead predecessor left, ``take_over_jobs`` finds nothing, and ``save_job`` is never refused.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosqlite
 
@@ -109,6 +113,11 @@ _UPSERT_JOB = (
     f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _JOB_COLUMNS[1:])}"
 )
 _UNFINISHED = (JobState.QUEUED.value, JobState.RUNNING.value)
+#: Jobs somebody still has to answer for: queued or running, or finished with a message and never posted.
+_UNSETTLED = (
+    "delivered_at IS NULL AND delivery_error IS NULL "
+    "AND (state IN ('queued', 'running') OR message_ref IS NOT NULL)"
+)
 
 # SQLite primary result codes (exceptions carry the extended code; the low byte is the primary one).
 _SQLITE_PERM = 3
@@ -126,6 +135,29 @@ class StoreError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class JobTaken(Exception):
+    """``save_job`` refused: another process has claimed the job since this one last wrote it (its lease had
+    lapsed). Not a StoreError: retrying cannot help, the job is no longer this process's to write or post."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} belongs to another process now")
+        self.job_id = job_id
+
+
+class ShardFilter(NamedTuple):
+    """The guilds a process serves: those whose gateway shard ``(guild_id >> 22) % count`` is in ``ids``."""
+
+    count: int
+    ids: tuple[int, ...]
+
+    def owns(self, guild_id: int) -> bool:
+        return (guild_id >> 22) % self.count in self.ids
+
+    def sql(self, bind: Callable[[Any], str]) -> str:
+        """The same test as a condition on ``jobs.guild_id`` (``bind`` adds a parameter, returns its mark)."""
+        return f"((guild_id >> 22) % {bind(self.count)}) IN ({', '.join(bind(i) for i in self.ids)})"
 
 
 class StoreCorrupt(StoreError):
@@ -435,9 +467,29 @@ class JobStore:
 
     # -- jobs -----------------------------------------------------------------------------------------------
 
-    async def save_job(self, job: Job) -> None:
-        """Insert or update every persisted field; durable when this returns."""
+    async def save_job(self, job: Job, *, any_owner: bool = False) -> None:
+        """Insert or update every persisted field; durable when this returns. (Never :class:`JobTaken` here:
+        one process owns the file. ``any_owner`` matters to the PostgreSQL store only.)"""
         await self._query(_UPSERT_JOB, _job_params(job))
+
+    async def claim_jobs(self, *, shards: ShardFilter | None = None) -> list[Job]:
+        """At start-up: the jobs a dead process left to answer for (queued, running, or finished and never
+        posted), in ``shards``' guilds (None: every guild), oldest first. Here all of them are ours."""
+        params: list[Any] = []
+
+        def bind(value: Any) -> str:
+            params.append(value)
+            return "?"
+
+        guilds = "" if shards is None else f" AND {shards.sql(bind)}"
+        rows = await self._query(
+            f"{_SELECT_JOBS} WHERE {_UNSETTLED}{guilds} ORDER BY created_at, rowid", params
+        )
+        return [job for row in rows if (job := _job_from_row(row)) is not None]
+
+    async def take_over_jobs(self) -> dict[str, list[Job]]:
+        """The jobs of processes that died while another lives on (by dead process): none, with one process."""
+        return {}
 
     async def get_job(self, job_id: str) -> Job | None:
         rows = await self._query(f"{_SELECT_JOBS} WHERE id = ?", (job_id,))

@@ -30,6 +30,12 @@ What PostgreSQL adds:
   running the same shards and inserts in one transaction under an advisory lock, so of two processes starting
   together with the same shards exactly one gets in. :meth:`PgJobStore.advisory_lock` serialises other
   once-for-the-fleet work (command sync).
+- **Who answers for a job** (``jobs.owner``, a ``processes`` id): the process that created or claimed it. Once
+  :meth:`PgJobStore.join_fleet` named this process, ``save_job`` writes a job only while the row's owner is this
+  process (else :class:`~bot.engine.store.JobTaken`: a process whose lease lapsed cannot overwrite its
+  successor's record), and the claims take jobs whose owner is not alive: ``claim_jobs`` at start-up (this
+  process's guilds, unowned jobs included), ``take_over_jobs`` while running (any guild, jobs of dead processes).
+  A claim is one ``UPDATE`` under ``CLAIM_LOCK_KEY``, so of two claimers exactly one gets each job.
 - **No password anywhere**: the store names its database by ``safe_dsn`` (no password), and any text from
   the driver is scrubbed of the password before it becomes part of an error.
 """
@@ -55,6 +61,9 @@ from bot.engine.store import (
     _DELIVERY_COLUMNS,
     _JOB_COLUMNS,
     _UNFINISHED,
+    _UNSETTLED,
+    JobTaken,
+    ShardFilter,
     StoreError,
     _job_from_row,
     _job_params,
@@ -64,8 +73,9 @@ from bot.logs import redact
 
 log = logging.getLogger(__name__)
 
-#: Forward migrations, numbered like the SQLite store's (v1 tables, v2 backend_ref, v3 delivery) so one
-#: schema version means the same job columns in both; v4 (the fleet's ``processes``) exists here only. ``seq`` stands in for SQLite's rowid: insertion order,
+#: Forward migrations, numbered like the SQLite store's (v1 tables, v2 backend_ref, v3 delivery) so up to v3 one
+#: schema version means the same job columns in both; v4 (the fleet's ``processes``) and v5 (``jobs.owner``)
+#: exist here only. ``seq`` stands in for SQLite's rowid: insertion order,
 #: the tie-break of every "oldest/newest first". Never edit a shipped entry: add a new one.
 MIGRATIONS: list[Sequence[str]] = [
     (
@@ -127,6 +137,10 @@ MIGRATIONS: list[Sequence[str]] = [
         )
         """,
     ),
+    (
+        # The process (a ``processes`` id) that answers for the job; NULL: written before there was a fleet.
+        "ALTER TABLE jobs ADD COLUMN owner TEXT",
+    ),
 ]
 
 #: While the database is away: the first wait before a reconnection try, doubled after each failed one up to
@@ -139,6 +153,12 @@ MIGRATION_LOCK_KEY = 0x696D6167696E65  # "imagine"
 
 #: Held (per transaction) while a process registers: the overlap check and the insert are one step.
 PROCESS_LOCK_KEY = MIGRATION_LOCK_KEY + 1
+
+#: Held (per transaction) while a process claims jobs: each claim sees every claim committed before it.
+CLAIM_LOCK_KEY = MIGRATION_LOCK_KEY + 2
+
+#: How long a silent process counts as alive when this store was not told the fleet's LEASE_TTL_S.
+DEFAULT_LEASE_TTL_S = 30.0
 
 T = TypeVar("T")
 
@@ -198,10 +218,24 @@ def _process(row: Any) -> FleetProcess:
 
 
 _SELECT_JOBS = f"SELECT {', '.join(_JOB_COLUMNS + _DELIVERY_COLUMNS)} FROM jobs"
+_WRITTEN_COLUMNS = (*_JOB_COLUMNS, "owner")
+#: ``owner`` is written by an insert only: an update keeps it, and happens only while it is the writer's
+#: (``IS NOT DISTINCT FROM``: NULL for a store outside a fleet). A refused update reports ``INSERT 0 0``.
 _UPSERT_JOB = (
-    f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) "
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_JOB_COLUMNS) + 1))}) "
+    f"INSERT INTO jobs ({', '.join(_WRITTEN_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_WRITTEN_COLUMNS) + 1))}) "
     f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _JOB_COLUMNS[1:])}"
+)
+_UPSERT_OWNED_JOB = f"{_UPSERT_JOB} WHERE jobs.owner IS NOT DISTINCT FROM EXCLUDED.owner"
+#: The claims: jobs to answer for whose owner has no live row (NULL included), made ours in one statement.
+#: ``$1`` this process, ``$2`` the lease in seconds; ``{which}`` narrows them further.
+_CLAIM_JOBS = (
+    "WITH claimed AS (SELECT id, owner AS previous FROM jobs "
+    f"WHERE {_UNSETTLED} AND NOT EXISTS (SELECT 1 FROM processes "
+    "WHERE processes.id = jobs.owner AND heartbeat_at >= now() - make_interval(secs => $2)) AND {which} "
+    "FOR UPDATE) "
+    "UPDATE jobs SET owner = $1 FROM claimed WHERE jobs.id = claimed.id "
+    f"RETURNING claimed.previous, jobs.seq, {', '.join(f'jobs.{c}' for c in _JOB_COLUMNS + _DELIVERY_COLUMNS)}"
 )
 
 #: Errors that mean "the connection or the server is gone", not "this statement is wrong".
@@ -314,6 +348,9 @@ class PgJobStore:
         self.clock = clock
         self.sleep = sleep
         self._pool: asyncpg.Pool | None = None
+        #: This process's ``processes`` id once it joined a fleet (:meth:`join_fleet`), and the lease.
+        self.owner: str | None = None
+        self.lease_ttl_s = DEFAULT_LEASE_TTL_S
         #: Set while the database is away (see the module docstring); the reconnect task clears it.
         self.outage: Outage | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -576,6 +613,14 @@ class PgJobStore:
         """One statement whose rows nobody reads (committed on return)."""
         await self._run(sql, params, rows=False)
 
+    async def _status(self, sql: str, params: Sequence[Any]) -> str:
+        """One statement; its command tag (``INSERT 0 1``), committed on return."""
+
+        async def statement(conn: asyncpg.Connection) -> str:
+            return str(await conn.execute(sql, *params))
+
+        return await self._on_connection(statement)
+
     # -- health ---------------------------------------------------------------------------------------------
 
     async def ping(self, timeout_s: float = 1.0) -> bool:
@@ -677,11 +722,76 @@ class PgJobStore:
         )
         return [_process(row) for row in rows]
 
+    def join_fleet(self, process_id: str, *, ttl_s: float) -> None:
+        """From now on this store writes and claims jobs as the process ``process_id`` (a ``processes`` row),
+        and a process silent for ``ttl_s`` is dead."""
+        self.owner = process_id
+        self.lease_ttl_s = float(ttl_s)
+
+    async def forget_dead_processes(self, process_ids: Iterable[str]) -> list[FleetProcess]:
+        """Delete the rows of these processes that are still dead (a late heartbeat keeps its row)."""
+        rows = await self._query(
+            f"DELETE FROM processes WHERE id = ANY($1::text[]) AND heartbeat_at < now() - make_interval(secs => $2) "
+            f"RETURNING {_PROCESS_COLUMNS}",
+            (sorted(set(process_ids)), self.lease_ttl_s),
+        )
+        return [_process(row) for row in rows]
+
     # -- jobs -----------------------------------------------------------------------------------------------
 
-    async def save_job(self, job: Job) -> None:
-        """Insert or update every persisted field; durable when this returns."""
-        await self._execute(_UPSERT_JOB, _job_params(job))
+    async def save_job(self, job: Job, *, any_owner: bool = False) -> None:
+        """Insert or update every persisted field; durable when this returns.
+
+        A job another process has claimed since is not written: :class:`JobTaken` (retrying cannot help).
+        ``any_owner``: write it whoever owns it (a member deleting a finished job, on whatever process).
+        """
+        params = (*_job_params(job), self.owner)
+        if any_owner:
+            await self._execute(_UPSERT_JOB, params)
+        elif await self._status(_UPSERT_OWNED_JOB, params) == "INSERT 0 0":
+            raise JobTaken(job.id)
+
+    async def claim_jobs(self, *, shards: ShardFilter | None = None) -> list[Job]:
+        """At start-up: the jobs nobody alive answers for (queued, running, or finished and never posted;
+        unowned ones included) in ``shards``' guilds (None: every guild), made ours; oldest first."""
+        params: list[Any] = [self.owner, self.lease_ttl_s]
+
+        def bind(value: Any) -> str:
+            params.append(value)
+            return f"${len(params)}"
+
+        which = "TRUE" if shards is None else shards.sql(bind)
+        return [job for _, job in await self._claim(which, params)]
+
+    async def take_over_jobs(self) -> dict[str, list[Job]]:
+        """While running: the jobs of processes that died (their rows silent past the lease, or gone), in any
+        guild (a dead process's guilds have no live owner), made ours; by dead process, oldest first.
+        Unowned jobs are left alone: they may belong to a live process that predates owners."""
+        taken: dict[str, list[Job]] = {}
+        # Never our own (were our lease lapsing, they are still running here).
+        which = "owner IS NOT NULL AND owner IS DISTINCT FROM $1"
+        for previous, job in await self._claim(which, [self.owner, self.lease_ttl_s]):
+            taken.setdefault(previous or "", []).append(job)
+        return taken
+
+    async def _claim(self, which: str, params: Sequence[Any]) -> list[tuple[str | None, Job]]:
+        sql = _CLAIM_JOBS.format(which=which)
+
+        async def claim(conn: asyncpg.Connection) -> list[Any]:
+            async with conn.transaction():
+                # Serialised, and the UPDATE's snapshot is taken after the lock: it sees every claim (and every
+                # registration) committed before it, so no job is claimed by two processes.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", CLAIM_LOCK_KEY)
+                return list(await conn.fetch(sql, *params))
+
+        rows = await self._on_connection(claim, "claim jobs")
+        rows.sort(key=lambda row: (row["created_at"], row["seq"]))
+        claimed = []
+        for row in rows:
+            job = _job_from_row(tuple(row)[2:])
+            if job is not None:
+                claimed.append((row["previous"], job))
+        return claimed
 
     async def get_job(self, job_id: str) -> Job | None:
         rows = await self._query(f"{_SELECT_JOBS} WHERE id = $1", (job_id,))

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import aiohttp
@@ -32,8 +32,10 @@ from discord.gateway import DiscordWebSocket, ReconnectWebSocket
 from discord.shard import Shard
 
 from bot.engine import Engine
+from bot.engine.models import Job
 from bot.engine.policy import GuildPolicy
-from bot.engine.recovery import recover_unfinished_jobs
+from bot.engine.recovery import RecoveryReport, recover_jobs, recover_unfinished_jobs
+from bot.engine.store import ShardFilter
 from bot.frontend.identify import IdentifyGate, max_concurrency_of
 from bot.frontend.interactions import tell_failure
 from bot.frontend.messenger import DiscordErrorSink, JobMessenger
@@ -70,6 +72,19 @@ class GatewayWatcher(Protocol):
     def gateway_up(self, shard_id: int | None = None) -> None: ...
     def gateway_down(self, shard_id: int | None = None) -> None: ...
     def mark_draining(self) -> None: ...
+
+
+#: Recovers jobs this process has just claimed: the decisions start-up recovery makes, with this bot's
+#: ways of telling a member.
+JobRecovery = Callable[[list[Job]], Awaitable[RecoveryReport]]
+
+
+class TakeoverWatcher(Protocol):
+    """Takes over the jobs of other processes that die (a fleet's: bot/service/fleet.py). Started once this
+    process's own start-up recovery is done; closed first when the bot drains."""
+
+    def start(self, recover: JobRecovery) -> None: ...
+    async def close(self) -> None: ...
 
 
 class _NoWatcher:
@@ -128,6 +143,7 @@ class ImagineBot(commands.AutoShardedBot):
         recover_jobs: bool = True,
         progress_interval: float = 1.5,
         identify_gate: IdentifyGate | None = None,
+        takeover: TakeoverWatcher | None = None,
         **options: object,
     ) -> None:
         intents = discord.Intents.none()
@@ -153,6 +169,7 @@ class ImagineBot(commands.AutoShardedBot):
         self.clock = clock
         self.sync_commands = sync_commands
         self.recover_jobs = recover_jobs
+        self.takeover = takeover
         self.messenger = JobMessenger(
             self,
             cache=engine.cache,
@@ -194,17 +211,34 @@ class ImagineBot(commands.AutoShardedBot):
                 report=self.messenger.post_and_record,
                 cache=self.engine.cache,
                 clock=self.clock,
-                owns=self.owns_guild,
+                shards=self.shard_filter,
             )
+            # In a fleet: from now on, the jobs of another process that dies are taken over here.
+            if self.takeover is not None:
+                self.takeover.start(self.recover_claimed)
         if self.sync_commands:
             await self.sync_if_changed()
 
-    def owns_guild(self, guild_id: int) -> bool:
-        """Whether this process runs the shard that guild's events arrive on (all of them without SHARD_IDS)."""
+    @property
+    def shard_filter(self) -> ShardFilter | None:
+        """The guilds whose events arrive here (None: every guild, without SHARD_IDS)."""
         shard_ids, count = self.settings.shard_ids, self.settings.shard_count
         if not shard_ids or not count:
-            return True
-        return (guild_id >> 22) % count in shard_ids
+            return None
+        return ShardFilter(count, tuple(shard_ids))
+
+    async def recover_claimed(self, jobs: list[Job]) -> RecoveryReport:
+        """Recover jobs this process claimed from a dead one (whatever their guild: results go through each
+        interaction's webhook, or the channel past the token, so no gateway shard is needed to post them)."""
+        return await recover_jobs(
+            jobs,
+            self.engine.store,
+            self.manager,
+            can_reply=self.messenger.token_usable,
+            report=self.messenger.post_and_record,
+            cache=self.engine.cache,
+            clock=self.clock,
+        )
 
     async def on_ready(self) -> None:
         """Every shard of this process is READY (once at start; again only if all re-identify)."""
@@ -376,6 +410,8 @@ class ImagineBot(commands.AutoShardedBot):
         self.draining = True
         grace = self.settings.shutdown_grace_s
         log.info("shutting down", extra={"grace_s": grace, "active_jobs": len(self.manager.active_jobs())})
+        if self.takeover is not None:  # take no other process's jobs while draining our own
+            await self.takeover.close()
         try:
             await self.manager.shutdown(grace)
         finally:

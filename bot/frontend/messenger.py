@@ -120,6 +120,8 @@ class JobMessenger:
         self.min_interval = min_interval
         self.clock = clock
         self._messages: dict[str, _JobMessage] = {}
+        #: Jobs another process claimed from this one (rare: a lapsed lease): never edited here again.
+        self._taken: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         #: Deliveries posted but not recorded yet (the store refused): retried by ``_record_task``.
         self._unrecorded: dict[str, _Delivery] = {}
@@ -129,7 +131,10 @@ class JobMessenger:
     # -- manager hooks ----------------------------------------------------------------------------------
     def on_job_event(self, job: Job, event: JobEvent) -> None:
         """Listener: mark the job's message stale and make sure one pump is running for it."""
-        if event is JobEvent.FINISHED or not job.message_ref:
+        if event is JobEvent.TAKEN:
+            self._drop(job)
+            return
+        if event is JobEvent.FINISHED or not job.message_ref or job.id in self._taken:
             return
         entry = self._messages.get(job.id)
         if entry is None:
@@ -141,6 +146,16 @@ class JobMessenger:
             entry.task = asyncio.create_task(self._pump(entry), name=f"progress-{job.id}")
             self._tasks.add(entry.task)
             entry.task.add_done_callback(self._task_done)
+
+    def _drop(self, job: Job) -> None:
+        """Another process answers for the job now (it claimed it while our lease had lapsed): its message is
+        theirs to edit, so ours stops at once, and later events of the job are not heard."""
+        self._taken.add(job.id)
+        entry = self._messages.pop(job.id, None)
+        if entry is not None:
+            entry.closed = True
+            if entry.task is not None and not entry.task.done():
+                entry.task.cancel()
 
     async def deliver(self, job: Job) -> None:
         """Manager delivery hook: runs inside the job's task once the job is finished."""

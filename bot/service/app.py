@@ -23,7 +23,7 @@ import discord
 from bot.engine import Engine
 from bot.engine.store_pg import PgJobStore
 from bot.frontend.client import ImagineBot, point_discord_at
-from bot.service.fleet import OutageGuard, ProcessLease, process_lease
+from bot.service.fleet import OutageGuard, ProcessLease, Takeover, process_lease
 from bot.service.metrics import Metrics
 from bot.service.runtime import open_engine
 from bot.service.web import HEARTBEAT_GRACE_S, Health, WebServer
@@ -43,6 +43,8 @@ class Service:
     web: WebServer | None
     #: In a fleet (DATABASE_URL): what the bot does while the database is away (bot/service/fleet.py).
     outage: OutageGuard | None = None
+    #: In a fleet: takes over the jobs of processes that die (started by the bot after its own recovery).
+    takeover: Takeover | None = None
 
     async def start_web(self) -> None:
         """Bind /healthz and /metrics (503 until READY): before logging in, so a clashing port stops start-up
@@ -66,13 +68,16 @@ def build_service(
     health = Health(engine.store, heartbeat=lease, heartbeat_grace_s=heartbeat_grace_s)
     metrics = Metrics(engine.manager, cache=engine.cache)
     engine.manager.add_listener(metrics.on_job_event)
-    outage = None
+    outage = takeover = None
     if lease is not None and isinstance(engine.store, PgJobStore):
+        # Every job this process creates or claims is written as its own, and only while it is.
+        engine.store.join_fleet(lease.me.id, ttl_s=lease.ttl_s)
         outage = OutageGuard(engine.manager, engine.store, lease).install()
-    bot = ImagineBot(engine, health=health, discord_errors=metrics, **bot_options)
+        takeover = Takeover(engine.store, lease)
+    bot = ImagineBot(engine, health=health, discord_errors=metrics, takeover=takeover, **bot_options)
     settings = engine.settings
     web = WebServer(health, metrics, port=settings.http_port, host=settings.http_host) if serve_http else None
-    return Service(engine, bot, health, metrics, web, outage)
+    return Service(engine, bot, health, metrics, web, outage, takeover)
 
 
 def install_signal_handlers(bot: ImagineBot) -> Callable[[], None]:
@@ -173,6 +178,8 @@ async def _serve(settings: Settings, token: str, lease: ProcessLease | None = No
             log.error("Discord refused the requested intents")
             return 1
         finally:
+            if service.takeover is not None:  # the bot's drain closed it already, unless start-up failed
+                await service.takeover.close()
             await service.stop_web()
     log.info("stopped cleanly")
     return 0

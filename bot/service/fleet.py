@@ -26,6 +26,19 @@ While the database is away (:class:`OutageGuard`, installed by bot/service/app.p
 
 A process whose lease has lapsed may find its shards taken and its queued jobs recovered by a successor:
 starting nothing while it cannot renew is what keeps a job from running in two processes.
+
+When a process dies (:class:`Takeover`, every LEASE_TTL_S / 3 in each live process)::
+
+    a job's owner has no live row (SIGKILL, a lost host: silent past LEASE_TTL_S)
+        -> one live process claims its jobs (one UPDATE, exclusive: bot/engine/store_pg.py)
+        -> start-up recovery's decisions, here (bot/engine/recovery.py): queued ones run here, running ones are
+           followed up by their backend id (AI Horde, ComfyUI) or reported interrupted with a Reroll button,
+           finished ones never posted are posted
+        -> its dead row is deleted; one INFO line per dead process: which, how many jobs
+
+So a dead process's jobs are answered for within about LEASE_TTL_S * 4 / 3, by a survivor, not at its restart
+(the restarted process starts with a new id and finds them taken). A lapsed process that comes back finds its
+claimed jobs' writes refused (``JobTaken``) and drops them without posting (bot/engine/manager.py).
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from bot.engine.errors import RequestRejected
@@ -47,7 +60,8 @@ from bot.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from bot.engine.manager import AdmissionContext, JobManager
-    from bot.engine.models import ImageRequest
+    from bot.engine.models import ImageRequest, Job
+    from bot.engine.recovery import RecoveryReport
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +254,76 @@ class OutageGuard:
         self.manager.hold_starts(not renewing)
 
 
+# -- when another process dies ---------------------------------------------------------------------------------
+
+
+class Takeover:
+    """Claims the jobs of dead processes every ``lease.interval_s`` and hands them to ``recover`` (the bot's:
+    start-up recovery's decisions). Started by the bot once its own start-up recovery is done (see the module
+    docstring); :meth:`close` cancels and awaits it (a claim cut short leaves its jobs owned by this process,
+    whose row goes with a clean exit: the next survivor takes them)."""
+
+    def __init__(self, store: PgJobStore, lease: ProcessLease) -> None:
+        self.store = store
+        self.lease = lease
+        self.interval_s = lease.interval_s
+        #: Jobs taken over from dead processes so far.
+        self.taken = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, recover: Callable[[list[Job]], Awaitable[RecoveryReport]]) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._watch_forever(recover), name="job-takeover")
+            self._task.add_done_callback(_log_if_crashed)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _watch_forever(self, recover: Callable[[list[Job]], Awaitable[RecoveryReport]]) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.sweep(recover)
+            except StoreError as exc:  # the database is away: the store says so (one WARNING); next round
+                log.debug("could not look for dead processes' jobs: %s", exc.message)
+            except Exception:  # our bug: say so, and keep watching (a dead process's jobs must not wait)
+                log.exception("taking over a dead process's jobs failed; trying again next round")
+
+    async def sweep(self, recover: Callable[[list[Job]], Awaitable[RecoveryReport]]) -> int:
+        """One round: claim what dead processes left and recover it; returns how many jobs were taken."""
+        if not self.lease.renewing:
+            return 0  # our own lease may have lapsed: claiming now would only hand the jobs on again
+        taken = await self.store.take_over_jobs()
+        if not taken:
+            return 0
+        rows = {process.id: process for process in await self.store.forget_dead_processes(list(taken))}
+        count = 0
+        for dead, jobs in taken.items():
+            outcome = await recover(jobs)
+            count += len(jobs)
+            process = rows.get(dead)
+            log.info(
+                "took over the jobs of a dead process",
+                extra={
+                    "dead_process_id": dead[:12],
+                    "dead_process": process.describe() if process is not None else "its row was gone already",
+                    "jobs": len(jobs),
+                    "resumed": len(outcome.resumed),
+                    "interrupted": len(outcome.interrupted),
+                    "redelivered": len(outcome.redelivered),
+                },
+            )
+        self.taken += count
+        return count
+
+
 def _log_if_crashed(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("process heartbeat stopped", exc_info=task.exception())
+        log.error("%s stopped", task.get_name(), exc_info=task.exception())
 
 
 @contextlib.asynccontextmanager

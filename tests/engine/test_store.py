@@ -27,7 +27,7 @@ import pytest
 from bot.engine import store as store_module
 from bot.engine import store_pg as store_pg_module
 from bot.engine.models import ImageRequest, Job, JobState
-from bot.engine.store import JobStore, StoreCorrupt, StoreError, StoreLocked
+from bot.engine.store import JobStore, ShardFilter, StoreCorrupt, StoreError, StoreLocked
 from bot.engine.store_pg import PgJobStore
 from tests.pg import PASSWORD, PgCluster
 
@@ -600,6 +600,30 @@ async def test_a_state_write_after_delivery_keeps_the_delivery_record(open_any: 
     await store.save_job(job)  # job.delivered_at is still None in memory
     loaded = await store.get_job("j")
     assert loaded is not None and loaded.delivered_at == 6.0 and loaded.error_message == "written again"
+
+
+async def test_claim_jobs_hands_back_what_is_left_to_answer_for_in_our_guilds(open_any: OpenAny) -> None:
+    """Start-up recovery's one call on either store: queued, running and finished-but-never-posted jobs of the
+    shards asked for, oldest first (nobody else runs this store: on PostgreSQL outside a fleet, every job is
+    unowned). Settled jobs, and other shards' guilds, are left."""
+    store = await open_any()
+    ours, theirs = 0 << 22, 1 << 22  # shards 0 and 1 of 2
+    message = {"token": "t"}
+    await store.save_job(make_job("queued", guild_id=ours, created_at=1.0))
+    await store.save_job(make_job("running", guild_id=ours, state=JobState.RUNNING, created_at=2.0))
+    await store.save_job(
+        make_job("unposted", guild_id=ours, state=JobState.SUCCEEDED, message_ref=message, created_at=3.0)
+    )
+    await store.save_job(
+        make_job("posted", guild_id=ours, state=JobState.SUCCEEDED, message_ref=message, created_at=4.0)
+    )
+    await store.mark_delivered("posted", at=5.0)
+    await store.save_job(make_job("silent", guild_id=ours, state=JobState.FAILED, created_at=6.0))
+    await store.save_job(make_job("elsewhere", guild_id=theirs, created_at=7.0))
+    claimed = await store.claim_jobs(shards=ShardFilter(2, (0,)))
+    assert [job.id for job in claimed] == ["queued", "running", "unposted"]
+    assert [job.id for job in await store.claim_jobs(shards=ShardFilter(2, (1,)))] == ["elsewhere"]
+    assert await store.take_over_jobs() == {}  # no dead process's jobs: unowned ones are left alone
 
 
 # -- PostgreSQL only ---------------------------------------------------------------------------------------
