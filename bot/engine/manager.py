@@ -41,7 +41,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from bot.engine.alerts import OperatorAlerts
 from bot.engine.backend import Backend, Capabilities, ResumableBackend
@@ -106,8 +106,16 @@ class JobEvent(StrEnum):
 
 Listener = Callable[[Job, JobEvent], None]
 Delivery = Callable[[Job], Awaitable[None]]
-#: At shutdown, gives a still-queued job back for another process to run; True when it was taken.
-HandBack = Callable[[Job], Awaitable[bool]]
+
+
+class HandBack(Protocol):
+    """Where a shutting-down process gives its queued jobs (the fleet: other processes on the same database)."""
+
+    async def available(self) -> bool:
+        """Whether another process is there to run what is handed back (asked once, as shutdown begins)."""
+
+    async def take(self, job: Job) -> bool:
+        """Give back ``job`` (still queued); True when it will be run elsewhere."""
 
 
 class AdmissionContext(NamedTuple):
@@ -227,10 +235,12 @@ class JobManager:
         self.clock = clock
         #: Hook run inside each job's task once it is finished (the Discord layer posts there).
         self.deliver: Delivery | None = None
-        #: With several processes on one database (the fleet wires it): at the grace's end a job still queued is
-        #: offered here before it would be cancelled; taken (True), it leaves this process with no end of its
-        #: own: no terminal state, no delivery, its message left for the process that runs it.
+        #: With several processes on one database (the fleet wires it): when shutdown begins and another process
+        #: is there, no queued job starts here any more; the grace is for running ones, and each job still
+        #: queued is then handed back instead of cancelled: it leaves this process with no end of its own (no
+        #: terminal state, no delivery, its message left to the process that runs it).
         self.hand_back: HandBack | None = None
+        self._handing_back = False
         #: Per-guild rules plugged into the one admission path (see check_admission).
         self.request_defaults: list[RequestDefaults] = []
         self.admission_checks: list[AdmissionCheck] = []
@@ -603,8 +613,14 @@ class JobManager:
         if not self._accepting and not self._pending_tasks():
             return
         self._accepting = False
-        pending = self._pending_tasks()
-        log.info("draining jobs", extra={"jobs": self._unfinished_jobs(), "grace_s": grace})
+        self._handing_back = await self._will_hand_back()
+        if self._handing_back:
+            self.hold_starts(True)  # queued jobs wait for another process, not for this one's grace
+        pending = self._pending_tasks(queued=not self._handing_back)
+        log.info(
+            "draining jobs",
+            extra={"jobs": self._unfinished_jobs(), "grace_s": grace, "handing_back": self._handing_back},
+        )
         if pending and grace > 0:
             await asyncio.wait(pending, timeout=grace)
         await self._wait_for_submits()
@@ -614,7 +630,7 @@ class JobManager:
             if t.task is not None and not t.task.done() and not t.job.state.is_terminal
         ]
         for tracked in leftovers:
-            queued = tracked.job.state is JobState.QUEUED and self.hand_back is not None
+            queued = tracked.job.state is JobState.QUEUED and self._handing_back
             self._request_cancel(tracked, EndReason.HANDED_OVER if queued else EndReason.SHUTDOWN, None)
         delivering = sum(1 for t in self._tracked.values() if t.delivering)
         pending = self._pending_tasks()
@@ -637,6 +653,15 @@ class JobManager:
         await self.alerts.close()
         log.info("job manager stopped")
 
+    async def _will_hand_back(self) -> bool:
+        if self.hand_back is None:
+            return False
+        try:
+            return await self.hand_back.available()
+        except Exception:
+            log.exception("could not tell whether another process takes queued jobs; cancelling them instead")
+            return False
+
     def _unfinished_jobs(self) -> int:
         return sum(1 for t in self._tracked.values() if t.task is not None and not t.task.done())
 
@@ -650,9 +675,12 @@ class JobManager:
             async with asyncio.timeout(limit_s):
                 await asyncio.shield(self._submits_done)
 
-    def _pending_tasks(self) -> set[asyncio.Task[object]]:
+    def _pending_tasks(self, *, queued: bool = True) -> set[asyncio.Task[object]]:
+        """Unfinished tasks; ``queued=False`` leaves out those of jobs still waiting for a slot."""
         tasks: set[asyncio.Task[object]] = {
-            t.task for t in self._tracked.values() if t.task is not None and not t.task.done()
+            t.task
+            for t in self._tracked.values()
+            if t.task is not None and not t.task.done() and (queued or t.job.state is not JobState.QUEUED)
         }
         tasks.update(t for t in self._run_tasks if not t.done())
         if self._retry_task is not None and not self._retry_task.done():
@@ -865,7 +893,7 @@ class JobManager:
         if job.state is not JobState.QUEUED or self.hand_back is None:
             return False  # it started meanwhile: a running job is not handed over
         try:
-            taken = await self.hand_back(job)
+            taken = await self.hand_back.take(job)
         except Exception:
             log.exception("could not hand a queued job over; cancelling it", extra={"job": job.id})
             return False

@@ -23,7 +23,7 @@ import discord
 from bot.engine import Engine
 from bot.engine.store_pg import PgJobStore
 from bot.frontend.client import ImagineBot, point_discord_at
-from bot.service.fleet import OutageGuard, ProcessLease, Takeover, process_lease
+from bot.service.fleet import HandBackToFleet, OutageGuard, ProcessLease, Takeover, process_lease
 from bot.service.metrics import Metrics
 from bot.service.runtime import open_engine
 from bot.service.web import HEARTBEAT_GRACE_S, Health, WebServer
@@ -74,6 +74,7 @@ def build_service(
         engine.store.join_fleet(lease.me.id, ttl_s=lease.ttl_s)
         outage = OutageGuard(engine.manager, engine.store, lease).install()
         takeover = Takeover(engine.store, lease)
+        engine.manager.hand_back = HandBackToFleet(engine.store, lease)  # rolling restarts lose no queued job
     bot = ImagineBot(engine, health=health, discord_errors=metrics, takeover=takeover, **bot_options)
     settings = engine.settings
     web = WebServer(health, metrics, port=settings.http_port, host=settings.http_host) if serve_http else None

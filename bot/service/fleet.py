@@ -54,6 +54,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from bot.engine.errors import RequestRejected
+from bot.engine.models import JobState
 from bot.engine.store import StoreError
 from bot.engine.store_pg import FleetProcess, PgJobStore
 from bot.settings import Settings, SettingsError
@@ -255,6 +256,34 @@ class OutageGuard:
 
 
 # -- when another process dies ---------------------------------------------------------------------------------
+
+
+class HandBackToFleet:
+    """A rolling restart's queued jobs (the manager's :class:`~bot.engine.manager.HandBack`): when this process
+    shuts down beside a live one, its queued jobs are not cancelled but left queued in the database, still
+    ours; our row goes with the clean exit, and a survivor's :class:`Takeover` (or our own next start) claims
+    and runs them, editing the same messages. Alone in the fleet, they are cancelled as before."""
+
+    def __init__(self, store: PgJobStore, lease: ProcessLease) -> None:
+        self.store = store
+        self.lease = lease
+
+    async def available(self) -> bool:
+        """Another process alive (by the database's clock) and our lease renewed: it can take what we leave."""
+        if not self.lease.renewing:
+            return False
+        try:
+            others = await self.store.live_processes(ttl_s=self.lease.ttl_s)
+        except StoreError as exc:
+            log.info(
+                "cannot see the other processes; queued jobs are cancelled, not handed back: %s", exc.message
+            )
+            return False
+        return any(process.id != self.lease.me.id for process in others)
+
+    async def take(self, job: Job) -> bool:
+        # Its row already says queued, and ours: nothing to write. The claim happens once our row is gone.
+        return job.state is JobState.QUEUED
 
 
 class Takeover:

@@ -206,12 +206,18 @@ class ManagerMachine(RuleBasedStateMachine):
     def other_processes_take_queued_jobs(self, takes: bool) -> None:
         """A fleet: at shutdown, a job still queued is handed back (taken or not) instead of cancelled."""
 
-        async def hand_back(job: Job) -> bool:
-            if takes:
-                self.handed.add(job.id)
-            return takes
+        machine = self
 
-        self.manager.hand_back = hand_back
+        class Fleet:
+            async def available(self) -> bool:
+                return True
+
+            async def take(self, job: Job) -> bool:
+                if takes:
+                    machine.handed.add(job.id)
+                return takes
+
+        self.manager.hand_back = Fleet()
 
     @rule(count=st.integers(1, 2))
     def store_fails(self, count: int) -> None:

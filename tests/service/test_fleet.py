@@ -23,33 +23,18 @@ from bot.engine.store_pg import PgJobStore
 from bot.service.fleet import ProcessLease, this_process
 from bot.service.web import Health, WebServer
 from bot.settings import load_settings
-from tests.conftest import TOKEN
 from tests.fakes.discord import FakeDiscord, FakeGuild, FakeInteraction
 from tests.fakes.openai_api import FakeOpenAI
 from tests.frontend.conftest import embed_author, is_done
 from tests.frontend.process import BotProcess, assert_clean, bot_process, spawn_bot
 from tests.pg import PgCluster, free_port
-
-TTL = 3
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord(token=TOKEN) as fake:
-        yield fake
+from tests.service.conftest import TTL
 
 
 @pytest.fixture
 async def backend() -> AsyncIterator[FakeOpenAI]:
     async with FakeOpenAI() as backend:
         yield backend
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "data"
-    path.mkdir()
-    return path
 
 
 def fleet_settings(backend: FakeOpenAI, pg_url: str, **more: Any) -> dict[str, Any]:

@@ -11,34 +11,19 @@ import asyncio
 import re
 from collections import Counter
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import TOKEN
 from tests.fakes.discord import FakeDiscord, FakeInteraction
 from tests.fakes.horde import FakeHorde
 from tests.fakes.openai_api import FakeOpenAI
 from tests.frontend.conftest import embed_author, image_attachments, is_done
 from tests.frontend.process import assert_clean, bot_process
+from tests.service.conftest import TTL
 
-TTL = 3
 #: What "within the lease" allows: LEASE_TTL_S, plus the watcher's period (TTL / 3) and slack for a loaded host.
 TAKEOVER_BOUND_S = TTL + 10
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord(token=TOKEN) as fake:
-        yield fake
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "data"
-    path.mkdir()
-    return path
 
 
 def labels(message: Any) -> list[str]:
