@@ -13,6 +13,12 @@ log = logging.getLogger(__name__)
 NO_MENTIONS = discord.AllowedMentions.none()
 #: Job ids as the engine makes them (bot.engine.models.new_job_id).
 JOB_ID_RE = re.compile(r"[0-9a-f]{12}")
+#: A job the store says is queued or running that this process does not run: another process of the fleet
+#: took it over (a process died, or handed it over at a restart). A Cancel pressed here cannot reach it.
+RUNNING_ELSEWHERE = (
+    "That job is being made by another of the bot's processes, so it cannot be cancelled from here; "
+    "its result will still be posted."
+)
 
 
 def user_label(user: discord.abc.User) -> str:

@@ -259,3 +259,28 @@ async def test_a_failing_admin_command_answers_with_a_sentence_not_endless_think
             await command(fake_discord, h.guild, admin, "jobs", "list", state="recent")
         )
         assert ephemeral and text == "Something went wrong on the bot's side; try again in a moment."
+
+
+async def test_cancel_of_a_job_another_process_runs_says_so_instead_of_already_finished(
+    fake_discord, fake_openai, tmp_path
+) -> None:
+    """A job taken over by another process of the fleet is queued or running in the store but not here: the
+    Cancel pressed in this process cannot reach it, and must not claim the job is over."""
+    from bot.engine.models import ImageRequest, Job
+
+    async with running_bot(fake_discord, tmp_path, backend_url=fake_openai.url) as h:
+        admin = fake_discord.add_member(h.guild.id, permissions=MANAGE_GUILD)
+        elsewhere = Job(
+            id="0123456789ab",
+            request=ImageRequest(prompt="made in the other process"),
+            guild_id=int(h.guild.id),
+            user_id=int(admin.id),
+            state=JobState.RUNNING,
+        )
+        await h.bot.engine.store.save_job(elsewhere)
+        ephemeral, text = await answer(
+            await command(fake_discord, h.guild, admin, "jobs", "cancel", job_id=elsewhere.id)
+        )
+        assert ephemeral and "another of the bot's processes" in text and "already finished" not in text
+        stored = await h.bot.engine.store.get_job(elsewhere.id)
+        assert stored is not None and stored.state is JobState.RUNNING  # nothing written over it

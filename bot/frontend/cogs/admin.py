@@ -29,7 +29,15 @@ from bot.engine.policy import (
 )
 from bot.engine.pool import PoolEntry
 from bot.engine.store import StoreError
-from bot.frontend.interactions import JOB_ID_RE, age, is_manager, model_choices, reply, user_label
+from bot.frontend.interactions import (
+    JOB_ID_RE,
+    RUNNING_ELSEWHERE,
+    age,
+    is_manager,
+    model_choices,
+    reply,
+    user_label,
+)
 from bot.frontend.render import escape, excerpt
 
 if TYPE_CHECKING:
@@ -219,6 +227,9 @@ class AdminCog(commands.Cog, name="Admin"):
             return
         if not job.is_active:
             await reply(interaction, f"Job `{job.id}` has already finished ({job.state.value}).")
+            return
+        if self.manager.get(job.id) is None:
+            await reply(interaction, RUNNING_ELSEWHERE)
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         cancelled = await self.manager.cancel(job.id, reason="cancelled", by=user_label(interaction.user))

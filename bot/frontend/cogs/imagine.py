@@ -23,6 +23,7 @@ from bot.engine.models import MAX_NEGATIVE_CHARS, MAX_PROMPT_CHARS, MAX_SEED, Im
 from bot.engine.retention import delete_job, is_deleted
 from bot.frontend.interactions import (
     JOB_ID_RE,
+    RUNNING_ELSEWHERE,
     channel_is_nsfw,
     is_manager,
     model_choices,
@@ -209,6 +210,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
             return
         if not job.is_active:
             await reply(interaction, _already_over(job))
+            return
+        if self.manager.get(job.id) is None:
+            await reply(interaction, RUNNING_ELSEWHERE)
             return
         await interaction.response.defer()
         cancelled = await self.manager.cancel(job.id, reason="cancelled", by=user_label(interaction.user))
