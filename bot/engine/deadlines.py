@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
+#: ``Deadline.arg`` when the callback takes none.
+_NO_ARG = object()
 #: Compact the heap when it holds more dead entries than this and than live ones.
 _COMPACT_AT = 64
 
@@ -27,12 +29,16 @@ _COMPACT_AT = 64
 class Deadline:
     """A handle to one armed deadline; :meth:`cancel` disarms it (idempotent)."""
 
-    __slots__ = ("_owner", "callback", "when")
+    __slots__ = ("_owner", "arg", "callback", "when")
 
-    def __init__(self, owner: Deadlines, when: float, callback: Callable[[], None]) -> None:
+    def __init__(
+        self, owner: Deadlines, when: float, callback: Callable[..., None], arg: object = _NO_ARG
+    ) -> None:
         self._owner: Deadlines | None = owner
         self.when = when
-        self.callback: Callable[[], None] | None = callback
+        self.callback: Callable[..., None] | None = callback
+        #: Passed to ``callback`` when set (saves a closure or partial per deadline on hot paths).
+        self.arg = arg
 
     @property
     def active(self) -> bool:
@@ -63,10 +69,11 @@ class Deadlines:
         """Live (armed, not yet fired) deadlines."""
         return len(self._heap) - self._dead
 
-    def after(self, delay: float, callback: Callable[[], None]) -> Deadline:
-        """Run ``callback`` ``delay`` seconds from now (at once, on the next loop turn, if ``delay <= 0``)."""
+    def after(self, delay: float, callback: Callable[..., None], arg: object = _NO_ARG) -> Deadline:
+        """Run ``callback`` (``callback(arg)`` when ``arg`` is given) ``delay`` seconds from now (at once, on the
+        next loop turn, if ``delay <= 0``)."""
         loop = asyncio.get_running_loop()
-        deadline = Deadline(self, loop.time() + max(0.0, delay), callback)
+        deadline = Deadline(self, loop.time() + max(0.0, delay), callback, arg)
         heapq.heappush(self._heap, (deadline.when, next(self._seq), deadline))
         if self._timer is None or deadline.when < self._timer.when():
             self._schedule(loop, deadline.when)
@@ -106,7 +113,7 @@ class Deadlines:
         loop = asyncio.get_running_loop()
         now = loop.time()
         heap = self._heap
-        due: list[Callable[[], None]] = []
+        due: list[tuple[Callable[..., None], object]] = []
         while heap and (heap[0][2].callback is None or heap[0][0] <= now):
             _, _, deadline = heapq.heappop(heap)
             callback = deadline.callback
@@ -115,11 +122,11 @@ class Deadlines:
                 continue
             deadline.callback = None
             deadline._owner = None
-            due.append(callback)
+            due.append((callback, deadline.arg))
         if heap:
             self._schedule(loop, heap[0][0])
-        for callback in due:
+        for callback, arg in due:
             try:
-                callback()
+                callback() if arg is _NO_ARG else callback(arg)
             except Exception:
                 log.exception("deadline callback failed")

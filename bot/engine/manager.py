@@ -802,9 +802,7 @@ class JobManager:
         """Start the queue timeout (counted from the job's creation)."""
         self._disarm(tracked)
         remaining = self.queue_timeout_s - (self.clock() - tracked.job.created_at)
-        tracked.queue_timer = self._deadlines.after(
-            remaining, functools.partial(self._queue_expired, tracked)
-        )
+        tracked.queue_timer = self._deadlines.after(remaining, self._queue_expired, tracked)
 
     @staticmethod
     def _disarm(tracked: _Tracked) -> None:
@@ -1005,7 +1003,7 @@ class JobManager:
         bounced: str | None = None  # "elsewhere" or "wait" (see _may_fail_over)
         task = asyncio.current_task()
         assert task is not None
-        timer = self._deadlines.after(self.job_timeout_s, functools.partial(self._generation_expired, run))
+        timer = self._deadlines.after(self.job_timeout_s, self._generation_expired, run)
         try:
             started = time.monotonic()
             try:
@@ -1101,8 +1099,7 @@ class JobManager:
         self._apply(decisions)
 
     async def _call_backend(self, run: _Run) -> list[GeneratedImage]:
-        def on_progress(progress: Progress) -> None:
-            self._on_progress(run, progress)
+        on_progress = functools.partial(self._on_progress, run)
 
         backend = self.pool[run.backend].backend if run.backend in self.pool else self.backend
         if not isinstance(backend, ResumableBackend):

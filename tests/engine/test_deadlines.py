@@ -113,3 +113,14 @@ async def test_a_failing_callback_is_logged_and_the_others_still_run(
         await asyncio.sleep(0.02)
     assert fired == ["after"]
     assert "deadline callback failed" in caplog.text
+
+
+async def test_a_deadline_may_carry_the_one_argument_its_callback_takes() -> None:
+    deadlines = Deadlines()
+    fired: list[object] = []
+    marker = object()
+    deadlines.after(0.01, fired.append, marker)
+    deadlines.after(0.01, fired.append, None)  # None is an argument like any other
+    deadlines.after(0.02, lambda: fired.append("no argument"))
+    await asyncio.sleep(0.05)
+    assert fired == [marker, None, "no argument"]
