@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import discord
@@ -205,13 +205,7 @@ class ImagineBot(commands.AutoShardedBot):
         # Jobs a dead process left behind: resume the queued ones, report the interrupted ones.
         if self.recover_jobs:
             await recover_unfinished_jobs(
-                self.engine.store,
-                self.manager,
-                can_reply=self.messenger.token_usable,
-                report=self.messenger.post_and_record,
-                cache=self.engine.cache,
-                clock=self.clock,
-                shards=self.shard_filter,
+                self.engine.store, self.manager, shards=self.shard_filter, **self._recovery_hooks()
             )
             # In a fleet: from now on, the jobs of another process that dies are taken over here.
             if self.takeover is not None:
@@ -230,15 +224,16 @@ class ImagineBot(commands.AutoShardedBot):
     async def recover_claimed(self, jobs: list[Job]) -> RecoveryReport:
         """Recover jobs this process claimed from a dead one (whatever their guild: results go through each
         interaction's webhook, or the channel past the token, so no gateway shard is needed to post them)."""
-        return await recover_jobs(
-            jobs,
-            self.engine.store,
-            self.manager,
-            can_reply=self.messenger.token_usable,
-            report=self.messenger.post_and_record,
-            cache=self.engine.cache,
-            clock=self.clock,
-        )
+        return await recover_jobs(jobs, self.engine.store, self.manager, **self._recovery_hooks())
+
+    def _recovery_hooks(self) -> dict[str, Any]:
+        """What recovery needs from the frontend, the same at start-up and for a takeover."""
+        return {
+            "can_reply": self.messenger.token_usable,
+            "report": self.messenger.post_and_record,
+            "cache": self.engine.cache,
+            "clock": self.clock,
+        }
 
     async def on_ready(self) -> None:
         """Every shard of this process is READY (once at start; again only if all re-identify)."""

@@ -127,10 +127,7 @@ class ProcessLease:
     async def close(self) -> None:
         """Stop the heartbeat, then delete our row (a clean exit frees the shards at once)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _stop(task)
         if self.lost_to is not None:
             return  # the row is not ours any more
         try:
@@ -307,10 +304,7 @@ class Takeover:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _stop(task)
 
     async def _watch_forever(self, recover: Callable[[list[Job]], Awaitable[RecoveryReport]]) -> None:
         while True:
@@ -348,6 +342,14 @@ class Takeover:
             )
         self.taken += count
         return count
+
+
+async def _stop(task: asyncio.Task[None] | None) -> None:
+    """Cancel one of this module's background tasks and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _log_if_crashed(task: asyncio.Task[None]) -> None:
