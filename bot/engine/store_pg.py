@@ -74,9 +74,9 @@ from bot.logs import redact
 log = logging.getLogger(__name__)
 
 #: Forward migrations, numbered like the SQLite store's (v1 tables, v2 backend_ref, v3 delivery) so up to v3 one
-#: schema version means the same job columns in both; v4 (the fleet's ``processes``) and v5 (``jobs.owner``)
-#: exist here only. ``seq`` stands in for SQLite's rowid: insertion order,
-#: the tie-break of every "oldest/newest first". Never edit a shipped entry: add a new one.
+#: schema version means the same job columns in both; v4 (the fleet's ``processes``), v5 (``jobs.owner``) and v6
+#: (the fleet's queue, cross-process cancel) exist here only. ``seq`` stands in for SQLite's rowid: insertion
+#: order, the tie-break of every "oldest/newest first". Never edit a shipped entry: add a new one.
 MIGRATIONS: list[Sequence[str]] = [
     (
         """
@@ -140,6 +140,42 @@ MIGRATIONS: list[Sequence[str]] = [
     (
         # The process (a ``processes`` id) that answers for the job; NULL: written before there was a fleet.
         "ALTER TABLE jobs ADD COLUMN owner TEXT",
+    ),
+    (
+        # The fleet's one fair queue (bot/service/dispatch.py). What each process has waiting, per guild and
+        # per set of backends that may serve it ("*": any); ``first_at`` orders never-served guilds.
+        """
+        CREATE TABLE fleet_demand (
+            process_id  TEXT NOT NULL,
+            guild_id    BIGINT NOT NULL,
+            eligible    TEXT NOT NULL,
+            waiting     INTEGER NOT NULL,
+            guild_limit INTEGER NOT NULL,
+            first_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+            updated_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+            PRIMARY KEY (process_id, guild_id, eligible)
+        )
+        """,
+        # A slot on a backend granted by the dispatcher to one process for one guild. ``epoch`` fences every
+        # write of its holder; ``expires_at`` (server time) is renewed by the holder's heartbeat.
+        """
+        CREATE TABLE fleet_slots (
+            epoch      BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            owner      TEXT NOT NULL,
+            guild_id   BIGINT NOT NULL,
+            backend    TEXT NOT NULL,
+            eligible   TEXT NOT NULL,
+            state      TEXT NOT NULL,
+            granted_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            claimed_at TIMESTAMPTZ,
+            expires_at TIMESTAMPTZ NOT NULL
+        )
+        """,
+        "CREATE INDEX fleet_slots_owner ON fleet_slots (owner, state)",
+        # A cancel pressed in one process for a job another runs: the row says so, a NOTIFY wakes the owner.
+        "ALTER TABLE jobs ADD COLUMN cancel_requested_by TEXT",
+        "ALTER TABLE jobs ADD COLUMN cancel_requested_at TIMESTAMPTZ",
+        "CREATE INDEX jobs_cancel_requested ON jobs (owner) WHERE cancel_requested_at IS NOT NULL",
     ),
 ]
 
