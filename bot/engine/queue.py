@@ -18,6 +18,14 @@ that is under its limit and has a ticket ``b`` can serve; inside that guild to t
 with such a ticket; among free backends that serve the chosen ticket, the least loaded (running / capacity).
 Fairness is global across backends.
 
+A fleet (``external``: several processes on one database, bot/service/dispatch.py): the slots are the fleet's,
+so this model grants nothing by itself. The fleet's dispatcher grants a slot on a backend to a guild, and
+:meth:`QueueModel.grant` gives it, inside that guild, to the member served longest ago with a ticket that backend
+can serve. Each guild lives in one process (its gateway shard), so the members' turns are decided here exactly;
+the turns between guilds and the backends' capacities are the dispatcher's. What waits is published as
+*demand*: per guild, how many tickets wait for each eligible set (kept counted, so publishing costs the guilds
+that changed, never the queue's depth).
+
 Pools: a backend taken *out* (``set_out``: its circuit breaker opened) is granted nothing until it is back; its
 running flights carry on. A running flight the backend never accepted (``bounce``) goes back to the queue with
 that backend removed from its eligible set, so it is never granted there again; its jobs wait again.
@@ -37,12 +45,15 @@ Invariants (``check_invariants`` verifies every one; the tests call it after eve
 4. A STOPPING flight (its last job left, the backend is winding down) still holds its slot until the manager
    reports ``flight_ended``, and is never joined: an identical newcomer starts a fresh flight. A flight's
    eligible set is never empty and names configured backends only; no slot is granted on a backend taken out,
-   nor anywhere while starts are held (``hold``: a slot then counts as not free, for invariant 2 too).
+   nor anywhere while starts are held (``hold``: a slot then counts as not free, for invariant 2 too). In a
+   fleet (``external``) no slot counts as free here either: starts come from :meth:`QueueModel.grant` alone, and
+   work conservation is the dispatcher's invariant (bot/engine/fleet_queue.py).
 5. Every job ends exactly once; the per-member record (jobs and images queued or running, plus reservations
    admitted but not yet submitted) is the one count admission reads.
 6. Positions: a waiting job's position is its place in its guild's order if nothing else arrived (members take
    turns, served longest ago first). They are kept in counted structures (Fenwick trees per round), so reading
    one costs O(log n) and an operation announces only the few tickets whose *shown* position changed.
+7. Demand: each guild's count of waiting tickets per eligible set equals its tickets (``GuildQueue.demand``).
 """
 
 from __future__ import annotations
@@ -212,6 +223,8 @@ class Ticket:
     guild_id: int
     member_id: int
     flight: int
+    #: Its flight's eligible backends when it was issued (they change only while the flight runs: no tickets).
+    eligible: frozenset[str] | None = None
     #: The last position announced for it (as shown_position buckets it), or None before the first.
     shown: tuple[int, bool] | None = None
 
@@ -239,6 +252,7 @@ class GuildQueue:
         "_by_index",
         "_levels",
         "_tick",
+        "demand",
         "dirty_changes",
         "dirty_from",
         "dirty_members",
@@ -263,6 +277,8 @@ class GuildQueue:
         self.dirty_from: int | None = None
         self.dirty_changes = 0
         self.dirty_members: set[int] | None = None
+        #: Waiting tickets per eligible set (None: any backend): what this guild asks the fleet for.
+        self.demand: dict[frozenset[str] | None, int] = {}
 
     # -- size ---------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -313,11 +329,17 @@ class GuildQueue:
             self._set_mark(ticket.member_id, member, mark)
         member.tickets.append(ticket)
         self._place(member, range(len(member.tickets), len(member.tickets) + 1), +1)
+        self.demand[ticket.eligible] = self.demand.get(ticket.eligible, 0) + 1
 
     def remove(self, ticket: Ticket) -> None:
         member = self.members[ticket.member_id]
         self._place(member, range(len(member.tickets), len(member.tickets) + 1), -1)
         member.tickets.remove(ticket)
+        left = self.demand[ticket.eligible] - 1
+        if left:
+            self.demand[ticket.eligible] = left
+        else:
+            del self.demand[ticket.eligible]
         if not member.tickets:
             self._set_mark(ticket.member_id, member, None)
             del self.members[ticket.member_id]
@@ -427,6 +449,7 @@ class QueueModel:
         backends: dict[str, int],
         *,
         guild_limit: Callable[[int], int],
+        external: bool = False,
     ) -> None:
         self.backends = dict(backends)
         self.running: dict[str, int] = dict.fromkeys(self.backends, 0)
@@ -449,6 +472,10 @@ class QueueModel:
         self.out: set[str] = set()  # backends taken out (circuit breaker open): granted nothing
         #: Starts held (the process cannot renew its lease): nothing is granted anywhere; see :meth:`hold`.
         self.held = False
+        #: Slots come from the fleet's dispatcher (:meth:`grant`); none counts as free here.
+        self.external = external
+        #: Guilds whose demand changed since :meth:`take_demand_changes` (tracked only when ``external``).
+        self._demand_changed: set[int] = set()
         self.ended: dict[str, str] = {}  # job -> end reason, for jobs this model ended (tests read it)
 
     # -- inspection -----------------------------------------------------------------------------------------
@@ -579,6 +606,39 @@ class QueueModel:
         self._dispatch(decisions)
         return decisions
 
+    def grant(self, guild_id: int, backend: str) -> list[Decision]:
+        """The fleet granted one slot on ``backend`` to ``guild_id`` (``external``): it goes to the member of that
+        guild served longest ago with a ticket ``backend`` can serve (that member's oldest such). Nothing starts
+        (an empty list; the caller gives the slot back) when starts are held, the backend is out, unknown or
+        full here, the guild is at its limit or nothing of it waiting can run there."""
+        queue = self.guilds.get(guild_id)
+        if (
+            self.held
+            or queue is None
+            or not queue.members
+            or backend in self.out
+            or self.running.get(backend, 0) >= self.backends.get(backend, 0)
+            or queue.running >= self.guild_limit(guild_id)
+        ):
+            return []
+        front = queue.front()
+        ticket = self._pick(queue, front, [backend])
+        if ticket is None:
+            return []
+        decisions: list[Decision] = []
+        self._grant(queue, ticket, ticket is front, [backend], decisions)
+        return decisions
+
+    def demand(self, guild_id: int) -> dict[frozenset[str] | None, int]:
+        """Waiting tickets of ``guild_id`` per eligible set (None: any backend); empty when nobody waits."""
+        queue = self.guilds.get(guild_id)
+        return dict(queue.demand) if queue is not None else {}
+
+    def take_demand_changes(self) -> set[int]:
+        """Guilds whose demand changed since the last call (``external`` only)."""
+        changed, self._demand_changed = self._demand_changed, set()
+        return changed
+
     def set_backends(self, backends: dict[str, int]) -> list[Decision]:
         for name in backends:
             self.running.setdefault(name, 0)
@@ -662,8 +722,12 @@ class QueueModel:
 
     def _enqueue(self, entry: JobEntry, decisions: list[Decision]) -> None:
         queue = self._guild(entry.guild_id)
-        ticket = Ticket(entry.id, entry.guild_id, entry.member_id, entry.flight)
+        ticket = Ticket(
+            entry.id, entry.guild_id, entry.member_id, entry.flight, self.flights[entry.flight].eligible
+        )
         entry.ticket = ticket
+        if self.external:
+            self._demand_changed.add(entry.guild_id)
         entry.phase = JobPhase.WAITING
         queue.push(ticket)
         self._mark_ready(entry.guild_id)
@@ -675,6 +739,8 @@ class QueueModel:
         queue = self.guilds[entry.guild_id]
         start = queue.position(ticket)
         queue.remove(ticket)
+        if self.external:
+            self._demand_changed.add(entry.guild_id)
         self._announce(queue, decisions, ticket.member_id, start)
         self._forget_if_idle(queue)
 
@@ -755,7 +821,7 @@ class QueueModel:
         )
 
     def _free(self) -> list[str]:
-        if self.held:
+        if self.held or self.external:
             return []
         return [
             name
@@ -844,6 +910,8 @@ class QueueModel:
         flight = self.flights[ticket.flight]
         self._charge(queue, flight, ticket.job, self._servable(flight, free))
         queue.remove(ticket)
+        if self.external:
+            self._demand_changed.add(queue.guild_id)
         queue.served(ticket.member_id)
         self.jobs[ticket.job].ticket = None
         # Granted out of order (pools), positions move unevenly: announce the whole guild, from the start.
@@ -998,6 +1066,14 @@ class QueueModel:
                         )
             if len(queue) != sum(len(m.tickets) for m in queue.members.values()):
                 fail(f"guild {guild_id}'s counted structures disagree with its queues")
+            # 7. demand.
+            demand: dict[frozenset[str] | None, int] = {}
+            for ticket in queue.tickets():
+                if ticket.eligible != self.flights[ticket.flight].eligible:
+                    fail(f"ticket of {ticket.job} names other backends than its flight")
+                demand[ticket.eligible] = demand.get(ticket.eligible, 0) + 1
+            if demand != queue.demand:
+                fail(f"guild {guild_id} asks for {queue.demand}, its tickets for {demand}")
         for entry in self.jobs.values():
             flight = self.flights.get(entry.flight)
             if flight is None or entry.id not in flight.jobs:

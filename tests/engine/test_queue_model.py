@@ -215,6 +215,59 @@ class QueueMachine(RuleBasedStateMachine):
 TestQueueMachine = QueueMachine.TestCase
 
 
+class FleetGrantedMachine(QueueMachine):
+    """The same model in a fleet (``external``): nothing starts but through :meth:`QueueModel.grant`, which
+    gives the slot to the member of the granted guild served longest ago with a ticket that backend serves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = QueueModel({"big": 2, "small": 1}, guild_limit=lambda g: self.limits[g], external=True)
+        #: The most slots that may be held now: raised by a grant alone.
+        self.ceiling = 0
+
+    @rule(guild=GUILDS, backend=st.sampled_from(["big", "small"]))
+    def grant(self, guild: int, backend: str) -> None:
+        queue = self.model.guilds.get(guild)
+        expected = None
+        if (
+            queue is not None
+            and not self.model.held
+            and self.model.running[backend] < self.model.backends[backend]
+            and queue.running < self.model.guild_limit(guild)
+        ):
+            servable = [
+                t
+                for t in brute_order(queue)
+                if self.model.flights[t.flight].eligible is None
+                or backend in self.model.flights[t.flight].eligible
+            ]
+            # The first in the guild's order that this backend serves: the member served longest ago's oldest.
+            expected = servable[0].job if servable else None
+        demand_before = self.model.demand(guild)
+        held_before = self.model.slots_held
+        decisions = self.model.grant(guild, backend)
+        self.apply(decisions)
+        starts = [d for d in decisions if isinstance(d, Start)]
+        if expected is None:
+            assert not starts and self.model.slots_held == held_before
+            return
+        assert len(starts) == 1 and starts[0].backend == backend and expected in starts[0].jobs
+        assert self.model.slots_held == held_before + 1
+        assert self.model.flights[starts[0].flight].charged_guild == guild
+        assert sum(self.model.demand(guild).values()) < sum(demand_before.values())
+        assert guild in self.model.take_demand_changes()
+        self.ceiling = self.model.slots_held
+
+    @invariant()
+    def nothing_starts_without_a_grant(self) -> None:
+        """Outside ``grant`` the slots held only go down (flights end), whatever is admitted or released."""
+        assert self.model.slots_held <= self.ceiling
+        self.ceiling = self.model.slots_held
+
+
+TestFleetGrantedMachine = FleetGrantedMachine.TestCase
+
+
 # -- positions --------------------------------------------------------------------------------------------------
 @given(st.lists(st.tuples(st.integers(1, 30), st.booleans(), st.booleans()), max_size=300))
 def test_positions_agree_with_brute_force_in_a_deep_queue(ops: list[tuple[int, bool, bool]]) -> None:
