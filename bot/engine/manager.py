@@ -27,6 +27,12 @@ loaded free one. A generation that fails before its backend accepted it (``Gener
 submit's connection never came up, or it was answered 429/503) is *bounced*: the flight waits again, never on
 that backend. A generation a backend accepted is never submitted anywhere else. Outcomes feed each entry's
 circuit breaker; an entry taken out is granted nothing until its probe answers.
+
+A fleet (:meth:`JobManager.use_fleet_slots`, wired by bot/service/dispatch.py): the backends' slots are the
+fleet's. The model starts nothing by itself; what waits is published as demand, the fleet's dispatcher grants a
+slot (an *epoch*) to a guild, :meth:`JobManager.grant_slot` starts that guild's next job on it, and the slot goes
+back to the fleet when its generation ends. A slot the fleet says is lost (its lease lapsed: another process may
+hold it now) stops its generation and sends its jobs back to wait: no generation runs on a slot twice.
 """
 
 from __future__ import annotations
@@ -118,6 +124,16 @@ class HandBack(Protocol):
         """Give back ``job`` (still queued); True when it will be run elsewhere."""
 
 
+class FleetSlots(Protocol):
+    """The fleet's side of the slots (bot/service/dispatch.py): told when demand changes and when a slot frees."""
+
+    def demand_changed(self) -> None:
+        """What waits here changed (read it with :meth:`JobManager.take_demand_changes`)."""
+
+    def slot_freed(self, epoch: int) -> None:
+        """The generation on slot ``epoch`` is over: give the slot back."""
+
+
 class AdmissionContext(NamedTuple):
     """Who asks, and where: what per-guild rules (channels, NSFW, quotas, defaults) need to decide."""
 
@@ -155,6 +171,8 @@ class _Run:
     #: A private generation (one job, never shared) runs inside that job's own task, not a task of its own:
     #: ``task`` is the job's task once it began, None until then.
     inline: bool = False
+    #: The fleet took its slot back (the lease lapsed): the call is stopped and its jobs wait again.
+    slot_lost: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -241,6 +259,9 @@ class JobManager:
         #: terminal state, no delivery, its message left to the process that runs it).
         self.hand_back: HandBack | None = None
         self._handing_back = False
+        #: In a fleet: where slots come from and go back to (see :meth:`use_fleet_slots`).
+        self.fleet: FleetSlots | None = None
+        self._slot_of: dict[int, int] = {}  # flight -> the fleet slot (epoch) it runs on
         #: Per-guild rules plugged into the one admission path (see check_admission).
         self.request_defaults: list[RequestDefaults] = []
         self.admission_checks: list[AdmissionCheck] = []
@@ -737,6 +758,8 @@ class JobManager:
                     self._emit(job, JobEvent.QUEUED)
         for run in never_began:  # no backend call to wind down: the slot frees at once
             self._end_run(run, asyncio.CancelledError(), "stopped")
+        if self.fleet is not None and self.queue.demand_changes_pending:
+            self.fleet.demand_changed()
         if self.queue.positions_pending and self._position_flush is None:
             loop = asyncio.get_running_loop()
             delay = max(0.0, self._position_flushed_at + POSITION_INTERVAL_S - loop.time())
@@ -981,11 +1004,74 @@ class JobManager:
             return frozenset({job.backend})  # type: ignore[arg-type]  # follows its generation where it runs
         return self.pool.eligible(job.request, self.default_model)
 
+    # -- the fleet's slots ------------------------------------------------------------------------------------------
+    def use_fleet_slots(self, fleet: FleetSlots) -> None:
+        """From now on slots come from the fleet (before any job exists): the model grants nothing by itself."""
+        if self.queue.jobs or self._tracked:
+            raise RuntimeError("use_fleet_slots must be called before the first job")
+        self.fleet = fleet
+        self.queue.external = True
+
+    def grant_slot(self, epoch: int, guild_id: int, backend: str) -> bool:
+        """The fleet granted slot ``epoch`` on ``backend`` to ``guild_id``: start that guild's next job on it.
+        False when nothing here can use it now (the caller gives it back)."""
+        if self.fleet is None:
+            return False
+        decisions = self.queue.grant(guild_id, backend)
+        start = next((d for d in decisions if isinstance(d, Start)), None)
+        if start is None:
+            return False
+        self._slot_of[start.flight] = epoch
+        self._apply(decisions)
+        return True
+
+    def slots_held(self) -> dict[int, int]:
+        """Fleet slots held by generations here: epoch -> flight."""
+        return {epoch: flight for flight, epoch in self._slot_of.items()}
+
+    def slot_lost(self, epoch: int) -> None:
+        """The fleet no longer counts slot ``epoch`` as ours (our lease lapsed; another process may use it):
+        its generation stops and its jobs wait for a new slot."""
+        flight = next((f for f, e in self._slot_of.items() if e == epoch), None)
+        run = self._runs.get(flight) if flight is not None else None
+        if run is None:
+            return
+        log.warning("the fleet took back a slot in use; its generation waits again", extra={"flight": flight})
+        run.slot_lost = True
+        if run.task is not None:
+            run.task.cancel()
+        elif run.inline:  # its job's task has not begun the call: nothing to stop
+            self._bounce_run(run, exclude=False)
+
+    def take_demand_changes(self) -> set[int]:
+        """Guilds whose waiting jobs changed since the last call."""
+        return self.queue.take_demand_changes()
+
+    def demand(self, guild_id: int) -> dict[frozenset[str] | None, int]:
+        """Jobs of ``guild_id`` waiting for a slot, per set of backends that may serve them (None: any);
+        nothing while starts are held (no slot could be used)."""
+        return {} if self.queue.held else self.queue.demand(guild_id)
+
+    def waiting_guilds(self) -> list[int]:
+        """Guilds with jobs waiting here."""
+        return [g for g, q in self.queue.guilds.items() if q.members]
+
+    def backends_out(self) -> set[str]:
+        """Pool entries taken out by their circuit breaker (granted nothing here until back)."""
+        return set(self.queue.out)
+
+    def _free_fleet_slot(self, flight: int) -> None:
+        epoch = self._slot_of.pop(flight, None)
+        if epoch is not None and self.fleet is not None:
+            self.fleet.slot_freed(epoch)
+
     def hold_starts(self, held: bool) -> None:
         """Start no generation while held (running ones carry on, queued jobs keep their places); released,
         queued jobs start at once. The fleet holds starts while this process cannot renew its lease."""
         if held != self.queue.held:
             self._apply(self.queue.hold(held))
+            if self.fleet is not None:
+                self.fleet.demand_changed()  # held, nothing here can use a slot: no demand is published
 
     @property
     def starts_held(self) -> bool:
@@ -994,6 +1080,8 @@ class JobManager:
     def _backend_out(self, name: str, out: bool) -> None:
         """The pool's circuit breaker took an entry out or brought it back."""
         self._apply(self.queue.set_out(name, out))
+        if self.fleet is not None:
+            self.fleet.demand_changed()  # which backends may serve what waits here changed
 
     # -- generations ----------------------------------------------------------------------------------------------
     async def _run_flight(self, run: _Run) -> None:
@@ -1009,6 +1097,8 @@ class JobManager:
             try:
                 images = await self._call_backend(run)
             except asyncio.CancelledError:
+                if run.slot_lost and task.uncancel() == 0:
+                    raise _SlotLost() from None  # the fleet's cancel alone: the jobs wait again
                 if not run.timed_out:
                     raise
                 # Our own deadline's cancel: undo it; a stop that came as well still cancels the task.
@@ -1035,6 +1125,11 @@ class JobManager:
         except asyncio.CancelledError as exc:
             outcome, reason = exc, "stopped"
             raise
+        except _SlotLost as exc:
+            outcome, reason = exc, "stopped"
+            flight = self.queue.flights.get(run.flight)
+            if self._runs.get(run.flight) is run and flight is not None and flight.jobs:
+                bounced = "wait"
         except GenerationError as exc:
             outcome, reason = exc, exc.reason.value
             bounced = self._may_fail_over(run, exc)
@@ -1045,7 +1140,7 @@ class JobManager:
             log.error("generation crashed", exc_info=exc, extra={"flight": run.flight})
             outcome, reason = exc, FailureReason.INTERNAL.value
         finally:
-            if run.backend:
+            if run.backend and not run.slot_lost:  # a lapsed lease says nothing about the backend's health
                 self.pool.record(run.backend, _pool_outcome(reason, bounced), outcome)  # type: ignore[arg-type]
             if bounced:
                 self._bounce_run(run, exclude=bounced == "elsewhere")
@@ -1074,7 +1169,9 @@ class JobManager:
     def _bounce_run(self, run: _Run, *, exclude: bool) -> None:
         """The flight waits again (for another backend, or for this one to be back); its jobs hear it."""
         del self._runs[run.flight]
-        log.info("backend did not take the generation; it waits again", extra={"backend": run.backend})
+        if not run.slot_lost:
+            log.info("backend did not take the generation; it waits again", extra={"backend": run.backend})
+        self._free_fleet_slot(run.flight)
         self._apply(self.queue.bounce(run.flight, exclude=exclude))
 
     @staticmethod
@@ -1088,6 +1185,7 @@ class JobManager:
         if self._runs.get(run.flight) is not run:
             return  # already ended
         del self._runs[run.flight]
+        self._free_fleet_slot(run.flight)
         flight = self.queue.flights.get(run.flight)
         jobs = list(flight.jobs) if flight is not None else []
         decisions = self.queue.flight_ended(run.flight, reason)
@@ -1361,6 +1459,10 @@ def _nobody_serves(request: ImageRequest) -> str:
     if request.negative_prompt:
         what += " and a negative prompt"
     return f"None of the image servers here can make {what}; try another size, count or model."
+
+
+class _SlotLost(Exception):
+    """The fleet took the generation's slot back (our lease lapsed); its jobs wait for another."""
 
 
 class _QueueTimedOut(Exception):

@@ -634,6 +634,10 @@ class QueueModel:
         queue = self.guilds.get(guild_id)
         return dict(queue.demand) if queue is not None else {}
 
+    @property
+    def demand_changes_pending(self) -> bool:
+        return bool(self._demand_changed)
+
     def take_demand_changes(self) -> set[int]:
         """Guilds whose demand changed since the last call (``external`` only)."""
         changed, self._demand_changed = self._demand_changed, set()
