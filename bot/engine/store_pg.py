@@ -36,6 +36,14 @@ What PostgreSQL adds:
   successor's record), and the claims take jobs whose owner is not alive: ``claim_jobs`` at start-up (this
   process's guilds, unowned jobs included), ``take_over_jobs`` while running (any guild, jobs of dead processes).
   A claim is one ``UPDATE`` under ``CLAIM_LOCK_KEY``, so of two claimers exactly one gets each job.
+- **The fleet's one queue** (``fleet_demand``, ``fleet_slots``; bot/service/dispatch.py runs it): each process
+  publishes what waits (one statement that also gives back finished slots and wakes the dispatcher); the
+  dispatcher, on a :class:`FleetConnection` holding ``DISPATCH_LOCK_KEY``, reads the rows in one statement and
+  writes its grants in another (``NOTIFY bot_grant`` with the owner's id); each process takes up its grants
+  and renews its slots in one statement (``poll_fleet``). A slot's expiry is the server's ``now()``; a slot
+  whose holder stopped renewing, or whose process is not alive, is deleted by the next dispatcher round.
+- **Cancel from anywhere**: :meth:`PgJobStore.request_cancel` marks the job's row and sends ``NOTIFY
+  bot_cancel`` (its id); the owner's poll reads the marked rows it runs.
 - **No password anywhere**: the store names its database by ``safe_dsn`` (no password), and any text from
   the driver is scrubbed of the password before it becomes part of an error.
 """
@@ -193,6 +201,14 @@ PROCESS_LOCK_KEY = MIGRATION_LOCK_KEY + 1
 #: Held (per transaction) while a process claims jobs: each claim sees every claim committed before it.
 CLAIM_LOCK_KEY = MIGRATION_LOCK_KEY + 2
 
+#: Held (per session, on the dispatcher's own connection) by the one process that runs the fleet's queue.
+DISPATCH_LOCK_KEY = MIGRATION_LOCK_KEY + 3
+
+#: The channels of the fleet's wake-ups (payloads are ids only).
+DISPATCH_CHANNEL = "bot_dispatch"  # what waits, or what is held, changed: the dispatcher plans again
+GRANT_CHANNEL = "bot_grant"  # payload: the process granted slots
+CANCEL_CHANNEL = "bot_cancel"  # payload: the job to cancel
+
 #: How long a silent process counts as alive when this store was not told the fleet's LEASE_TTL_S.
 DEFAULT_LEASE_TTL_S = 30.0
 
@@ -273,6 +289,209 @@ _CLAIM_JOBS = (
     "UPDATE jobs SET owner = $1 FROM claimed WHERE jobs.id = claimed.id "
     f"RETURNING claimed.previous, jobs.seq, {', '.join(f'jobs.{c}' for c in _JOB_COLUMNS + _DELIVERY_COLUMNS)}"
 )
+
+#: A process's demand: its rows for the guilds ``$2`` become ``$3..$6`` (guild, eligible, waiting, limit); slots
+#: ``$7`` are given back; the dispatcher is woken. One statement: one round trip.
+_PUBLISH_FLEET = f"""
+WITH new AS (
+    SELECT * FROM unnest($3::bigint[], $4::text[], $5::int[], $6::int[]) AS t(guild_id, eligible, waiting, guild_limit)
+), up AS (
+    INSERT INTO fleet_demand (process_id, guild_id, eligible, waiting, guild_limit)
+    SELECT $1, guild_id, eligible, waiting, guild_limit FROM new
+    ON CONFLICT (process_id, guild_id, eligible) DO UPDATE
+        SET waiting = EXCLUDED.waiting, guild_limit = EXCLUDED.guild_limit, updated_at = now()
+), gone AS (
+    DELETE FROM fleet_demand d WHERE d.process_id = $1 AND d.guild_id = ANY($2::bigint[])
+        AND NOT EXISTS (SELECT 1 FROM new WHERE new.guild_id = d.guild_id AND new.eligible = d.eligible)
+), freed AS (
+    DELETE FROM fleet_slots WHERE owner = $1 AND epoch = ANY($7::bigint[])
+)
+SELECT pg_notify('{DISPATCH_CHANNEL}', '')
+"""
+#: A process's poll: take up the slots granted to it, renew the ones it holds, read cancels for its jobs.
+_POLL_FLEET = """
+WITH taken AS (
+    UPDATE fleet_slots SET state = 'claimed', claimed_at = now(), expires_at = now() + make_interval(secs => $2)
+    WHERE owner = $1 AND state = 'granted' RETURNING epoch, guild_id, backend
+), renewed AS (
+    UPDATE fleet_slots SET expires_at = now() + make_interval(secs => $2)
+    WHERE owner = $1 AND state = 'claimed' RETURNING epoch
+)
+SELECT 'granted' AS kind, epoch, guild_id, backend, NULL AS job_id, NULL AS cancel_by FROM taken
+UNION ALL SELECT 'held', epoch, NULL, NULL, NULL, NULL FROM renewed
+UNION ALL SELECT 'cancel', NULL, NULL, NULL, id, cancel_requested_by FROM jobs
+    WHERE owner = $1 AND cancel_requested_at IS NOT NULL AND state IN ('queued', 'running')
+"""
+#: The dispatcher's view: the slots held and the demand of live processes (``$1`` the lease in seconds); the
+#: slots of processes not alive, and expired ones, are deleted on the way. ``pending``: granted, or taken up
+#: after its owner last published that guild's demand (so that demand still counts it).
+_FLEET_ROWS = """
+WITH live AS (
+    SELECT id FROM processes WHERE heartbeat_at >= now() - make_interval(secs => $1)
+), dropped AS (
+    DELETE FROM fleet_slots WHERE expires_at < now() OR owner NOT IN (SELECT id FROM live)
+), stale AS (
+    DELETE FROM fleet_demand WHERE process_id NOT IN (SELECT id FROM live)
+)
+SELECT 'slot' AS kind, s.epoch, s.owner, s.guild_id, s.backend, s.eligible,
+       (s.state = 'granted' OR s.claimed_at >= COALESCE(
+           (SELECT max(d.updated_at) FROM fleet_demand d WHERE d.process_id = s.owner AND d.guild_id = s.guild_id),
+           '-infinity')) AS pending,
+       NULL::int AS waiting, NULL::int AS guild_limit, NULL::float8 AS first_seen
+FROM fleet_slots s WHERE s.expires_at >= now() AND s.owner IN (SELECT id FROM live)
+UNION ALL
+SELECT 'demand', NULL, d.process_id, d.guild_id, NULL, d.eligible, NULL, d.waiting, d.guild_limit,
+       extract(epoch FROM d.first_at)::float8
+FROM fleet_demand d WHERE d.process_id IN (SELECT id FROM live) AND d.waiting > 0
+"""
+#: The dispatcher's grants (owner, guild, backend, eligible), each owner woken once.
+_GRANT_SLOTS = f"""
+WITH granted AS (
+    INSERT INTO fleet_slots (owner, guild_id, backend, eligible, state, expires_at)
+    SELECT o, g, b, e, 'granted', now() + make_interval(secs => $5)
+    FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) AS t(o, g, b, e)
+    RETURNING owner
+)
+SELECT pg_notify('{GRANT_CHANNEL}', owner) FROM (SELECT DISTINCT owner FROM granted) AS owners
+"""
+
+
+@dataclass(frozen=True)
+class FleetPoll:
+    """What one poll of the fleet's rows found for this process."""
+
+    #: Slots just granted to it: (epoch, guild, backend).
+    granted: list[tuple[int, int, str]]
+    #: Every slot it holds now (the granted ones included): a slot it believed held and not here is lost.
+    held: set[int]
+    #: Cancels pressed elsewhere for jobs it runs: (job id, who).
+    cancels: list[tuple[str, str | None]]
+
+
+@dataclass(frozen=True)
+class FleetRows:
+    """The dispatcher's read: slots held (epoch, owner, guild, backend, eligible, pending) and demand
+    (owner, guild, eligible, waiting, limit, first_seen)."""
+
+    slots: list[tuple[int, str, int, str, str, bool]]
+    demand: list[tuple[str, int, str, int, int, float]]
+
+
+class FleetConnection:
+    """One dedicated, unpooled connection: the fleet's ``LISTEN`` channels, and for the dispatcher its
+    session-level advisory lock and its reads and writes. The lock lives exactly as long as this connection,
+    so a dispatcher that lost it can write no grant (its writes go over the same connection)."""
+
+    def __init__(self, store: PgJobStore) -> None:
+        self.store = store
+        self._conn: asyncpg.Connection | None = None
+        self.holds_lock = False
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
+    async def connect(self, listeners: dict[str, Callable[[str], None]]) -> None:
+        """Open the connection and LISTEN: ``listeners`` maps a channel to a callback given the payload."""
+        await self.close()
+        store = self.store
+        try:
+            conn = await asyncpg.connect(
+                store._dsn, timeout=store.connect_timeout_s, command_timeout=store.command_timeout_s
+            )
+        except Exception as exc:
+            raise store._translate(exc, "listen on") from None
+        try:
+            for channel, callback in listeners.items():
+                await conn.add_listener(channel, _payload_only(callback))
+        except Exception as exc:
+            conn.terminate()
+            raise store._translate(exc, "listen on") from None
+        self._conn = conn
+        self.holds_lock = False
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        self.holds_lock = False
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), timeout=2.0)
+            except Exception:  # closing a connection to a database that is gone
+                conn.terminate()
+
+    async def _call(self, action: str, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            self.holds_lock = False
+            raise self.store._cannot(action, "the fleet's connection is closed")
+        try:
+            return await work(conn)
+        except Exception as exc:
+            if is_connection_error(exc):
+                self.holds_lock = False
+                conn.terminate()
+                self._conn = None
+            raise self.store._translate(exc, action) from None
+
+    async def try_lock(self) -> bool:
+        """Take the dispatcher's lock if free (kept while this connection lives)."""
+        if self.holds_lock:
+            return True
+
+        async def lock(conn: asyncpg.Connection) -> bool:
+            return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", DISPATCH_LOCK_KEY))
+
+        self.holds_lock = await self._call("take the dispatcher's lock on", lock)
+        return self.holds_lock
+
+    async def read_rows(self, *, ttl_s: float) -> FleetRows:
+        async def read(conn: asyncpg.Connection) -> list[Any]:
+            return list(await conn.fetch(_FLEET_ROWS, float(ttl_s)))
+
+        slots, demand = [], []
+        for row in await self._call("read the fleet's queue from", read):
+            if row["kind"] == "slot":
+                slots.append(
+                    (
+                        int(row["epoch"]),
+                        row["owner"],
+                        int(row["guild_id"]),
+                        row["backend"],
+                        row["eligible"],
+                        bool(row["pending"]),
+                    )
+                )
+            else:
+                demand.append(
+                    (
+                        row["owner"],
+                        int(row["guild_id"]),
+                        row["eligible"],
+                        int(row["waiting"]),
+                        int(row["guild_limit"]),
+                        float(row["first_seen"]),
+                    )
+                )
+        return FleetRows(slots, demand)
+
+    async def grant(self, grants: Sequence[tuple[str, int, str, str]], *, ttl_s: float) -> None:
+        """Write slots (owner, guild, backend, eligible) and wake their owners: one statement."""
+        if not grants:
+            return
+        owners, guilds, backends, eligible = (list(column) for column in zip(*grants, strict=True))
+
+        async def write(conn: asyncpg.Connection) -> None:
+            await conn.execute(_GRANT_SLOTS, owners, guilds, backends, eligible, float(ttl_s))
+
+        await self._call("grant slots in", write)
+
+
+def _payload_only(callback: Callable[[str], None]) -> Callable[..., None]:
+    def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        callback(payload)
+
+    return on_notify
+
 
 #: Errors that mean "the connection or the server is gone", not "this statement is wrong".
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -828,6 +1047,52 @@ class PgJobStore:
             if job is not None:
                 claimed.append((row["previous"], job))
         return claimed
+
+    # -- the fleet's queue ------------------------------------------------------------------------------------
+
+    async def publish_fleet(
+        self,
+        guilds: Sequence[int],
+        demand: Sequence[tuple[int, str, int, int]],
+        freed: Sequence[int],
+    ) -> None:
+        """This process's demand for ``guilds`` is now ``demand`` (guild, eligible, waiting, limit; a guild
+        not in it waits for nothing), slots ``freed`` are given back, and the dispatcher is woken."""
+        columns = [list(c) for c in zip(*demand, strict=True)] if demand else [[], [], [], []]
+        await self._execute(_PUBLISH_FLEET, (self.owner, list(guilds), *columns, list(freed)))
+
+    async def poll_fleet(self) -> FleetPoll:
+        """Take up the slots granted to this process, renew those it holds, and read cancels for its jobs."""
+        granted, held, cancels = [], set(), []
+        for row in await self._query(_POLL_FLEET, (self.owner, self.lease_ttl_s)):
+            if row["kind"] == "granted":
+                granted.append((int(row["epoch"]), int(row["guild_id"]), str(row["backend"])))
+                held.add(int(row["epoch"]))
+            elif row["kind"] == "held":
+                held.add(int(row["epoch"]))
+            else:
+                cancels.append((str(row["job_id"]), row["cancel_by"]))
+        return FleetPoll(granted, held, cancels)
+
+    async def leave_fleet_queue(self) -> None:
+        """A clean exit: this process's demand and slots go, and the dispatcher is woken to reuse them."""
+        await self._execute(
+            "WITH d AS (DELETE FROM fleet_demand WHERE process_id = $1), "
+            "s AS (DELETE FROM fleet_slots WHERE owner = $1) "
+            f"SELECT pg_notify('{DISPATCH_CHANNEL}', '')",
+            (self.owner,),
+        )
+
+    async def request_cancel(self, job_id: str, *, by: str | None) -> str | None:
+        """Ask whichever process runs ``job_id`` to cancel it (the row, and ``NOTIFY bot_cancel``); returns that
+        process's id, or None when the job is not queued or running any more."""
+        rows = await self._query(
+            "WITH marked AS (UPDATE jobs SET cancel_requested_by = $2, cancel_requested_at = now() "
+            "WHERE id = $1 AND state IN ('queued', 'running') RETURNING owner) "
+            f"SELECT owner, pg_notify('{CANCEL_CHANNEL}', $1) FROM marked",
+            (job_id, by),
+        )
+        return (rows[0]["owner"] or "") if rows else None
 
     async def get_job(self, job_id: str) -> Job | None:
         rows = await self._query(f"{_SELECT_JOBS} WHERE id = $1", (job_id,))

@@ -87,6 +87,14 @@ class TakeoverWatcher(Protocol):
     async def close(self) -> None: ...
 
 
+class FleetQueueRunner(Protocol):
+    """The fleet's shared queue (bot/service/dispatch.py): started before any job is recovered, closed after the
+    drain (the drain's last generations give their slots back through it)."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
 class _NoWatcher:
     def expect_shards(self, shard_ids: list[int]) -> None:
         pass
@@ -144,6 +152,7 @@ class ImagineBot(commands.AutoShardedBot):
         progress_interval: float = 1.5,
         identify_gate: IdentifyGate | None = None,
         takeover: TakeoverWatcher | None = None,
+        fleet_queue: FleetQueueRunner | None = None,
         **options: object,
     ) -> None:
         intents = discord.Intents.none()
@@ -170,6 +179,7 @@ class ImagineBot(commands.AutoShardedBot):
         self.sync_commands = sync_commands
         self.recover_jobs = recover_jobs
         self.takeover = takeover
+        self.fleet_queue = fleet_queue
         self.messenger = JobMessenger(
             self,
             cache=engine.cache,
@@ -202,6 +212,8 @@ class ImagineBot(commands.AutoShardedBot):
         self.policy.install()
         for extension in EXTENSIONS:
             await self.load_extension(extension)
+        if self.fleet_queue is not None:  # before recovery: recovered jobs wait for the fleet's slots too
+            await self.fleet_queue.start()
         # Jobs a dead process left behind: resume the queued ones, report the interrupted ones.
         if self.recover_jobs:
             await recover_unfinished_jobs(
@@ -410,4 +422,6 @@ class ImagineBot(commands.AutoShardedBot):
         try:
             await self.manager.shutdown(grace)
         finally:
+            if self.fleet_queue is not None:  # what is left of our place in the fleet's queue goes back
+                await self.fleet_queue.close()
             await self.messenger.close()

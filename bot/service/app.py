@@ -23,6 +23,7 @@ import discord
 from bot.engine import Engine
 from bot.engine.store_pg import PgJobStore
 from bot.frontend.client import ImagineBot, point_discord_at
+from bot.service.dispatch import FleetQueue
 from bot.service.fleet import HandBackToFleet, OutageGuard, ProcessLease, Takeover, process_lease
 from bot.service.metrics import Metrics
 from bot.service.runtime import open_engine
@@ -45,6 +46,8 @@ class Service:
     outage: OutageGuard | None = None
     #: In a fleet: takes over the jobs of processes that die (started by the bot after its own recovery).
     takeover: Takeover | None = None
+    #: In a fleet: the one fair queue all processes share (started and closed by the bot).
+    fleet_queue: FleetQueue | None = None
 
     async def start_web(self) -> None:
         """Bind /healthz and /metrics (503 until READY): before logging in, so a clashing port stops start-up
@@ -68,17 +71,26 @@ def build_service(
     health = Health(engine.store, heartbeat=lease, heartbeat_grace_s=heartbeat_grace_s)
     metrics = Metrics(engine.manager, cache=engine.cache)
     engine.manager.add_listener(metrics.on_job_event)
-    outage = takeover = None
+    outage = takeover = fleet_queue = None
     if lease is not None and isinstance(engine.store, PgJobStore):
         # Every job this process creates or claims is written as its own, and only while it is.
         engine.store.join_fleet(lease.me.id, ttl_s=lease.ttl_s)
         outage = OutageGuard(engine.manager, engine.store, lease).install()
         takeover = Takeover(engine.store, lease)
         engine.manager.hand_back = HandBackToFleet(engine.store, lease)  # rolling restarts lose no queued job
-    bot = ImagineBot(engine, health=health, discord_errors=metrics, takeover=takeover, **bot_options)
+        # Backends' capacities, guilds' limits and turns between guilds hold for the fleet as a whole.
+        fleet_queue = FleetQueue(engine.store, engine.manager, ttl_s=lease.ttl_s).install()
+    bot = ImagineBot(
+        engine,
+        health=health,
+        discord_errors=metrics,
+        takeover=takeover,
+        fleet_queue=fleet_queue,
+        **bot_options,
+    )
     settings = engine.settings
     web = WebServer(health, metrics, port=settings.http_port, host=settings.http_host) if serve_http else None
-    return Service(engine, bot, health, metrics, web, outage, takeover)
+    return Service(engine, bot, health, metrics, web, outage, takeover, fleet_queue)
 
 
 def install_signal_handlers(bot: ImagineBot) -> Callable[[], None]:
@@ -181,6 +193,8 @@ async def _serve(settings: Settings, token: str, lease: ProcessLease | None = No
         finally:
             if service.takeover is not None:  # the bot's drain closed it already, unless start-up failed
                 await service.takeover.close()
+            if service.fleet_queue is not None:  # likewise
+                await service.fleet_queue.close()
             await service.stop_web()
     log.info("stopped cleanly")
     return 0
