@@ -256,10 +256,13 @@ class OutageGuard:
 
 
 class HandBackToFleet:
-    """A rolling restart's queued jobs (the manager's :class:`~bot.engine.manager.HandBack`): when this process
-    shuts down beside a live one, its queued jobs are not cancelled but left queued in the database, still
-    ours; our row goes with the clean exit, and a survivor's :class:`Takeover` (or our own next start) claims
-    and runs them, editing the same messages. Alone in the fleet, they are cancelled as before."""
+    """A rolling restart's unfinished jobs (the manager's :class:`~bot.engine.manager.HandBack`): when this
+    process shuts down beside a live one, its queued jobs are not cancelled but left queued in the database,
+    still ours; our row goes with the clean exit, and a survivor's :class:`Takeover` (or our own next start)
+    claims and runs them, editing the same messages. Running jobs whose generation lives on at the backend under
+    its id (AI Horde, ComfyUI) are left the same way, RUNNING with that id: the survivor follows them up by it
+    (recovery's decision for a dead process's running jobs), nothing is submitted twice. Alone in the fleet,
+    they are cancelled as before."""
 
     def __init__(self, store: PgJobStore, lease: ProcessLease) -> None:
         self.store = store
@@ -279,8 +282,9 @@ class HandBackToFleet:
         return any(process.id != self.lease.me.id for process in others)
 
     async def take(self, job: Job) -> bool:
-        # Its row already says queued, and ours: nothing to write. The claim happens once our row is gone.
-        return job.state is JobState.QUEUED
+        # Its row already says so (queued, or running with its backend id), and ours: nothing to write. The claim
+        # happens once our row is gone.
+        return job.state is JobState.QUEUED or (job.state is JobState.RUNNING and bool(job.backend_ref))
 
 
 class Takeover:
