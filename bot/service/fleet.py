@@ -39,6 +39,11 @@ When a process dies (:class:`Takeover`, every LEASE_TTL_S / 3 in each live proce
 So a dead process's jobs are answered for within about LEASE_TTL_S * 4 / 3, by a survivor, not at its restart
 (the restarted process starts with a new id and finds them taken). A lapsed process that comes back finds its
 claimed jobs' writes refused (``JobTaken``) and drops them without posting (bot/engine/manager.py).
+
+A rolling restart (SIGTERM beside a live process, :class:`HandBackToFleet`) goes through the same claim: the
+stopping process leaves its queued jobs queued, and its running jobs on AI Horde / ComfyUI RUNNING with their
+backend id (their generation left running, not cancelled), all still its own; its row goes with its clean exit,
+and the next sweep of a survivor claims them, runs the queued ones and follows the running ones up by that id.
 """
 
 from __future__ import annotations
