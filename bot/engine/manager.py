@@ -742,6 +742,7 @@ class JobManager:
         Exactly the jobs recovery follows up by their id in the process that claims them."""
         if (
             run.handed_over
+            or run.slot_lost  # the fleet took its slot back: it is being stopped, its jobs wait again
             or run.backend_ref is None
             or run.call is None
             or run.timed_out
