@@ -3,8 +3,9 @@
 Submit with ``POST /generate/async`` (202 + id), poll the cheap ``/generate/check/{id}``, then fetch
 ``/generate/status/{id}`` once (it is rate limited hard). Check and status share one token bucket per backend
 instance so concurrent jobs do not multiply calls. A cancelled job DELETEs its request so no worker wastes time on
-it. The submitted id is handed to ``on_submitted`` so the job layer can persist it and :meth:`HordeBackend.resume`
-after a crash.
+it, unless the call was handed over (``stop_remotely()``: another process follows the request up by its id). The
+submitted id is handed to ``on_submitted`` so the job layer can persist it and :meth:`HordeBackend.resume` after a
+crash or a rolling restart.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from bot.engine.backend import (
     ResumableBackend,
     SubmittedCallback,
     _noop_progress,
+    stop_remotely,
 )
 from bot.engine.errors import NOT_SET_UP, FailureReason, GenerationError
 from bot.engine.images import verify_image
@@ -230,9 +232,7 @@ class HordeBackend(ResumableBackend):
             try:
                 await http.maybe_await(on_submitted(horde_id))
             except asyncio.CancelledError:
-                await http.run_cleanup(
-                    self._delete(horde_id), limit_s=self._cancel_timeout_s, what="Horde cancel"
-                )
+                await self._stop(horde_id)
                 raise
             except Exception as exc:
                 log.warning("on_submitted callback failed: %s", type(exc).__name__)
@@ -279,10 +279,15 @@ class HordeBackend(ResumableBackend):
         try:
             return await self._wait_and_fetch(horde_id, count, on_progress)
         except asyncio.CancelledError:
-            await http.run_cleanup(
-                self._delete(horde_id), limit_s=self._cancel_timeout_s, what="Horde cancel"
-            )
+            await self._stop(horde_id)
             raise
+
+    async def _stop(self, horde_id: str) -> None:
+        """A cancelled call whose id is known: DELETE the request, unless the call was handed over."""
+        if not stop_remotely():
+            log.info("horde request %s handed over; left running for whoever follows it up", horde_id)
+            return
+        await http.run_cleanup(self._delete(horde_id), limit_s=self._cancel_timeout_s, what="Horde cancel")
 
     async def _wait_and_fetch(
         self, horde_id: str, count: int | None, on_progress: ProgressCallback

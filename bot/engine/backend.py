@@ -3,12 +3,19 @@
 Cancellation is asyncio cancellation: the job manager cancels the task awaiting :meth:`Backend.generate`, and
 the backend, on ``CancelledError``, tells the remote side to stop (A1111 interrupt, Horde DELETE) before
 re-raising. A backend never submits the same generation twice.
+
+One exception, for :class:`ResumableBackend` only: a call the caller *handed over* (:class:`BackendCall`; at a
+rolling restart another process follows the generation up by its id) is cancelled without stopping the
+generation remotely: the backend asks :func:`stop_remotely` in its cancel path and leaves the remote work alone
+when it says False.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -21,6 +28,46 @@ SubmittedCallback = Callable[[str], Awaitable[None] | None]
 
 def _noop_progress(_: Progress) -> None:
     return None
+
+
+class BackendCall:
+    """One call into a backend, as its caller sees it (opened with :func:`backend_call`).
+
+    :meth:`hand_over` says, before the caller cancels the call's task, that the generation lives on elsewhere:
+    another process follows it up by the id ``on_submitted`` was given. The backend then abandons only its own
+    wait (polls, websocket watch) and leaves the generation running at the remote side.
+    """
+
+    __slots__ = ("handed_over",)
+
+    def __init__(self) -> None:
+        self.handed_over = False
+
+    def hand_over(self) -> None:
+        self.handed_over = True
+
+
+_current_call: ContextVar[BackendCall | None] = ContextVar("backend_call", default=None)
+
+
+@contextlib.contextmanager
+def backend_call() -> Iterator[BackendCall]:
+    """Around one ``generate`` / ``resume`` awaited in this task: the backend's cancel path sees the call."""
+    call = BackendCall()
+    token = _current_call.set(call)
+    try:
+        yield call
+    finally:
+        _current_call.reset(token)
+
+
+def stop_remotely() -> bool:
+    """Asked by a :class:`ResumableBackend` cancelled after it handed its generation's id to ``on_submitted``
+    (or while it resumes one): whether to stop that generation at the remote side. False only when the caller
+    handed the call over (:meth:`BackendCall.hand_over`). A generation whose id nobody was told yet is always
+    stopped: nobody else could follow it up."""
+    call = _current_call.get()
+    return call is None or not call.handed_over
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +149,11 @@ class Backend(abc.ABC):
 
 
 class ResumableBackend(Backend):
-    """A backend whose generations run remotely under an id of their own (AI Horde).
+    """A backend whose generations run remotely under an id of their own (AI Horde, ComfyUI).
 
     The id is handed to ``on_submitted`` so the job layer can store it; after a restart, :meth:`resume` follows
-    the same generation instead of submitting it again.
+    the same generation instead of submitting it again (possibly from another process). Cancelled once the id
+    was handed out, it stops the generation remotely unless :func:`stop_remotely` says the call was handed over.
     """
 
     @abc.abstractmethod

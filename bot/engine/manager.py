@@ -9,6 +9,8 @@ Lifecycle of a job::
            its own ticket in its own guild's queue until the model grants its flight a slot -> RUNNING
            the flight's generation ends                         -> SUCCEEDED | FAILED | TIMED_OUT
            queue timeout, cancel(), shutdown at any point       -> TIMED_OUT | CANCELLED
+           a rolling restart (``hand_back``): still queued, or running on a generation another process can
+           follow up by its backend id                          -> no end here (left as it is, for the other)
            then the delivery hook (the Discord layer posts the result) runs inside the same task,
            so shutdown's drain covers posting too; a delivery in progress is never cancelled at grace end.
 
@@ -50,7 +52,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from bot.engine.alerts import OperatorAlerts
-from bot.engine.backend import Backend, Capabilities, ResumableBackend
+from bot.engine.backend import Backend, BackendCall, Capabilities, ResumableBackend, backend_call
 from bot.engine.cache import cache_key
 from bot.engine.catalog import ModelCatalog
 from bot.engine.deadlines import Deadline, Deadlines
@@ -115,13 +117,15 @@ Delivery = Callable[[Job], Awaitable[None]]
 
 
 class HandBack(Protocol):
-    """Where a shutting-down process gives its queued jobs (the fleet: other processes on the same database)."""
+    """Where a shutting-down process gives its unfinished jobs (the fleet: other processes on one database)."""
 
     async def available(self) -> bool:
         """Whether another process is there to run what is handed back (asked once, as shutdown begins)."""
 
     async def take(self, job: Job) -> bool:
-        """Give back ``job`` (still queued); True when it will be run elsewhere."""
+        """Give back ``job``: still queued, or running with its generation's backend id recorded (``backend_ref``,
+        on a :class:`ResumableBackend`), asked before its backend call is abandoned. True when it will be run, or
+        followed up by that id, elsewhere."""
 
 
 class FleetSlots(Protocol):
@@ -168,6 +172,12 @@ class _Run:
     image_refs: list[str] = field(default_factory=list)
     #: The job timeout cancelled the backend call (as opposed to a stop or a shutdown).
     timed_out: bool = False
+    #: The backend's id for this generation once every job of the flight has it recorded (or the id it follows).
+    backend_ref: str | None = None
+    #: The backend call under way (None before it began and once it returned).
+    call: BackendCall | None = None
+    #: Handed over at a rolling restart: its call was abandoned, the generation left running for another process.
+    handed_over: bool = False
     #: A private generation (one job, never shared) runs inside that job's own task, not a task of its own:
     #: ``task`` is the job's task once it began, None until then.
     inline: bool = False
@@ -203,6 +213,8 @@ class _Tracked:
     released: bool = False
     #: Another process claimed it (a write was refused): it is dropped here, never delivered.
     taken: bool = False
+    #: Running, handed over at a rolling restart: another process follows its generation up (no end here).
+    handed_over: bool = False
 
 
 class JobManager:
@@ -256,9 +268,13 @@ class JobManager:
         #: With several processes on one database (the fleet wires it): when shutdown begins and another process
         #: is there, no queued job starts here any more; the grace is for running ones, and each job still
         #: queued is then handed back instead of cancelled: it leaves this process with no end of its own (no
-        #: terminal state, no delivery, its message left to the process that runs it).
+        #: terminal state, no delivery, its message left to the process that runs it). A running job whose
+        #: generation another process can follow up by its backend id is handed over the same way, its backend
+        #: call abandoned without stopping the generation (see :meth:`_drain`).
         self.hand_back: HandBack | None = None
         self._handing_back = False
+        #: While the drain waits: resolved when a generation may have become one to hand over.
+        self._drain_wake: asyncio.Future[None] | None = None
         #: In a fleet: where slots come from and go back to (see :meth:`use_fleet_slots`).
         self.fleet: FleetSlots | None = None
         self._slot_of: dict[int, int] = {}  # flight -> the fleet slot (epoch) it runs on
@@ -629,6 +645,8 @@ class JobManager:
 
         A job whose result is being delivered when the grace ends is never cancelled: deliveries get the report
         window (SHUTDOWN_REPORT_S) after the grace, like the cancelled jobs reporting that they stopped.
+        Handing back (``hand_back``), queued jobs are handed back at the grace's end, and running generations
+        another process can follow up are handed over as soon as nothing else keeps this process (:meth:`_drain`).
         Idempotent: a second call (the bot drained, then the engine closes) finds nothing to do.
         """
         if not self._accepting and not self._pending_tasks():
@@ -642,13 +660,13 @@ class JobManager:
             "draining jobs",
             extra={"jobs": self._unfinished_jobs(), "grace_s": grace, "handing_back": self._handing_back},
         )
-        if pending and grace > 0:
-            await asyncio.wait(pending, timeout=grace)
+        if pending:
+            await self._drain(grace)
         await self._wait_for_submits()
         leftovers = [
             t
             for t in self._tracked.values()
-            if t.task is not None and not t.task.done() and not t.job.state.is_terminal
+            if t.task is not None and not t.task.done() and not t.job.state.is_terminal and not t.handed_over
         ]
         for tracked in leftovers:
             queued = tracked.job.state is JobState.QUEUED and self._handing_back
@@ -673,6 +691,142 @@ class JobManager:
         self._deadlines.close()
         await self.alerts.close()
         log.info("job manager stopped")
+
+    async def _drain(self, grace: float) -> None:
+        """The grace: wait up to ``grace`` seconds for running work (and queued jobs, unless handing back).
+
+        Handing back, a running generation another process can follow up by its backend id (Horde, ComfyUI:
+        :meth:`_followable`) is never what keeps this process here: it is handed over as soon as nothing else
+        does (at once when nothing else runs; else when the rest has finished; at the latest at the grace's
+        end), and this process exits. The member sees no difference: the generation goes on at the backend,
+        and the other process posts its image in the same message. Not always at once: the other process
+        claims it only once this process's row is gone (its clean exit), so handing it over while other work
+        still keeps us here would leave it watched by nobody, its image waiting at the backend; followed here
+        meanwhile, it is posted the moment it is done. Not after the grace either: that would hold the restart
+        for generations that lose nothing by moving (a Horde queue can take minutes). A generation not yet
+        submitted (no id recorded) waits for its id like any running job; one whose hand-over is refused
+        stays to finish within the grace or be stopped.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(grace, 0.0)
+        declined: set[_Run] = set()
+        while True:
+            pending = self._pending_tasks(queued=not self._handing_back)
+            remaining = deadline - loop.time()
+            if self._handing_back:
+                followable = [run for run in self._followable_runs() if run not in declined]
+                if followable and (remaining <= 0 or not pending - self._tasks_of(followable)):
+                    declined.update(await self._hand_over(followable))
+                    continue
+            if not pending or remaining <= 0:
+                return
+            wake = self._drain_wake = loop.create_future()
+            try:
+                await asyncio.wait({*pending, wake}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._drain_wake = None
+                wake.cancel()
+
+    def _wake_drain(self) -> None:
+        """A generation may have become one to hand over (its id recorded, a job of it started)."""
+        if self._drain_wake is not None and not self._drain_wake.done():
+            self._drain_wake.set_result(None)
+
+    def _followable_runs(self) -> list[_Run]:
+        return [run for run in self._runs.values() if self._followable(run) is not None]
+
+    def _followable(self, run: _Run) -> list[_Tracked] | None:
+        """The jobs of ``run`` if it can be handed over now, else None: its backend call is under way on a
+        :class:`ResumableBackend` the configuration still has, with the generation's id recorded; each of its
+        jobs is running, its record written, and nothing else (a cancel, a claim, an outcome) has come for it.
+        Exactly the jobs recovery follows up by their id in the process that claims them."""
+        if (
+            run.handed_over
+            or run.slot_lost  # the fleet took its slot back: it is being stopped, its jobs wait again
+            or run.backend_ref is None
+            or run.call is None
+            or run.timed_out
+            or run.task is None
+            or run.task.done()
+            or self._runs.get(run.flight) is not run
+        ):
+            return None
+        flight = self.queue.flights.get(run.flight)
+        if flight is None or flight.state is not FlightState.RUNNING or not flight.jobs:
+            return None
+        jobs = [self._tracked[job_id] for job_id in flight.jobs]
+        for tracked in jobs:
+            job = tracked.job
+            if (
+                job.state is not JobState.RUNNING
+                or tracked.cancel_reason is not None
+                or tracked.taken
+                or tracked.outcome is not None
+                or job.id in self._unsaved
+                or not self.can_resume(job)
+            ):
+                return None
+        return jobs
+
+    def _tasks_of(self, runs: Iterable[_Run]) -> set[asyncio.Task[object]]:
+        tasks: set[asyncio.Task[object]] = set()
+        for run in runs:
+            if run.task is not None:
+                tasks.add(run.task)
+            flight = self.queue.flights.get(run.flight)
+            for job_id in flight.jobs if flight is not None else ():
+                task = self._tracked[job_id].task
+                if task is not None:
+                    tasks.add(task)
+        return tasks
+
+    async def _hand_over(self, runs: Iterable[_Run]) -> set[_Run]:
+        """Hand each of ``runs`` over with all its jobs (a shared generation goes whole, or not at all); returns
+        those ``hand_back`` refused. One that changed meanwhile (its image came) is left to go on here."""
+        declined: set[_Run] = set()
+        for run in runs:
+            jobs = self._followable(run)
+            if jobs is None:
+                continue
+            if not await self._offer(run, jobs):
+                declined.add(run)
+            elif self._followable(run) == jobs:  # nothing came for it while we asked
+                self._abandon(run, jobs)
+        return declined
+
+    async def _offer(self, run: _Run, jobs: list[_Tracked]) -> bool:
+        assert self.hand_back is not None and run.backend_ref is not None
+        try:
+            for tracked in jobs:
+                job = tracked.job
+                if job.backend_ref != run.backend_ref:
+                    # It joined the flight after the id was recorded: the other process follows it by this id.
+                    job.backend_ref = run.backend_ref
+                    if not await self._persist(job) or job.id in self._unsaved:
+                        return False
+                if not await self.hand_back.take(job):
+                    return False
+        except Exception:
+            log.exception(
+                "could not hand a running generation over; it stays here", extra={"flight": run.flight}
+            )
+            return False
+        return True
+
+    def _abandon(self, run: _Run, jobs: list[_Tracked]) -> None:
+        """Abandon the backend call without stopping the generation remotely; its jobs leave with no end here
+        (their records stay RUNNING, with the generation's id, and this process's: another claims them)."""
+        assert run.call is not None and run.task is not None
+        run.handed_over = True
+        for tracked in jobs:
+            tracked.handed_over = True
+            tracked.cancel_reason = EndReason.HANDED_OVER
+        run.call.hand_over()  # first: the backend's cancel path must see it
+        run.task.cancel()  # the flight's end reaches each job's task (see _run_job)
+        log.info(
+            "running generation handed over to another process",
+            extra={"flight": run.flight, "jobs": len(jobs), "backend": run.backend or self.backend.name},
+        )
 
     async def _will_hand_back(self) -> bool:
         if self.hand_back is None:
@@ -909,8 +1063,17 @@ class JobManager:
             self._forget_finished(tracked)
 
     async def _handed_over(self, tracked: _Tracked) -> bool:
-        """Offer a job still queued at the grace's end to ``hand_back``; taken, it stops counting here."""
+        """Offer a job still queued at the grace's end to ``hand_back``; taken, it stops counting here. A running
+        one handed over with its generation (:meth:`_abandon`, taken already) just leaves."""
         job = tracked.job
+        if tracked.handed_over:
+            log.info(
+                "running job handed over to another process; its generation goes on",
+                extra={"job": job.id, "backend_ref": job.backend_ref},
+            )
+            self._emit(job, JobEvent.TAKEN)  # its message is the other process's to edit now
+            self._release(tracked)
+            return True
         if job.state is not JobState.QUEUED or self.hand_back is None:
             return False  # it started meanwhile: a running job is not handed over
         try:
@@ -1202,16 +1365,25 @@ class JobManager:
         backend = self.pool[run.backend].backend if run.backend in self.pool else self.backend
         if not isinstance(backend, ResumableBackend):
             return await backend.generate(run.request, on_progress)
-        if run.resume_ref is not None:
-            return await backend.resume(run.resume_ref, on_progress, count=run.request.count)
 
         async def remember(ref: str) -> None:
             # Stored before the wait begins, so a restart can follow this generation instead of losing it.
             for job in self._jobs_of(run):
                 job.backend_ref = ref
                 await self._persist(job)
+            run.backend_ref = ref
+            self._wake_drain()  # shutting down, it may be handed over now
 
-        return await backend.generate(run.request, on_progress, on_submitted=remember)
+        # The call, seen by the backend's cancel path: handed over (see _abandon), it is not stopped remotely.
+        with backend_call() as call:
+            run.call = call
+            try:
+                if run.resume_ref is not None:
+                    run.backend_ref = run.resume_ref
+                    return await backend.resume(run.resume_ref, on_progress, count=run.request.count)
+                return await backend.generate(run.request, on_progress, on_submitted=remember)
+            finally:
+                run.call = None
 
     def _jobs_of(self, run: _Run) -> list[Job]:
         flight = self.queue.flights.get(run.flight)
@@ -1311,6 +1483,7 @@ class JobManager:
             return  # claimed by another process: its task is being stopped
         log.info("job started", extra={"job": job.id})
         self._emit(job, JobEvent.STARTED)
+        self._wake_drain()  # shutting down, its generation may be handed over now
 
     async def _finish(
         self,

@@ -39,6 +39,11 @@ When a process dies (:class:`Takeover`, every LEASE_TTL_S / 3 in each live proce
 So a dead process's jobs are answered for within about LEASE_TTL_S * 4 / 3, by a survivor, not at its restart
 (the restarted process starts with a new id and finds them taken). A lapsed process that comes back finds its
 claimed jobs' writes refused (``JobTaken``) and drops them without posting (bot/engine/manager.py).
+
+A rolling restart (SIGTERM beside a live process, :class:`HandBackToFleet`) goes through the same claim: the
+stopping process leaves its queued jobs queued, and its running jobs on AI Horde / ComfyUI RUNNING with their
+backend id (their generation left running, not cancelled), all still its own; its row goes with its clean exit,
+and the next sweep of a survivor claims them, runs the queued ones and follows the running ones up by that id.
 """
 
 from __future__ import annotations
@@ -256,10 +261,13 @@ class OutageGuard:
 
 
 class HandBackToFleet:
-    """A rolling restart's queued jobs (the manager's :class:`~bot.engine.manager.HandBack`): when this process
-    shuts down beside a live one, its queued jobs are not cancelled but left queued in the database, still
-    ours; our row goes with the clean exit, and a survivor's :class:`Takeover` (or our own next start) claims
-    and runs them, editing the same messages. Alone in the fleet, they are cancelled as before."""
+    """A rolling restart's unfinished jobs (the manager's :class:`~bot.engine.manager.HandBack`): when this
+    process shuts down beside a live one, its queued jobs are not cancelled but left queued in the database,
+    still ours; our row goes with the clean exit, and a survivor's :class:`Takeover` (or our own next start)
+    claims and runs them, editing the same messages. Running jobs whose generation lives on at the backend under
+    its id (AI Horde, ComfyUI) are left the same way, RUNNING with that id: the survivor follows them up by it
+    (recovery's decision for a dead process's running jobs), nothing is submitted twice. Alone in the fleet,
+    they are cancelled as before."""
 
     def __init__(self, store: PgJobStore, lease: ProcessLease) -> None:
         self.store = store
@@ -279,8 +287,9 @@ class HandBackToFleet:
         return any(process.id != self.lease.me.id for process in others)
 
     async def take(self, job: Job) -> bool:
-        # Its row already says queued, and ours: nothing to write. The claim happens once our row is gone.
-        return job.state is JobState.QUEUED
+        # Its row already says so (queued, or running with its backend id), and ours: nothing to write. The claim
+        # happens once our row is gone.
+        return job.state is JobState.QUEUED or (job.state is JobState.RUNNING and bool(job.backend_ref))
 
 
 class Takeover:

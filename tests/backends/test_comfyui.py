@@ -18,6 +18,7 @@ import pytest
 
 from bot.backends.comfyui import BUILTIN_WORKFLOW, ComfyUIBackend, Workflow
 from bot.backends.comfyui.events import RECHECK
+from bot.engine.backend import backend_call
 from bot.engine.errors import FailureReason, GenerationError
 from bot.engine.models import ImageRequest, Progress
 from bot.settings import SettingsError
@@ -230,6 +231,34 @@ async def test_cancel_while_running_interrupts_only_our_prompt(session) -> None:
         assert fake.state.interrupts == [our_id] and fake.state.deletes == []
         await eventually(lambda: our_id in fake.history)
     assert fake.history[our_id]["status"]["status_str"] == "error"
+
+
+async def test_a_handed_over_call_leaves_the_prompt_running_for_whoever_follows_it_up(session) -> None:
+    async with FakeComfyUI(hold_running=True) as fake:
+        submitted: list[str] = []
+        async with comfy(session, fake) as first:
+
+            async def generate() -> object:
+                with backend_call() as call:
+                    calls.append(call)
+                    return await first.generate(REQ, on_submitted=submitted.append)
+
+            calls: list[Any] = []
+            ours = asyncio.create_task(generate())
+            await eventually(lambda: fake.running is not None and bool(submitted))
+            calls[0].hand_over()
+            ours.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await ours
+            assert fake.state.interrupts == [] and fake.state.deletes == []
+        # Another process, another websocket client (ComfyUI tells it nothing): it polls /history.
+        async with comfy(session, fake, poll_interval_s=0.1) as second:
+            follow = asyncio.create_task(second.resume(submitted[0], count=1))
+            await asyncio.sleep(0.1)
+            fake.release()
+            images = await asyncio.wait_for(follow, 10)
+    assert len(images) == 1 and fake.state.prompts_submitted == 1
+    assert fake.state.interrupts == [] and fake.state.deletes == []
 
 
 async def test_a_cancel_that_arrives_with_an_event_is_not_lost(session) -> None:

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from bot.backends.horde import ANONYMOUS_KEY, CLIENT_AGENT, DEFAULT_URL, HordeBackend, normalise_url
+from bot.engine.backend import backend_call
 from bot.engine.errors import FailureReason, GenerationError
 from bot.engine.models import ImageRequest, Progress
 from tests.backends.conftest import FAST_RETRY, RecordingSleep, eventually
@@ -184,6 +185,46 @@ async def test_cancel_sends_delete(session, sleeps) -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
     assert fake.state.deletes == 1
+    assert fake.state.deleted_ids == fake.state.submitted_ids
+
+
+async def test_a_handed_over_call_is_cancelled_without_deleting_and_is_followed_up_elsewhere(
+    session, sleeps
+) -> None:
+    # A rolling restart: the caller hands the call over (another process follows the id up), then cancels it.
+    async with FakeHorde(checks_until_done=10_000) as fake:
+        submitted: list[str] = []
+        handed: list[object] = []
+
+        async def generate() -> object:
+            with backend_call() as call:
+                handed.append(call)
+                return await make(session, fake.url, sleeps).generate(REQ, on_submitted=submitted.append)
+
+        task = asyncio.create_task(generate())
+        await eventually(lambda: fake.state.checks >= 2)
+        handed[0].hand_over()  # type: ignore[attr-defined]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert fake.state.deletes == 0
+        fake.configure(checks_until_done=0)
+        images = await make(session, fake.url, sleeps).resume(submitted[0], count=1)
+    assert len(images) == 1 and fake.state.submits == 1 and fake.state.deletes == 0
+
+
+async def test_a_cancel_outside_a_handed_over_call_still_deletes(session, sleeps) -> None:
+    async with FakeHorde(checks_until_done=10_000) as fake:
+
+        async def generate() -> object:
+            with backend_call():  # opened, never handed over: an ordinary cancel
+                return await make(session, fake.url, sleeps).generate(REQ)
+
+        task = asyncio.create_task(generate())
+        await eventually(lambda: fake.state.checks >= 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
     assert fake.state.deleted_ids == fake.state.submitted_ids
 
 

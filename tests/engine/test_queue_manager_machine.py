@@ -1,8 +1,8 @@
 """The async manager driven by a hypothesis state machine on virtual time.
 
 An event loop whose clock the test owns (no real sleeps), a backend whose calls the test finishes, fails,
-hangs or lets wind down slowly, a store whose writes the test can fail: submit, cancel in every state, queue and
-job timeouts, shutdown. After every step: the model's invariants, the manager agreeing with the model, the
+hangs or lets wind down slowly (and that may tell each generation's id, so a rolling restart can hand it over),
+a store whose writes the test can fail: submit, cancel in every state, queue and job timeouts, shutdown. After every step: the model's invariants, the manager agreeing with the model, the
 backend never over capacity, every job finishing once, and the store agreeing with memory.
 
 The pool machine runs the same rules (and more) on three backends with mixed models that refuse before
@@ -18,7 +18,7 @@ from collections import Counter
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from bot.engine.backend import Backend, Capabilities
+from bot.engine.backend import Capabilities, ResumableBackend, stop_remotely
 from bot.engine.catalog import ModelCatalog
 from bot.engine.errors import FailureReason, GenerationError
 from bot.engine.manager import JobEvent, JobManager
@@ -42,10 +42,15 @@ class Call:
         self.outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.active = True
         self.cancelled = False
+        #: The id it told (``on_submitted``), when the backend tells ids.
+        self.ref: str | None = None
+        #: Cancelled as handed over: the remote generation was left running (no cancel, no wind-down).
+        self.handed_over = False
 
 
-class ScriptedBackend(Backend):
-    """Every call waits for the test; a cancel winds down for ``wind_down_s`` of virtual time."""
+class ScriptedBackend(ResumableBackend):
+    """Every call waits for the test; a cancel winds down for ``wind_down_s`` of virtual time. With
+    ``reports_ids`` each call tells its id first (like the Horde), so shutdown may hand it over."""
 
     name = "scripted"
 
@@ -55,15 +60,25 @@ class ScriptedBackend(Backend):
         self.active = 0
         self.max_active = 0
         self.wind_down_s = 0.0
+        #: Tells each generation's id (a rule turns it off); the pool's entries tell none unless the rule says.
+        self.reports_ids = True
 
-    async def generate(self, request, on_progress=lambda _: None) -> list[GeneratedImage]:
+    async def generate(
+        self, request, on_progress=lambda _: None, *, on_submitted=None
+    ) -> list[GeneratedImage]:
         call = self._new_call(request)
         self.calls.append(call)
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
+            if self.reports_ids and on_submitted is not None:
+                call.ref = f"ref-{len(self.calls)}"
+                await on_submitted(call.ref)
             return self._answer(call, await call.outcome)
         except asyncio.CancelledError:
+            if call.ref is not None and not stop_remotely():
+                call.handed_over = True
+                raise
             call.cancelled = True
             if self.wind_down_s:
                 await asyncio.sleep(self.wind_down_s)
@@ -71,6 +86,9 @@ class ScriptedBackend(Backend):
         finally:
             call.active = False
             self.active -= 1
+
+    async def resume(self, ref, on_progress=lambda _: None, *, count=None) -> list[GeneratedImage]:
+        raise AssertionError("nothing is adopted here")
 
     def _new_call(self, request: ImageRequest) -> Call:
         return Call(request)
@@ -88,6 +106,7 @@ class ScriptedBackend(Backend):
 class ScriptedStore:
     def __init__(self) -> None:
         self.records: dict[str, JobState] = {}
+        self.refs: dict[str, str | None] = {}
         self.fail_next = 0
 
     async def save_job(self, job: Job) -> None:
@@ -95,6 +114,7 @@ class ScriptedStore:
             self.fail_next -= 1
             raise OSError("database is locked")
         self.records[job.id] = job.state
+        self.refs[job.id] = job.backend_ref
 
 
 class ManagerMachine(RuleBasedStateMachine):
@@ -112,6 +132,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.ids = itertools.count(1)
         self.shut = False
         self.handed: set[str] = set()  # jobs handed back at shutdown (another process runs them)
+        self.offered: set[str] = set()  # jobs offered to the other processes (taken or not)
         self.manager.add_listener(self._heard)
 
     async def _make(self) -> JobManager:
@@ -202,10 +223,25 @@ class ManagerMachine(RuleBasedStateMachine):
     def backend_winds_down(self, wind_down: float) -> None:
         self.backend.wind_down_s = wind_down
 
+    @rule(reports=st.booleans())
+    def backend_reports_ids(self, reports: bool) -> None:
+        """Generations submitted from now on tell their id (another process could follow them up), or not."""
+        self.backend.reports_ids = reports
+
     @rule(takes=st.booleans())
     def other_processes_take_queued_jobs(self, takes: bool) -> None:
-        """A fleet: at shutdown, a job still queued is handed back (taken or not) instead of cancelled."""
+        """A fleet: at shutdown, a job still queued is handed back (taken or not) instead of cancelled, and a
+        running generation whose id was told is handed over with all its jobs (taken or not)."""
+        self._join_fleet(takes)
 
+    @precondition(lambda self: not self.shut)
+    @rule()
+    def shutdown_beside_another_process_that_takes_jobs(self) -> None:
+        """A rolling restart, in one step (so the derandomized budget reaches it with work running)."""
+        self._join_fleet(True)
+        self.do_shutdown()
+
+    def _join_fleet(self, takes: bool) -> None:
         machine = self
 
         class Fleet:
@@ -213,6 +249,7 @@ class ManagerMachine(RuleBasedStateMachine):
                 return True
 
             async def take(self, job: Job) -> bool:
+                machine.offered.add(job.id)
                 if takes:
                     machine.handed.add(job.id)
                 return takes
@@ -238,14 +275,30 @@ class ManagerMachine(RuleBasedStateMachine):
             self.advance(5)
         assert task.done()
         task.result()
+        calls = {call.ref: call for call in self._all_calls() if call.ref is not None}
         for job in self.jobs.values():
-            if job.id in self.handed:
-                assert job.state is JobState.QUEUED and self.finished[job.id] == 0, job
-            else:
+            if job.id not in self.handed:
                 assert job.state.is_terminal, job
+                continue
+            assert self.finished[job.id] == 0, job  # no end of its own here
+            if job.state is JobState.RUNNING:
+                # Handed over running: its record names the generation, which was left running, not cancelled.
+                assert job.backend_ref is not None and self.store.refs.get(job.id) == job.backend_ref, job
+                assert calls[job.backend_ref].handed_over and not calls[job.backend_ref].cancelled, job
+            else:
+                assert job.state is JobState.QUEUED, job
+        for call in calls.values():  # a generation left running belongs to jobs another process follows up
+            if call.handed_over:
+                owners = [
+                    j for j in self.jobs.values() if j.backend_ref == call.ref and not j.state.is_terminal
+                ]
+                assert owners and all(j.id in self.handed for j in owners), call.ref
         assert self.manager.task_count() == 0 and not self.manager.queue.jobs
         for pending in self.tasks:
             assert pending.done()
+
+    def _all_calls(self) -> list[Call]:
+        return list(self.backend.calls)
 
     # -- invariants -----------------------------------------------------------------------------------------
     @invariant()
@@ -316,6 +369,7 @@ class PoolScripted(ScriptedBackend):
         self.name = name
         self.machine = machine
         self.probe_ok = True
+        self.reports_ids = False  # refusing before accepting is what these entries do most
 
     def _new_call(self, request: ImageRequest) -> Call:
         # The jobs this call generates for: on this backend in the model now. A job cancelled a moment ago may
@@ -331,6 +385,8 @@ class PoolScripted(ScriptedBackend):
         return PoolCall(request, jobs)
 
     def _answer(self, call: Call, outcome: str) -> list[GeneratedImage]:
+        if outcome in ("refuse", "busy") and call.ref is not None:
+            outcome = "fail"  # it told its id: it had taken the generation, so it can only fail it now
         if outcome in ("refuse", "busy"):
             call.refused = True  # type: ignore[attr-defined]
             reason = FailureReason.UNAVAILABLE if outcome == "refuse" else FailureReason.RATE_LIMITED
@@ -396,6 +452,9 @@ class PoolManagerMachine(ManagerMachine):
     def submit(self, guild: int, member: int, prompt: str) -> None:
         """The base machine's submit, with fresh prompts told apart (each is its own generation)."""
         self.submit_model(guild, member, prompt, "base")
+
+    def _all_calls(self) -> list[Call]:
+        return [c for b in self.backends.values() for c in b.calls]
 
     def _open_calls(self) -> list[Call]:
         return [c for b in self.backends.values() for c in b.calls if c.active and not c.outcome.done()]

@@ -1,14 +1,18 @@
 """Issue 11: rolling restarts lose nothing. SIGTERM to one process of the fleet: its running jobs finish and
 post within the grace, its queued jobs are handed back (not cancelled) and the other process runs them; then
-the same for the other one. Two real ``python -m bot`` processes (A runs shard 0, B shard 1) on one real
-PostgreSQL, the fake Discord and a fake backend of 1 s per image, one at a time per process.
+the same for the other one. Running jobs whose generation the other process can follow up by its id (AI Horde)
+are handed over instead, without cancelling the generation. Two real ``python -m bot`` processes (A runs shard
+0, B shard 1) on one real PostgreSQL, the fake Discord and a fake backend (OpenAI-compatible, 1 s per image,
+one at a time per process; or a fake AI Horde).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 from tests.fakes.discord import FakeInteraction
+from tests.fakes.horde import FakeHorde
 from tests.fakes.openai_api import FakeOpenAI
 from tests.frontend.conftest import embed_author, image_attachments, is_done
 from tests.frontend.process import assert_clean, bot_process
@@ -79,4 +83,56 @@ async def test_restarting_both_processes_one_by_one_during_a_burst_completes_eve
     prompts = [f"{g} picture {i}" for g in ("a", "b") for i in range(JOBS_PER_GUILD)]
     assert Counter(payload["prompt"] for payload in backend.state.payloads) == Counter(prompts)
     for process in (a, b, a2):
+        assert_clean(process.text)
+
+
+async def test_a_running_horde_generation_is_handed_over_and_followed_up_not_cancelled(
+    fake, data_dir, pg_url
+) -> None:
+    a_guild = fake.add_guild(fake.guild_id_on_shard(0, 2), name="a")
+    fake.add_guild(fake.guild_id_on_shard(1, 2), name="b")
+    grace = 20
+    async with FakeHorde(checks_until_done=10_000) as horde:  # slow: still generating when A is stopped
+        common = {
+            "image_backend": "horde",
+            "image_backend_url": horde.url,
+            "database_url": pg_url,
+            "lease_ttl_s": TTL,
+            "shard_count": 2,
+            "shutdown_grace_s": grace,
+        }
+        async with bot_process(fake, data_dir, shard_ids=1, **common) as b:
+            async with bot_process(fake, data_dir, shard_ids=0, **common) as a:
+                user = fake.add_member(a_guild.id)
+                inter = await fake.invoke_command(
+                    a_guild.id, a_guild.channels[0].id, user.id, "imagine", {"prompt": "a slow castle"}
+                )
+                # Submitted, its Horde id stored (the first status poll comes after on_submitted).
+                await fake.wait_for_state(
+                    lambda: any(r.checks >= 1 for r in horde.requests.values()),
+                    20,
+                    "the generation under way",
+                )
+                stopped_at = asyncio.get_running_loop().time()
+                assert await a.terminate() == 0
+                # Nothing else kept A: it left at once, not after the grace.
+                assert asyncio.get_running_loop().time() - stopped_at < grace / 2, a.text
+            assert "running generation handed over" in a.text, a.text
+            assert horde.state.deletes == 0  # the generation was left running at the Horde
+            assert not (inter.original and is_done(inter.original))
+            horde.configure(checks_until_done=0)  # the Horde finishes it; B follows it up by its id
+            await fake.wait_for_state(lambda: inter.original and is_done(inter.original), 40, "the image")
+            final = inter.original
+            assert image_attachments(final)
+            assert "Stopped by a restart" not in str(final.embeds)
+            took_over = [
+                line for line in b.text.splitlines() if "took over the jobs of a dead process" in line
+            ]
+            assert len(took_over) == 1 and "resumed=1" in took_over[0], b.text
+            assert await b.terminate() == 0
+    # One submit for the prompt (a follow-up by id submits nothing), and no cancel at the Horde.
+    prompts = Counter(req.payload["prompt"].split("###")[0].strip() for req in horde.requests.values())
+    assert prompts == Counter({"a slow castle": 1}) and horde.state.submits == 1
+    assert horde.state.deletes == 0 and horde.state.deleted_ids == []
+    for process in (a, b):
         assert_clean(process.text)

@@ -30,6 +30,7 @@ from bot.engine.backend import (
     ResumableBackend,
     SubmittedCallback,
     _noop_progress,
+    stop_remotely,
 )
 from bot.engine.errors import FailureReason, GenerationError
 from bot.engine.images import verify_image
@@ -352,9 +353,7 @@ class ComfyUIBackend(ResumableBackend):
                 await http.maybe_await(on_submitted(prompt_id))
             except asyncio.CancelledError:
                 self._socket.unwatch(prompt_id)
-                await http.run_cleanup(
-                    self.cancel(prompt_id), limit_s=self._cancel_timeout_s, what="ComfyUI cancel"
-                )
+                await self._stop(prompt_id)
                 raise
             except Exception as exc:
                 log.warning("on_submitted callback failed: %s", type(exc).__name__)
@@ -432,12 +431,18 @@ class ComfyUIBackend(ResumableBackend):
         try:
             return await self._wait(prompt_id, watch, count, seed, on_progress)
         except asyncio.CancelledError:
-            await http.run_cleanup(
-                self.cancel(prompt_id), limit_s=self._cancel_timeout_s, what="ComfyUI cancel"
-            )
+            await self._stop(prompt_id)
             raise
         finally:
             self._socket.unwatch(prompt_id, watch)
+
+    async def _stop(self, prompt_id: str) -> None:
+        """A cancelled call whose prompt id is known: take it off the queue or interrupt it, unless the call
+        was handed over (another process follows the prompt up through /history)."""
+        if not stop_remotely():
+            log.info("ComfyUI prompt %s handed over; left to run for whoever follows it up", prompt_id)
+            return
+        await http.run_cleanup(self.cancel(prompt_id), limit_s=self._cancel_timeout_s, what="ComfyUI cancel")
 
     async def _wait(
         self,
