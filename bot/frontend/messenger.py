@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -78,6 +79,8 @@ class _JobMessage:
     last_signature: tuple[str, int] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     task: asyncio.Task[None] | None = None
+    #: Set when the job starts: a pump waiting out the (longer) queued interval wakes to show it sooner.
+    started: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,8 @@ class JobMessenger:
         if entry.closed or entry.token_dead:
             return
         entry.dirty = True
+        if event is JobEvent.STARTED:
+            entry.started.set()
         if entry.task is None or entry.task.done():
             entry.task = asyncio.create_task(self._pump(entry), name=f"progress-{job.id}")
             self._tasks.add(entry.task)
@@ -251,7 +256,15 @@ class JobMessenger:
             interval = self.min_interval * (3 if entry.job.state is JobState.QUEUED else 1)
             wait = entry.last_edit + interval - time.monotonic()
             if wait > 0:
-                await asyncio.sleep(wait)
+                if entry.job.state is JobState.QUEUED:
+                    # A job that waited a moment for a slot (a fleet's grant) shows "Generating" at the running
+                    # pace, not a queued interval after its "Queued".
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await entry.started.wait()
+                    entry.started.clear()
+                else:
+                    await asyncio.sleep(wait)
                 continue
             entry.dirty = False
             async with entry.lock:

@@ -101,3 +101,32 @@ async def test_a_progress_edit_never_shows_a_finished_job_before_its_result_is_p
     await asyncio.sleep(0.2)
     assert len(messenger.sent) == 1, messenger.sent
     await messenger.close()
+
+
+async def test_a_job_that_starts_a_moment_after_queued_shows_generating_at_the_running_pace() -> None:
+    """In a fleet a job waits a moment for its slot: it is shown "Queued", then starts. The next edit must come
+    at the running pace (min_interval), not the queued one (three times as long), or a short generation is
+    never shown generating at all."""
+    messenger = RecordingMessenger()
+    messenger.min_interval = 0.2  # queued pace 0.6 s
+    job = make_job(
+        message_ref={"application_id": 1, "token": "t", "created_at": time.time()}, queue_position=2
+    )
+    messenger.on_job_event(job, JobEvent.QUEUED)
+    await asyncio.sleep(0.05)
+    assert messenger.sent == ["Queued — position 2 in this server's queue"]
+    job.queue_position = 1
+    messenger.on_job_event(job, JobEvent.QUEUED)  # the pump now waits out the queued pace
+    await asyncio.sleep(0.05)
+    job.state, job.queue_position = JobState.RUNNING, None
+    messenger.on_job_event(job, JobEvent.STARTED)
+    await asyncio.sleep(0.35)  # past the running pace, well before the queued one
+    assert len(messenger.sent) == 2 and messenger.sent[-1].startswith("Generating"), messenger.sent
+    # Sent back to the queue, it waits at the queued pace again (no busy loop on the old wake-up).
+    job.state, job.queue_position = JobState.QUEUED, 2
+    messenger.on_job_event(job, JobEvent.QUEUED)
+    await asyncio.sleep(0.3)
+    assert len(messenger.sent) == 2
+    await asyncio.sleep(0.5)
+    assert len(messenger.sent) == 3 and messenger.sent[-1].startswith("Queued")
+    await messenger.close()
