@@ -6,6 +6,7 @@ speaks through :mod:`bot.engine.backend` (the interface every backend implements
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from bot.engine.backend import Backend
     from bot.engine.cache import ResultCache
     from bot.engine.manager import JobManager
+    from bot.engine.models import Job
     from bot.engine.retention import RetentionTask
     from bot.engine.store import JobStore
     from bot.engine.store_pg import PgJobStore
@@ -33,3 +35,24 @@ class Engine:
     manager: JobManager
     #: Prunes history past HISTORY_RETENTION_DAYS in the background (started and stopped by open_engine).
     retention: RetentionTask | None = None
+
+    @property
+    def cancels_reach_other_processes(self) -> bool:
+        """A fleet on PostgreSQL: a job another process runs can be cancelled from here."""
+        return hasattr(self.store, "request_cancel")
+
+    async def cancel_elsewhere(self, job_id: str, *, by: str | None, wait_s: float = 10.0) -> Job | None:
+        """Cancel a job another process of the fleet runs (its row is marked, a NOTIFY wakes that process, which
+        stops the backend call), and wait up to ``wait_s`` for its end. Returns the job as last read; None when
+        no other process can be asked (no fleet: the store is not PostgreSQL)."""
+        request_cancel = getattr(self.store, "request_cancel", None)
+        if request_cancel is None:
+            return None
+        await request_cancel(job_id, by=by)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            job = await self.store.get_job(job_id)
+            if job is None or job.state.is_terminal or loop.time() >= deadline:
+                return job
+            await asyncio.sleep(0.2)

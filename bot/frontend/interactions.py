@@ -19,6 +19,8 @@ RUNNING_ELSEWHERE = (
     "That job is being made by another of the bot's processes, so it cannot be cancelled from here; "
     "its result will still be posted."
 )
+#: A cancel passed to the process running the job, which has not confirmed within the wait.
+CANCEL_PASSED_ON = "The cancel was passed to the bot process making that job; it stops there in a moment."
 
 
 def user_label(user: discord.abc.User) -> str:

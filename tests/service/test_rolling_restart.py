@@ -136,3 +136,53 @@ async def test_a_running_horde_generation_is_handed_over_and_followed_up_not_can
     assert horde.state.deletes == 0 and horde.state.deleted_ids == []
     for process in (a, b):
         assert_clean(process.text)
+
+
+async def test_a_cancel_pressed_in_one_process_stops_a_job_running_in_the_other(
+    fake, data_dir, pg_url
+) -> None:
+    """A handed a running Horde generation over at its restart; B follows it up. The member presses Cancel on
+    its message, in A's guild, so the restarted A receives the press: the cancel reaches B (a row + NOTIFY),
+    B stops its backend call (a DELETE at the Horde) and the message says who cancelled it."""
+    a_guild = fake.add_guild(fake.guild_id_on_shard(0, 2), name="a")
+    fake.add_guild(fake.guild_id_on_shard(1, 2), name="b")
+    async with FakeHorde(checks_until_done=10_000) as horde:  # never done by itself
+        common = {
+            "image_backend": "horde",
+            "image_backend_url": horde.url,
+            "database_url": pg_url,
+            "lease_ttl_s": TTL,
+            "shard_count": 2,
+        }
+        async with bot_process(fake, data_dir, shard_ids=1, **common) as b:
+            user = fake.add_member(a_guild.id)
+            async with bot_process(fake, data_dir, shard_ids=0, **common) as a:
+                inter = await fake.invoke_command(
+                    a_guild.id, a_guild.channels[0].id, user.id, "imagine", {"prompt": "a stubborn castle"}
+                )
+                await fake.wait_for_state(
+                    lambda: any(r.checks >= 1 for r in horde.requests.values()),
+                    20,
+                    "the generation under way",
+                )
+                assert await a.terminate() == 0
+            await fake.wait_for_state(lambda: "resumed=1" in b.text, 20, "B following the generation up")
+            async with bot_process(fake, data_dir, shard_ids=0, **common) as restarted:
+                message = inter.original
+                assert message is not None and not is_done(message)
+                press = await fake.click_button(
+                    message, fake.find_component(message, label="Cancel"), user.id
+                )
+                await press.wait_for_callback()
+                await fake.wait_for_state(
+                    lambda: inter.original and "Cancelled" in str(inter.original.embeds),
+                    20,
+                    "the cancel shown",
+                )
+                assert horde.state.deletes == 1  # B stopped the generation it was following
+                assert "a stubborn castle" not in restarted.text  # the press was answered, not run here
+                assert await restarted.terminate() == 0
+            assert await b.terminate() == 0
+    assert horde.state.submits == 1
+    for process in (a, b, restarted):
+        assert_clean(process.text)

@@ -30,6 +30,7 @@ from bot.engine.policy import (
 from bot.engine.pool import PoolEntry
 from bot.engine.store import StoreError
 from bot.frontend.interactions import (
+    CANCEL_PASSED_ON,
     JOB_ID_RE,
     RUNNING_ELSEWHERE,
     age,
@@ -228,8 +229,19 @@ class AdminCog(commands.Cog, name="Admin"):
         if not job.is_active:
             await reply(interaction, f"Job `{job.id}` has already finished ({job.state.value}).")
             return
-        if self.manager.get(job.id) is None:
-            await reply(interaction, RUNNING_ELSEWHERE)
+        if self.manager.get(job.id) is None:  # another process of the fleet runs it: ask that one
+            if not self.bot.engine.cancels_reach_other_processes:
+                await reply(interaction, RUNNING_ELSEWHERE)
+                return
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            there = await self.bot.engine.cancel_elsewhere(job.id, by=user_label(interaction.user))
+            log.info("cancel passed to another process", extra={"job": job.id, "by": interaction.user.id})
+            if there is not None and there.state is JobState.CANCELLED:
+                await reply(interaction, f"Cancelled job `{job.id}` of <@{job.user_id}>.")
+            elif there is None or there.is_active:
+                await reply(interaction, CANCEL_PASSED_ON)
+            else:
+                await reply(interaction, f"Job `{job.id}` had already finished.")
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         cancelled = await self.manager.cancel(job.id, reason="cancelled", by=user_label(interaction.user))

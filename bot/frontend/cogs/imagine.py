@@ -22,6 +22,7 @@ from bot.engine.manager import random_seed
 from bot.engine.models import MAX_NEGATIVE_CHARS, MAX_PROMPT_CHARS, MAX_SEED, ImageRequest, Job, JobState
 from bot.engine.retention import delete_job, is_deleted
 from bot.frontend.interactions import (
+    CANCEL_PASSED_ON,
     JOB_ID_RE,
     RUNNING_ELSEWHERE,
     channel_is_nsfw,
@@ -211,8 +212,16 @@ class ImagineCog(commands.Cog, name="Imagine"):
         if not job.is_active:
             await reply(interaction, _already_over(job))
             return
-        if self.manager.get(job.id) is None:
-            await reply(interaction, RUNNING_ELSEWHERE)
+        if self.manager.get(job.id) is None:  # another process of the fleet runs it: ask that one
+            if not self.bot.engine.cancels_reach_other_processes:
+                await reply(interaction, RUNNING_ELSEWHERE)
+                return
+            await interaction.response.defer()
+            there = await self.bot.engine.cancel_elsewhere(job.id, by=user_label(interaction.user))
+            if there is not None and there.state is JobState.CANCELLED:
+                return  # the process that ran it edits its message to say so
+            text = CANCEL_PASSED_ON if there is None or there.is_active else _already_over(there)
+            await interaction.followup.send(text, ephemeral=True)
             return
         await interaction.response.defer()
         cancelled = await self.manager.cancel(job.id, reason="cancelled", by=user_label(interaction.user))
