@@ -11,9 +11,9 @@ OpenAI images API (``--backend-delay`` seconds per image):
   ``tests/pg.py`` (initdb + pg_ctl on 127.0.0.1, fsync off as in the tests) and tears down after;
 - ``pg2``: two processes, ``SHARD_COUNT=2`` and ``SHARD_IDS`` 0 and 1, sharing one ``DATA_DIR`` and one
   database. Guild ids are chosen so that each shard owns half of them (``(guild_id >> 22) % 2``), and the fake
-  Discord dispatches each guild's interactions to the process that runs its shard. There is no fleet-wide
-  queue yet: each process runs the queue of its own guilds, with ``BACKEND_CONCURRENCY`` set to
-  ``--backend-concurrency`` / 2 so that the backend sees the same number of slots in all three set-ups.
+  Discord dispatches each guild's interactions to the process that runs its shard. Both processes have
+  ``BACKEND_CONCURRENCY`` = ``--backend-concurrency``: the fleet's queue (bot/service/dispatch.py) holds it
+  for the two together, so the backend sees the same number of slots in all three set-ups.
 
 The same guilds (``--guilds``, half on each shard) and the same burst (``--jobs`` distinct prompts from distinct
 members, round-robin over the guilds) in each. After the bot is connected, one warm-up job per process runs to
@@ -555,7 +555,7 @@ def with_port(url: str, port: int) -> str:
 
 async def run_config(config: Config, options: argparse.Namespace, cluster: PgCluster | None) -> Figures:
     names = [f"bot-{i}" for i in range(config.processes)]
-    concurrency = max(1, options.backend_concurrency // config.processes)
+    concurrency = options.backend_concurrency  # fleet-wide in pg2: the dispatcher shares it out
     budget = options.timeout
     owner: Callable[[int], int] = (
         (lambda guild_id: shard_of(guild_id, SHARDS)) if config.processes > 1 else (lambda guild_id: 0)
@@ -731,7 +731,7 @@ def verdicts(results: dict[str, Figures]) -> list[tuple[str, bool]]:
 def report(options: argparse.Namespace, results: dict[str, Figures]) -> None:
     print(
         f"\n/imagine burst: {options.jobs} jobs over {options.guilds} guilds, backend {options.backend_delay:g} s "
-        f"per image, {options.backend_concurrency} backend slots in all (split between processes), "
+        f"per image, {options.backend_concurrency} backend slots in all (fleet-wide in pg2), "
         f"GUILD_CONCURRENCY={options.guild_concurrency}"
     )
     header = (

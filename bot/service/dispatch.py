@@ -61,8 +61,10 @@ log = logging.getLogger(__name__)
 
 #: The longest a process waits between two polls of its grants (and a dispatcher between two rounds).
 POLL_S = 2.0
-#: Changes arriving within this long of each other go out in one publish.
-PUBLISH_BATCH_S = 0.005
+#: Changes arriving within this long of each other go out in one publish (a burst: one statement, not one
+#: per job), and wake-ups within this long of a dispatcher round make one more round, not one each.
+PUBLISH_BATCH_S = 0.02
+DISPATCH_BATCH_S = 0.02
 #: After a failed publish or poll (the database away), the wait before the next try.
 RETRY_S = 1.0
 
@@ -274,8 +276,16 @@ class FleetQueue:
 
     # -- the dispatcher --------------------------------------------------------------------------------------
     async def _dispatch_forever(self) -> None:
+        first = True
         while True:
-            await self._wait(self._dispatch_wanted, self.poll_s)
+            if self.connection.holds_lock:
+                await self._wait(self._dispatch_wanted, self.poll_s)
+            elif not first:
+                # Not the dispatcher: wake-ups are not ours to act on (each would cost a lock attempt, a round
+                # trip per publish of the whole fleet); try for the lock once per poll instead.
+                await asyncio.sleep(self.poll_s)
+                self._dispatch_wanted.clear()
+            first = False
             try:
                 if not self.connection.connected:
                     continue  # the poll loop reconnects
@@ -286,6 +296,7 @@ class FleetQueue:
                     log.info("this process dispatches the fleet's queue")
                     self.planner = FleetPlanner(self.manager.pool.capacities())  # rebuilt from the rows
                 await self.dispatch_round()
+                await asyncio.sleep(DISPATCH_BATCH_S)  # what arrives meanwhile goes in the next round
             except StoreError as exc:
                 if self.connection.holds_lock or not self.connection.connected:
                     log.info("the fleet's dispatcher lost its connection: %s", exc.message)
