@@ -50,6 +50,9 @@ class OpenAIState:
     ignore_n: bool = False  # gpt4free: one image per call, whatever n says
     max_n: int | None = None  # DALL-E 3: a 400 naming n when more are asked for
     payloads: list[dict[str, Any]] = field(default_factory=list)
+    #: Generations being made right now (inside ``delay``), and the most at once.
+    in_flight: int = 0
+    max_in_flight: int = 0
 
 
 class FakeOpenAI(FakeServer):
@@ -133,7 +136,12 @@ class FakeOpenAI(FakeServer):
         if self.state.ignore_n:
             n = 1
         if self.state.delay > 0:
-            await asyncio.sleep(self.state.delay)
+            self.state.in_flight += 1
+            self.state.max_in_flight = max(self.state.max_in_flight, self.state.in_flight)
+            try:
+                await asyncio.sleep(self.state.delay)
+            finally:
+                self.state.in_flight -= 1
         mode = self.state.reply_format or ("b64_json" if model.startswith("gpt-image") else fmt) or "media"
         seed = payload.get("seed")
         base_seed = seed if isinstance(seed, int) else random.randint(0, 2**31)
