@@ -94,16 +94,7 @@ class FleetPlanner:
     def plan(self, demand: Iterable[Demand], slots: Iterable[Slot]) -> list[Grant]:
         """The grants that fill every free slot the rule allows, in the order the rule gives them."""
         capacities = self.capacities
-        used = dict.fromkeys(capacities, 0)
-        held: dict[int, int] = {}
-        pending: dict[tuple[str, int, frozenset[str] | None], int] = {}
-        for slot in slots:
-            if slot.backend in used:
-                used[slot.backend] += 1
-            held[slot.guild_id] = held.get(slot.guild_id, 0) + 1
-            if slot.pending:
-                key = (slot.owner, slot.guild_id, slot.eligible)
-                pending[key] = pending.get(key, 0) + 1
+        used, held, pending = _tally(capacities, slots)
         wants: dict[int, list[_Want]] = {}
         limits: dict[int, int] = {}
         first_seen: dict[int, float] = {}
@@ -145,6 +136,26 @@ class FleetPlanner:
             self._served = {g: t for g, t in self._served.items() if g in waiting}
 
 
+_PendingKey = tuple[str, int, frozenset[str] | None]
+
+
+def _tally(
+    capacities: dict[str, int], slots: Iterable[Slot]
+) -> tuple[dict[str, int], dict[int, int], dict[_PendingKey, int]]:
+    """Slots held per backend and per guild, and those granted but not yet shown, per demand row."""
+    used = dict.fromkeys(capacities, 0)
+    held: dict[int, int] = {}
+    pending: dict[_PendingKey, int] = {}
+    for slot in slots:
+        if slot.backend in used:
+            used[slot.backend] += 1
+        held[slot.guild_id] = held.get(slot.guild_id, 0) + 1
+        if slot.pending:
+            key = (slot.owner, slot.guild_id, slot.eligible)
+            pending[key] = pending.get(key, 0) + 1
+    return used, held, pending
+
+
 def _first_servable(wants: list[_Want], free: list[str]) -> tuple[_Want, list[str]] | None:
     for want in wants:
         if want.remaining <= 0:
@@ -169,16 +180,7 @@ def check_plan(
 ) -> None:
     """Raise :class:`PlanError` unless ``grants`` keep invariants 1-3 (``last_served``: the planner's ticks
     before the plan, by guild)."""
-    used = dict.fromkeys(capacities, 0)
-    held: dict[int, int] = {}
-    pending: dict[tuple[str, int, frozenset[str] | None], int] = {}
-    for slot in slots:
-        if slot.backend in used:
-            used[slot.backend] += 1
-        held[slot.guild_id] = held.get(slot.guild_id, 0) + 1
-        if slot.pending:
-            key = (slot.owner, slot.guild_id, slot.eligible)
-            pending[key] = pending.get(key, 0) + 1
+    used, held, pending = _tally(capacities, slots)
     remaining = {
         (d.owner, d.guild_id, d.eligible): d.waiting - pending.get((d.owner, d.guild_id, d.eligible), 0)
         for d in demand
