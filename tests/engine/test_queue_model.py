@@ -235,14 +235,19 @@ class FleetGrantedMachine(QueueMachine):
             and self.model.running[backend] < self.model.backends[backend]
             and queue.running < self.model.guild_limit(guild)
         ):
-            servable = [
-                t
-                for t in brute_order(queue)
-                if self.model.flights[t.flight].eligible is None
-                or backend in self.model.flights[t.flight].eligible
-            ]
-            # The first in the guild's order that this backend serves: the member served longest ago's oldest.
-            expected = servable[0].job if servable else None
+            # The rule (the same as the model's own dispatch): the member served longest ago (by mark) with a
+            # ticket this backend serves, and that member's oldest such ticket; not the first servable ticket in
+            # the guild's round order, which may belong to a member served more recently.
+            for _, _, member in sorted((m.mark, id(m), m) for m in queue.members.values()):
+                servable = [
+                    t
+                    for t in member.tickets
+                    if self.model.flights[t.flight].eligible is None
+                    or backend in self.model.flights[t.flight].eligible
+                ]
+                if servable:
+                    expected = servable[0].job
+                    break
         demand_before = self.model.demand(guild)
         held_before = self.model.slots_held
         decisions = self.model.grant(guild, backend)
@@ -446,3 +451,15 @@ def test_shrunk_defect4_a_joiner_of_a_waiting_flight_gets_its_own_ticket() -> No
     machine.admit(guild=1, member=1, prompt="b", images=1, pool=False)
     machine.check()  # type: ignore[attr-defined]
     assert machine.model.waiting_in(1) == 2
+
+
+def test_shrunk_a_fleet_grant_goes_to_the_member_served_longest_ago_even_past_its_unservable_front() -> None:
+    """Found by the long run: member 1's first ticket only "small" serves; a grant on "big" still goes to member 1
+    (served longest ago, with a ticket "big" serves), not to member 2, whose ticket is first in round order."""
+    model = QueueModel({"big": 2, "small": 1}, guild_limit=lambda g: 2, external=True)
+    model.admit("j1", 2, 1, key="a:small", eligible=("small",))
+    model.admit("j2", 2, 1, key="a")
+    model.admit("j3", 2, 2, key="b")
+    (start,) = [d for d in model.grant(2, "big") if isinstance(d, Start)]
+    assert start.jobs == ("j2",) and start.backend == "big"
+    model.check_invariants()
