@@ -44,6 +44,8 @@ What PostgreSQL adds:
   whose holder stopped renewing, or whose process is not alive, is deleted by the next dispatcher round.
 - **Cancel from anywhere**: :meth:`PgJobStore.request_cancel` marks the job's row and sends ``NOTIFY
   bot_cancel`` (its id); the owner's poll reads the marked rows it runs.
+- **The result cache's index** (``cache_*`` tables): bot/engine/cache_pg.py uses this store's pool through
+  :meth:`PgJobStore.run`, so a database that is away is the same outage, seen and healed once.
 - **No password anywhere**: the store names its database by ``safe_dsn`` (no password), and any text from
   the driver is scrubbed of the password before it becomes part of an error.
 """
@@ -82,8 +84,8 @@ from bot.logs import redact
 log = logging.getLogger(__name__)
 
 #: Forward migrations, numbered like the SQLite store's (v1 tables, v2 backend_ref, v3 delivery) so up to v3 one
-#: schema version means the same job columns in both; v4 (the fleet's ``processes``), v5 (``jobs.owner``) and v6
-#: (the fleet's queue, cross-process cancel) exist here only. ``seq`` stands in for SQLite's rowid: insertion
+#: schema version means the same job columns in both; v4 (the fleet's ``processes``), v5 (``jobs.owner``), v6
+#: (the fleet's queue, cross-process cancel) and v7 (the result cache's index) exist here only. ``seq`` stands in for SQLite's rowid: insertion
 #: order, the tie-break of every "oldest/newest first". Never edit a shipped entry: add a new one.
 MIGRATIONS: list[Sequence[str]] = [
     (
@@ -185,6 +187,48 @@ MIGRATIONS: list[Sequence[str]] = [
         "ALTER TABLE jobs ADD COLUMN cancel_requested_at TIMESTAMPTZ",
         "CREATE INDEX jobs_cancel_requested ON jobs (owner) WHERE cancel_requested_at IS NOT NULL",
     ),
+    (
+        # The result cache's index (bot/engine/cache_pg.py; its invariants: bot/engine/cache.py), shared by the
+        # fleet's processes; the blob files stay on the shared DATA_DIR. Times are the cache's clock (TTL and
+        # LRU), as in the SQLite index. ``seq``: insertion order, the tie-break of "least recently used".
+        """
+        CREATE TABLE cache_entries (
+            seq          BIGINT GENERATED ALWAYS AS IDENTITY,
+            key          TEXT PRIMARY KEY,
+            created_at   DOUBLE PRECISION NOT NULL,
+            last_used_at DOUBLE PRECISION NOT NULL,
+            backend      TEXT NOT NULL,
+            model        TEXT,
+            elapsed_s    DOUBLE PRECISION NOT NULL,
+            images       TEXT NOT NULL,
+            total_bytes  BIGINT NOT NULL
+        )
+        """,
+        "CREATE INDEX cache_entries_last_used ON cache_entries (last_used_at, seq)",
+        "CREATE INDEX cache_entries_created ON cache_entries (created_at)",
+        """
+        CREATE TABLE cache_blobs (
+            ref    TEXT PRIMARY KEY,
+            ext    TEXT NOT NULL,
+            format TEXT NOT NULL,
+            width  INTEGER NOT NULL,
+            height INTEGER NOT NULL,
+            size   BIGINT NOT NULL
+        )
+        """,
+        # Which blobs each entry uses; every one has a cache_blobs row (a blob an entry uses cannot be dropped).
+        """
+        CREATE TABLE cache_entry_blobs (
+            key TEXT NOT NULL REFERENCES cache_entries (key) ON DELETE CASCADE,
+            ref TEXT NOT NULL REFERENCES cache_blobs (ref),
+            PRIMARY KEY (key, ref)
+        )
+        """,
+        "CREATE INDEX cache_entry_blobs_ref ON cache_entry_blobs (ref)",
+        # Images of jobs whose result is not posted yet: kept past TTL and size eviction until unpinned.
+        "CREATE TABLE cache_pins (job TEXT NOT NULL, ref TEXT NOT NULL, PRIMARY KEY (job, ref))",
+        "CREATE INDEX cache_pins_ref ON cache_pins (ref)",
+    ),
 ]
 
 #: While the database is away: the first wait before a reconnection try, doubled after each failed one up to
@@ -203,6 +247,9 @@ CLAIM_LOCK_KEY = MIGRATION_LOCK_KEY + 2
 
 #: Held (per session, on the dispatcher's own connection) by the one process that runs the fleet's queue.
 DISPATCH_LOCK_KEY = MIGRATION_LOCK_KEY + 3
+
+#: Held (per transaction) by every writer of the result cache's index: the only ones that may unlink a blob.
+CACHE_LOCK_KEY = MIGRATION_LOCK_KEY + 4
 
 #: The channels of the fleet's wake-ups (payloads are ids only).
 DISPATCH_CHANNEL = "bot_dispatch"  # what waits, or what is held, changed: the dispatcher plans again
@@ -848,6 +895,13 @@ class PgJobStore:
                     "tries": outage.tries,
                 },
             )
+
+    async def run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], *, action: str) -> T:
+        """``work`` on a pooled connection with this store's rules: retried once on a fresh connection when its
+        connection died (so ``work`` must be idempotent: one statement, or one transaction), refused at once
+        while the database is away, and every failure a :class:`StoreError` (``action`` names it). For the
+        result cache's index (bot/engine/cache_pg.py), which keeps its own tables in this database."""
+        return await self._on_connection(work, action)
 
     async def _run(self, sql: str, params: Sequence[Any], *, rows: bool) -> list[Any]:
         """One statement on a pooled connection (its rows when ``rows``)."""

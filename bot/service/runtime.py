@@ -11,6 +11,7 @@ from bot import __version__
 from bot.backends import create_pool
 from bot.engine import Engine
 from bot.engine.cache import ResultCache
+from bot.engine.cache_pg import PgIndex
 from bot.engine.catalog import ModelCatalog
 from bot.engine.manager import JobManager
 from bot.engine.retention import RetentionTask
@@ -42,7 +43,8 @@ async def open_engine(settings: Settings, *, restrict_models: bool = True) -> As
     """Store, cache, HTTP session, backend, manager, model catalog and the retention task, opened in order and
     closed in reverse.
 
-    The store is PostgreSQL when DATABASE_URL is set; the image cache stays in DATA_DIR either way.
+    The store is PostgreSQL when DATABASE_URL is set, and so is the image cache's index (its tables in the same
+    database, shared by a fleet); the image files stay in DATA_DIR/cache either way.
     ``restrict_models=False`` (the operator's command line): any model may be named and no list is fetched.
 
     The manager is shut down with no grace here; callers that want a drain call ``shutdown`` first.
@@ -55,6 +57,7 @@ async def open_engine(settings: Settings, *, restrict_models: bool = True) -> As
             data_dir / "cache",
             ttl_s=settings.cache_ttl_s,
             max_bytes=settings.cache_max_mb * 1024 * 1024,
+            index=PgIndex(store) if isinstance(store, PgJobStore) else None,
         )
         await cache.open()
         try:

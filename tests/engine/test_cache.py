@@ -15,8 +15,11 @@ import pytest
 
 from bot.engine import cache as cache_module
 from bot.engine.cache import ResultCache, cache_key
+from bot.engine.cache_index import SqliteIndex
+from bot.engine.cache_pg import PgIndex
 from bot.engine.images import make_test_png
 from bot.engine.models import GeneratedImage, GenerationResult, ImageRequest
+from bot.engine.store_pg import PgJobStore
 
 
 class Clock:
@@ -29,21 +32,42 @@ class Clock:
 
 OpenCache = Callable[..., Awaitable[ResultCache]]
 
+#: The cache's behaviour is the same on either index: every test that does not name one runs on both.
+INDEXES = ["sqlite", "postgres"]
+sqlite_only = pytest.mark.parametrize("index_kind", ["sqlite"])
+
 
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
 
 
+@pytest.fixture(params=INDEXES)
+def index_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-async def open_cache(tmp_path: Path, clock: Clock) -> AsyncIterator[OpenCache]:
-    """Factory for caches on tmp_path/cache (by default) that closes every cache it opened."""
+async def open_cache(
+    request: pytest.FixtureRequest, index_kind: str, tmp_path: Path, clock: Clock
+) -> AsyncIterator[OpenCache]:
+    """Factory for caches on tmp_path/cache (by default) that closes every cache it opened.
+
+    With PostgreSQL each cache has a store (a pool) of its own on the test's database, as a process would.
+    """
+    url = request.getfixturevalue("pg_url") if index_kind == "postgres" else None
     opened: list[ResultCache] = []
+    stores: list[PgJobStore] = []
 
     async def factory(**kwargs: Any) -> ResultCache:
         options: dict[str, Any] = {"ttl_s": 3600.0, "max_bytes": 10 * 1024 * 1024, "clock": clock}
         options.update(kwargs)
         directory = options.pop("directory", tmp_path / "cache")
+        if url is not None:
+            store = PgJobStore(url)
+            await store.open()
+            stores.append(store)
+            options["index"] = PgIndex(store)
         cache = ResultCache(directory, **options)
         await cache.open()
         opened.append(cache)
@@ -52,6 +76,8 @@ async def open_cache(tmp_path: Path, clock: Clock) -> AsyncIterator[OpenCache]:
     yield factory
     for cache in opened:
         await cache.close()
+    for store in stores:
+        await store.close()
 
 
 def image(color: tuple[int, int, int], size: int = 32, seed: int | None = None) -> GeneratedImage:
@@ -236,7 +262,7 @@ async def test_identical_images_are_stored_once_and_kept_while_referenced(open_c
     assert len(blob_files(cache)) == 2
     assert cache.stats()["bytes"] == len(shared.data) + len(image((8, 8, 8)).data)
     # Dropping k1 keeps the shared blob for k2 and deletes the one only k1 used.
-    cache._guarded(cache._remove_sync, ["k1"], True)
+    await cache.discard(["k1"], [])
     assert [p.name.split(".")[0] for p in blob_files(cache)] == [refs_2[0]]
     hit = await cache.get("k2")
     assert hit is not None and hit.images[0].seed == 3
@@ -288,6 +314,7 @@ async def test_a_missing_blob_is_a_miss(open_cache: OpenCache) -> None:
     assert cache.stats()["entries"] == 0
 
 
+@sqlite_only
 async def test_a_corrupt_index_is_moved_aside_and_the_cache_starts_empty(
     open_cache: OpenCache, tmp_path: Path
 ) -> None:
@@ -305,6 +332,7 @@ async def test_a_corrupt_index_is_moved_aside_and_the_cache_starts_empty(
     assert await second.get("k2") is not None
 
 
+@sqlite_only
 async def test_an_index_corrupted_at_runtime_is_a_miss_not_a_crash(
     open_cache: OpenCache, tmp_path: Path
 ) -> None:
@@ -314,10 +342,12 @@ async def test_an_index_corrupted_at_runtime_is_a_miss_not_a_crash(
     def broken(*args: object) -> None:
         raise sqlite3.DatabaseError("database disk image is malformed")
 
-    cache._load_sync = broken  # type: ignore[method-assign]
+    index = cache.index
+    assert isinstance(index, SqliteIndex)
+    index._load_sync = broken  # type: ignore[method-assign]
     assert await cache.get("k") is None
     assert list((tmp_path / "cache").glob("index.sqlite3.corrupt-*"))
-    del cache._load_sync
+    del index._load_sync
     assert await cache.get("k") is None  # the fresh index is empty
     await cache.put("k", result(image((80, 80, 80))))
     assert await cache.get("k") is not None
@@ -413,21 +443,18 @@ async def test_concurrent_puts_and_gets_stay_consistent(open_cache: OpenCache) -
     assert cache.stats()["entries"] == 8 and len(blob_files(cache)) == 8
 
 
-async def test_a_hit_returns_the_refs_put_returned(tmp_path) -> None:
+async def test_a_hit_returns_the_refs_put_returned(open_cache: OpenCache) -> None:
     """The refs are known when stored: a hit hands them back instead of hashing the images again."""
-    from bot.engine.cache import ResultCache
-    from bot.engine.images import make_test_png
-    from bot.engine.models import GeneratedImage, GenerationResult
-
     images = tuple(GeneratedImage(make_test_png(8, 8, (i, 0, 0)), "PNG", 8, 8, seed=i) for i in range(2))
-    result = GenerationResult(images, backend="b", model=None, elapsed_s=1.0)
-    async with ResultCache(tmp_path / "c", ttl_s=60, max_bytes=10**7) as cache:
-        refs = await cache.put("k", result)
-        hit = await cache.get_with_refs("k")
-        assert hit is not None and hit[1] == refs and hit[0].from_cache
-    async with ResultCache(tmp_path / "c", ttl_s=60, max_bytes=10**7) as reopened:  # from disk, not memory
-        hit = await reopened.get_with_refs("k")
-        assert hit is not None and hit[1] == refs
+    generated = GenerationResult(images, backend="b", model=None, elapsed_s=1.0)
+    cache = await open_cache(ttl_s=60, max_bytes=10**7)
+    refs = await cache.put("k", generated)
+    hit = await cache.get_with_refs("k")
+    assert hit is not None and hit[1] == refs and hit[0].from_cache
+    await cache.close()
+    reopened = await open_cache(ttl_s=60, max_bytes=10**7)  # from disk, not memory
+    hit = await reopened.get_with_refs("k")
+    assert hit is not None and hit[1] == refs
 
 
 # -- pins: images of results not posted yet -----------------------------------------------------------------
@@ -443,7 +470,7 @@ async def test_pinned_images_outlive_ttl_and_size_eviction_until_unpinned(
     clock.now += 150  # past the TTL, and the next put is over the size bound
     await cache.put("newer", result(second))
     assert await cache.get("undelivered") is None  # the entry expired: no more cache hits for it
-    assert cache.pinned_jobs() == {"job-1"}
+    assert await cache.pinned_jobs() == {"job-1"}
     kept = await cache.get_images(refs)  # but its images are still there to post
     assert kept is not None and kept[0].data == first.data
     await cache.close()
@@ -451,7 +478,7 @@ async def test_pinned_images_outlive_ttl_and_size_eviction_until_unpinned(
     reopened = await open_cache(ttl_s=100)  # pins are on disk: a restart still finds the images
     assert (await reopened.get_images(refs)) is not None
     await reopened.unpin("job-1")
-    assert reopened.pinned_jobs() == set()
+    assert await reopened.pinned_jobs() == set()
     assert await reopened.get_images(refs) is None
     assert sha(first.data) not in {p.name.split(".")[0] for p in blob_files(reopened)}
 
@@ -479,6 +506,7 @@ async def test_an_entry_another_process_evicted_is_a_miss_even_from_memory(open_
     assert b.stats()["misses"] == 1
 
 
+@sqlite_only
 async def test_each_operation_waits_for_another_process_holding_the_index_lock(
     open_cache: OpenCache, tmp_path: Path
 ) -> None:
