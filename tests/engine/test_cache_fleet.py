@@ -1,0 +1,270 @@
+"""Two result caches on one directory stand for two processes of a fleet (one DATA_DIR volume); with
+PostgreSQL they also share one database, each with a pool of its own (bot/engine/cache.py's invariants).
+
+The races are made to happen, not hoped for: one process is held inside its index's critical section (a
+callback the index runs there waits on an event) while the other tries to act on the same blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.engine.cache import ResultCache
+from bot.engine.cache_index import BlobRow, EntryRow, Index, UnlinkFiles, WriteFiles
+from bot.engine.cache_pg import PgIndex
+from bot.engine.store_pg import PgJobStore
+from tests.engine.test_cache import INDEXES, Clock, blob_files, image, result, sha
+from tests.fakes.tcp_proxy import TcpProxy
+from tests.helpers import until
+from tests.pg import PgCluster
+
+Fleet = Callable[..., Any]
+
+
+class Held:
+    """A gate a worker thread waits at (inside an index's critical section) until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def wait_here(self) -> None:
+        self.entered.set()
+        assert self.go.wait(20), "never released"
+
+    async def reached(self) -> None:
+        await until(self.entered.is_set, timeout=10)
+
+
+class HoldingIndex:
+    """An index whose ``add`` waits at ``held`` after writing the entry's files, before indexing them."""
+
+    def __init__(self, inner: Index, held: Held) -> None:
+        self.inner = inner
+        self.held = held
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def add(
+        self, entry: EntryRow, blobs: Sequence[BlobRow], write: WriteFiles, unlink: UnlinkFiles
+    ) -> None:
+        def write_then_wait(indexed: set[str]) -> None:
+            write(indexed)
+            self.held.wait_here()
+
+        await self.inner.add(entry, blobs, write_then_wait, unlink)
+
+
+@pytest.fixture(params=INDEXES)
+async def process(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Fleet]:
+    """``await process(hold=None, **options)``: a cache on the shared directory (and database), as a process."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
+    clock = Clock()
+    opened: list[ResultCache] = []
+    stores: list[PgJobStore] = []
+
+    async def factory(hold: Held | None = None, **kwargs: Any) -> ResultCache:
+        options: dict[str, Any] = {"ttl_s": 3600.0, "max_bytes": 10 * 1024 * 1024, "clock": clock}
+        options.update(kwargs)
+        index: Any = None
+        if url is not None:
+            store = PgJobStore(url)
+            await store.open()
+            stores.append(store)
+            index = PgIndex(store)
+        cache = ResultCache(tmp_path / "cache", index=index, **options)
+        if hold is not None:
+            cache.index = HoldingIndex(cache.index, hold)
+        await cache.open()
+        opened.append(cache)
+        return cache
+
+    yield factory
+    for cache in opened:
+        await cache.close()
+    for store in stores:
+        await store.close()
+
+
+async def test_a_put_in_one_process_is_a_hit_in_the_other(process: Fleet) -> None:
+    a, b = await process(), await process()
+    original = result(image((1, 2, 3), seed=4), image((5, 6, 7), seed=8))
+    refs = await a.put("k", original)
+    hit = await b.get_with_refs("k")
+    assert hit is not None and hit[0].images == original.images and hit[1] == refs
+    assert (b.hits, b.misses) == (1, 0)
+    # B's use moved the entry in the shared LRU order: A's size eviction now takes A's own older entry first.
+    assert await b.get_images(refs) is not None
+
+
+def names(cache: ResultCache) -> set[str]:
+    return {p.name.split(".")[0] for p in blob_files(cache)}
+
+
+async def test_a_size_eviction_in_one_process_keeps_the_images_the_other_pins(process: Fleet) -> None:
+    pinned, older, newer = image((9, 0, 0), size=48), image((0, 9, 0), size=48), image((0, 0, 9), size=48)
+    room = max(len(i.data) for i in (pinned, older, newer))
+    a = await process(max_bytes=room * 2 + 1, memory_bytes=0)
+    b = await process(memory_bytes=0)
+    refs = await b.put("b", result(pinned))
+    await b.pin("job-b", refs)
+    await a.put("a-older", result(older))
+    await a.put("a-newer", result(newer))  # over A's bound: B's entry (least recently used) goes first
+    assert (
+        a.evictions == 2 and await b.get("b") is None
+    )  # the entry went, then A's older one (B's blob stays)
+    kept = await b.get_images(refs)
+    assert kept is not None and kept[0].data == pinned.data
+    assert names(a) == {refs[0], sha(newer.data)}
+    assert await a.pinned_jobs() == {"job-b"}
+    await b.unpin("job-b")  # posted: nothing references it any more
+    assert names(a) == {sha(newer.data)}
+
+
+async def test_dropping_an_entry_in_one_process_keeps_a_blob_the_others_entry_uses(process: Fleet) -> None:
+    a, b = await process(memory_bytes=0), await process(memory_bytes=0)
+    refs = await b.put("b", result(image((0, 9, 0))))
+    assert await a.put("a", result(image((0, 9, 0)))) == refs  # the same bytes: one blob, two entries
+    assert await a.discard(["a"], refs) == 0
+    hit = await b.get("b")
+    assert hit is not None and hit.images[0].data == image((0, 9, 0)).data
+    assert await b.discard(["b"], refs) == 1  # the last one lets it go
+    assert names(a) == set()
+
+
+async def test_a_blob_being_indexed_elsewhere_is_not_unlinked_by_an_eviction_here(process: Fleet) -> None:
+    """B puts an image A's entry already has; while B is between writing and indexing, A drops its entry (the
+    blob's last reference, as far as the index knows). A must wait, and B's entry must keep its file."""
+    held = Held()
+    a = await process(memory_bytes=0)
+    b = await process(hold=held, memory_bytes=0)
+    same = image((3, 1, 4), size=40)
+    refs = await a.put("a", result(same))
+    putting = asyncio.create_task(b.put("b", result(image((3, 1, 4), size=40))))
+    try:
+        await held.reached()
+        dropping = asyncio.create_task(a.discard(["a"], refs))
+        await asyncio.sleep(0.3)
+        assert not dropping.done()  # waits for B's critical section
+    finally:
+        held.go.set()
+    assert await putting == refs
+    assert await dropping == 0  # B's entry references the blob now: nothing to delete
+    hit = await b.get("b")  # from disk
+    assert hit is not None and hit.images[0].data == same.data
+    assert [p.name.split(".")[0] for p in blob_files(a)] == refs
+
+
+async def test_a_put_elsewhere_waits_for_an_eviction_here_and_writes_the_blob_again(
+    process: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A has decided a blob is unreferenced and is about to unlink it; B puts the same image meanwhile. B must
+    wait for A, then find the blob gone from the index and write it again."""
+    held = Held()
+    a = await process(memory_bytes=0)
+    b = await process(memory_bytes=0)
+    same = image((2, 7, 1), size=40)
+    refs = await a.put("a", result(same))
+    unlink = a._unlink_sync
+
+    def wait_then_unlink(blobs: list[tuple[str, str]]) -> None:
+        if blobs:
+            held.wait_here()
+        unlink(blobs)
+
+    monkeypatch.setattr(a, "_unlink_sync", wait_then_unlink)
+    dropping = asyncio.create_task(a.discard(["a"], refs))
+    try:
+        await held.reached()
+        putting = asyncio.create_task(b.put("b", result(image((2, 7, 1), size=40))))
+        await asyncio.sleep(0.3)
+        assert not putting.done()
+    finally:
+        held.go.set()
+    assert await dropping == 1
+    assert await putting == refs
+    hit = await b.get("b")  # from disk: the file was written again after A's unlink
+    assert hit is not None and hit.images[0].data == same.data
+    assert await a.get_images(refs) is not None
+
+
+# -- the database going away ----------------------------------------------------------------------------------
+
+
+async def test_while_the_database_is_away_gets_are_misses_with_one_warning_and_nothing_on_disk_is_lost(
+    pg_cluster: PgCluster, pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="bot.engine.cache")
+    async with TcpProxy(pg_cluster.host, pg_cluster.port) as proxy:
+        store = PgJobStore(
+            proxy.url(pg_url), connect_timeout_s=2, reconnect_first_s=0.05, reconnect_max_s=0.2
+        )
+        await store.open()
+        cache = ResultCache(tmp_path / "cache", ttl_s=3600, max_bytes=10**7, index=PgIndex(store))
+        await cache.open()
+        try:
+            refs = await cache.put("in-memory", result(image((1, 1, 1))))
+            await cache.put("on-disk", result(image((2, 2, 2))))
+            cache._forget("on-disk")
+            before = {p: p.read_bytes() for p in blob_files(cache)}
+
+            proxy.cut()
+            assert await cache.get("in-memory") is None  # the index cannot vouch for it: not served
+            assert await cache.get("on-disk") is None
+            late = image((3, 3, 3))
+            assert await cache.put("late", result(late)) == [sha(late.data)]  # refs, but nothing stored
+            assert await cache.get_images(refs) is None
+            await cache.pin("job", refs)
+            await cache.unpin("job")
+            assert await cache.discard(["in-memory"], refs) == 0
+            assert await cache.refs_of(["on-disk"]) == set()
+            assert cache.misses == 2
+            warnings = [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "bot.engine.cache" and r.levelno >= logging.WARNING
+            ]
+            assert len(warnings) == 1 and warnings[0].startswith("result cache index unavailable"), warnings
+            assert {p: p.read_bytes() for p in blob_files(cache)} == before  # nothing written, nothing lost
+
+            proxy.mend()
+            await until(lambda: store.reachable, timeout=15)
+            hit = await cache.get("in-memory")  # the same cache, not reopened
+            assert hit is not None and hit.images[0].data == image((1, 1, 1)).data
+            assert await cache.get("on-disk") is not None
+            await cache.put("late", result(late))
+            assert await cache.get("late") is not None
+            assert "result cache index usable again" in caplog.text
+        finally:
+            await cache.close()
+            await store.close()
+
+
+async def test_a_cache_opened_while_the_database_is_away_works_once_it_is_back(
+    pg_cluster: PgCluster, pg_url: str, tmp_path: Path
+) -> None:
+    async with TcpProxy(pg_cluster.host, pg_cluster.port) as proxy:
+        store = PgJobStore(
+            proxy.url(pg_url), connect_timeout_s=2, reconnect_first_s=0.05, reconnect_max_s=0.2
+        )
+        await store.open()
+        try:
+            proxy.cut()
+            async with ResultCache(
+                tmp_path / "cache", ttl_s=3600, max_bytes=10**7, index=PgIndex(store)
+            ) as cache:
+                assert await cache.get("k") is None
+                proxy.mend()
+                await until(lambda: store.reachable, timeout=15)
+                await cache.put("k", result(image((4, 4, 4))))
+                assert await cache.get("k") is not None
+        finally:
+            await store.close()
