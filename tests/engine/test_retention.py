@@ -9,12 +9,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from bot.engine.cache import ResultCache
+from bot.engine.cache_pg import PgIndex
 from bot.engine.models import GenerationResult, ImageRequest, Job, JobState
 from bot.engine.retention import DAY_S, RetentionTask, delete_job, is_deleted, prune
 from bot.engine.store import JobStore
+from bot.engine.store_pg import PgJobStore
 from bot.service.runtime import open_engine
 from bot.settings import load_settings
 from tests.engine.test_cache import image, result
@@ -24,9 +27,22 @@ NOW = 2_000_000_000.0
 
 @dataclass
 class Data:
-    store: JobStore
+    store: JobStore | PgJobStore
     cache: ResultCache
-    path: Path
+    #: The job store's file, or its database's URL: where :meth:`rows` reads with a connection of its own.
+    location: str
+
+    async def rows(self) -> dict[str, tuple[str, str]]:
+        """What is really in the store: id -> (request JSON, image refs)."""
+        if isinstance(self.store, PgJobStore):
+            conn = await asyncpg.connect(self.location)
+            try:
+                found = await conn.fetch("SELECT id, request, image_refs FROM jobs")
+            finally:
+                await conn.close()
+            return {row[0]: (row[1], row[2]) for row in found}
+        with sqlite3.connect(self.location) as db:
+            return {i: (r, refs) for i, r, refs in db.execute("SELECT id, request, image_refs FROM jobs")}
 
     def blob_files(self) -> set[Path]:
         return {p for p in self.cache.blob_dir.glob("*/*") if p.is_file()}
@@ -55,24 +71,29 @@ class Data:
         return job
 
 
-@pytest.fixture
-async def data(tmp_path: Path) -> AsyncIterator[Data]:
-    store = JobStore(tmp_path / "data" / "bot.sqlite3")
+@pytest.fixture(params=["sqlite", "postgres"])
+async def data(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Data]:
+    """A job store and a cache as the engine pairs them: SQLite and its index file, or PostgreSQL for both."""
+    store: JobStore | PgJobStore
+    index = None
+    if request.param == "postgres":
+        location = request.getfixturevalue("pg_url")
+        store = PgJobStore(location)
+        index = PgIndex(store)
+    else:
+        store = JobStore(tmp_path / "data" / "bot.sqlite3")
+        location = str(store.path)
     # The cache's clock is "now" too, so entries made for 100-day-old jobs have not expired by TTL.
-    cache = ResultCache(tmp_path / "data" / "cache", ttl_s=10**9, max_bytes=10**9, clock=lambda: NOW)
+    cache = ResultCache(
+        tmp_path / "data" / "cache", ttl_s=10**9, max_bytes=10**9, clock=lambda: NOW, index=index
+    )
     await store.open()
     await cache.open()
     try:
-        yield Data(store, cache, store.path)
+        yield Data(store, cache, location)
     finally:
         await cache.close()
         await store.close()
-
-
-def rows(path: Path) -> dict[str, tuple[str, str]]:
-    """What is really in the file, read by a separate connection: id -> (request JSON, image refs)."""
-    with sqlite3.connect(path) as db:
-        return {i: (r, refs) for i, r, refs in db.execute("SELECT id, request, image_refs FROM jobs")}
 
 
 async def test_delete_keeps_only_what_the_quota_needs_and_drops_the_cache_entry(data: Data) -> None:
@@ -85,7 +106,7 @@ async def test_delete_keeps_only_what_the_quota_needs_and_drops_the_cache_entry(
 
     stored = await data.store.get_job(job.id)
     assert stored is not None and is_deleted(stored)
-    request_json, refs_json = rows(data.path)[job.id]
+    request_json, refs_json = (await data.rows())[job.id]
     assert "a red door" not in request_json and "no people" not in request_json and refs_json == "[]"
     assert (stored.message_ref, stored.channel_id, stored.cache_key) == (None, None, None)
     # A deleted image still counts against today's quota: deleting is not a way around it.
@@ -140,7 +161,7 @@ async def test_prune_deletes_old_rows_and_their_unshared_images(data: Data) -> N
     pruned = await prune(data.store, data.cache, before=NOW - 90 * DAY_S, batch=1, pause_s=0)  # steps of one
 
     assert pruned == 2
-    assert set(rows(data.path)) == {recent.id, reuse.id, waiting.id}
+    assert set(await data.rows()) == {recent.id, reuse.id, waiting.id}
     assert await data.cache.get_images(old.image_refs) is None
     assert await data.cache.get_images(reuse.image_refs) is not None
     assert await data.cache.get_images(recent.image_refs) is not None
@@ -159,12 +180,12 @@ async def test_the_retention_task_prunes_at_start_and_then_periodically(data: Da
         async with asyncio.timeout(10):
             while task.pruned < 1:
                 await asyncio.sleep(0.01)
-        assert set(rows(data.path)) == {"444444444444"}
+        assert set(await data.rows()) == {"444444444444"}
         now[0] += 11 * DAY_S  # time passes: the next periodic pass finds the other one
         async with asyncio.timeout(10):
             while task.pruned < 2:
                 await asyncio.sleep(0.01)
-        assert rows(data.path) == {}
+        assert await data.rows() == {}
         assert task.running
     finally:
         await task.stop()
@@ -177,7 +198,7 @@ async def test_zero_days_keeps_history_forever(data: Data) -> None:
     task = RetentionTask(data.store, data.cache, retention_days=0)
     task.start()
     assert not task.running
-    assert len(rows(data.path)) == 1
+    assert len(await data.rows()) == 1
 
 
 async def test_the_engine_runs_the_retention_task_and_stops_it(tmp_path: Path) -> None:
