@@ -45,6 +45,7 @@ the result; unpinning lets the blobs no entry uses go.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -66,11 +67,13 @@ from bot.engine.cache_index import (
     EntryRow,
     Index,
     IndexUnavailable,
+    Lookup,
     SqliteIndex,
+    WriteFiles,
 )
 from bot.engine.models import GeneratedImage, GenerationResult, ImageRequest
 
-__all__ = ["INDEX_NAME", "LOCK_NAME", "ORPHAN_GRACE_S", "ResultCache", "cache_key"]
+__all__ = ["INDEX_NAME", "LOCK_NAME", "ORPHAN_GRACE_S", "Found", "ResultCache", "cache_key"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +145,15 @@ class _BadBlob(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Found:
+    """A lookup's answer: the hit (the result, ``from_cache=True``, and its images' refs), or a miss; a miss may
+    say that another process of the fleet is generating this very request (see :meth:`ResultCache.lookup`)."""
+
+    hit: tuple[GenerationResult, list[str]] | None
+    filling_elsewhere: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class _Entry:
     result: GenerationResult  # as generated (from_cache False)
     created_at: float
@@ -180,6 +192,10 @@ class ResultCache:
         self._usable = False
         #: An index failure was reported: further ones are quiet until an operation works again.
         self._failing = False
+        #: Keys whose fill this process claimed and has not added or released yet.
+        self._claimed: set[str] = set()
+        #: Keys whose fill another process holds and someone here waits for; set when it may be done.
+        self._fills: dict[str, asyncio.Event] = {}
 
     @property
     def enabled(self) -> bool:
@@ -201,7 +217,7 @@ class ResultCache:
             return
         try:
             await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
-            await self.index.open()
+            await self.index.open(self._unlink_sync)
         except (OSError, IndexUnavailable) as exc:
             # The bot works without a cache; say so loudly and carry on.
             log.warning("result cache at %s is unavailable, running without it: %s", self.directory, exc)
@@ -245,12 +261,44 @@ class ResultCache:
 
     async def get_with_refs(self, key: str) -> tuple[GenerationResult, list[str]] | None:
         """Like :meth:`get`, with each image's content ref (known already: no need to hash the bytes again)."""
-        entry = await self._lookup(key) if self.enabled else None
+        return (await self.lookup(key)).hit
+
+    async def lookup(self, key: str, *, claim: bool = False) -> Found:
+        """Like :meth:`get_with_refs`. With ``claim`` (a fleet's process about to generate ``key``), a miss also
+        claims the key's fill for this process, so that the fleet generates it once: unless another process
+        holds the claim, in which case the miss says ``filling_elsewhere`` and the caller may
+        :meth:`wait_for_fill` and look again. The claim ends with :meth:`put` of the key or
+        :meth:`release_fill`; an index serving one process never claims anything."""
+        entry, elsewhere = await self._lookup(key, claim) if self.enabled else (None, False)
         if entry is None:
             self.misses += 1
-            return None
+            return Found(None, elsewhere)
         self.hits += 1
-        return replace(entry.result, from_cache=True), list(entry.refs)
+        return Found((replace(entry.result, from_cache=True), list(entry.refs)))
+
+    async def release_fill(self, key: str) -> None:
+        """This process will not put ``key`` after all: others waiting for it are told (no-op if unclaimed)."""
+        if key in self._claimed:
+            self._claimed.discard(key)
+            await self._call(self.index.release_fill, key)
+
+    def fill_changed(self, key: str) -> None:
+        """Another process put or released ``key`` (a wake-up of the fleet's): those waiting here look again."""
+        event = self._fills.get(key)
+        if event is not None:
+            event.set()
+
+    async def wait_for_fill(self, key: str, at_most_s: float) -> None:
+        """Until :meth:`fill_changed` says ``key`` may be filled, or ``at_most_s`` (wake-ups can be lost)."""
+        event = self._fills.setdefault(key, asyncio.Event())
+        try:
+            async with asyncio.timeout(at_most_s):
+                await event.wait()
+        except TimeoutError:
+            pass
+        finally:
+            if self._fills.get(key) is event:
+                del self._fills[key]  # the next wait starts from a clear event
 
     async def put(self, key: str, result: GenerationResult) -> list[str]:
         """Store ``result`` under ``key``; return each image's content ref (sha256 hex), in order."""
@@ -285,13 +333,12 @@ class ResultCache:
                 if not (ref in indexed and path.exists()):
                     _write_file_atomic_sync(path, image.data)
 
-        async def index_it() -> bool:
-            await self.index.add(entry, list(blobs.values()), write, self._unlink_sync)
-            return True
-
-        if not await self._call(index_it):
-            return refs
-        evicted = await self._enforce_limits(now)
+        added = await self._call(self._add, entry, list(blobs.values()), write)
+        if added is None:
+            return refs  # not indexed (the failure was reported); a claim of its fill stays to be released
+        self._claimed.discard(key)
+        oldest = added[0]
+        evicted = await self._enforce_limits(now, check_expired=oldest is None or self._expired(oldest, now))
         for gone in evicted:
             self._forget(gone)
         if key not in evicted:
@@ -402,36 +449,52 @@ class ResultCache:
         log.log(logging.DEBUG if self._failing else logging.WARNING, message, exc)
         self._failing = True
 
-    async def _lookup(self, key: str) -> _Entry | None:
+    async def _add(self, entry: EntryRow, blobs: list[BlobRow], write: WriteFiles) -> tuple[float | None]:
+        # In a tuple: the index's None (the oldest entry unknown) is not :meth:`_call`'s None (it failed).
+        return (await self.index.add(entry, blobs, write, self._unlink_sync),)
+
+    async def _lookup(self, key: str, claim: bool) -> tuple[_Entry | None, bool]:
+        """The entry (memory first, then the index), and whether another process is filling a missing one."""
         now = self._clock()
         entry = self._memory.get(key)
         if entry is not None:
             if self._expired(entry.created_at, now):
                 self._forget(key)
                 await self._remove([key], count=True)
-                return None
+                return await self._remembered(key, now, claim)
             # Keep the shared LRU order honest for entries served from memory; an entry gone from the index
             # (another process evicted or deleted it) is gone here too, and one the index cannot vouch for is
             # not served.
             touched = await self._call(self.index.touch, key, now)
-            if touched is False:
-                self._forget(key)
-            if not touched:
-                return None
-            self._memory.move_to_end(key)
-            return entry
-        entry = await self._load(key, now)
+            if touched is None:
+                return None, False  # the index cannot vouch for it now
+            if touched:
+                self._memory.move_to_end(key)
+                return entry, False
+            self._forget(key)  # gone from the index: another process evicted or deleted it
+        return await self._remembered(key, now, claim)
+
+    async def _remembered(self, key: str, now: float, claim: bool) -> tuple[_Entry | None, bool]:
+        entry, elsewhere = await self._load(key, now, claim)
         if entry is not None:
             self._remember(key, entry)
-        return entry
+        return entry, elsewhere
 
-    async def _load(self, key: str, now: float) -> _Entry | None:
-        row = await self._call(self.index.load, key)
+    async def _load(self, key: str, now: float, claim: bool) -> tuple[_Entry | None, bool]:
+        claim_after = now - self.ttl_s if claim else None
+        found: Lookup | None = await self._call(
+            functools.partial(self.index.load, key, claim_after=claim_after)
+        )
+        if found is None:
+            return None, False
+        if found.claimed:
+            self._claimed.add(key)
+        row = found.entry
         if row is None:
-            return None
+            return None, found.filling_elsewhere
         if self._expired(row.created_at, now):
             await self._remove([key], count=True)
-            return None
+            return None, False
         try:
             items = [
                 (item["ref"], item["format"], item["width"], item["height"], item.get("seed"))
@@ -440,26 +503,27 @@ class ResultCache:
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("result cache entry %s is unreadable (%s); dropping it", key[:12], exc)
             await self._remove([key], count=False)
-            return None
+            return None, False
         try:
             datas = await asyncio.to_thread(
                 self._read_all_sync, [(ref, _extension(fmt)) for ref, fmt, *_ in items]
             )
         except _BadBlob as bad:
             await self._drop_blob(bad)
-            return None
+            return None, False
         except OSError as exc:
             self._report("result cache file error, treating as a miss: %s", exc)
-            return None
+            return None, False
         # Read without the lock: another process may have removed the entry meanwhile.
         if not await self._call(self.index.touch, key, now):
-            return None
+            return None, False
         images = tuple(
             GeneratedImage(data, fmt, width, height, seed)
             for data, (_, fmt, width, height, seed) in zip(datas, items, strict=True)
         )
         result = GenerationResult(images, row.backend, row.model, row.elapsed_s)
-        return _Entry(result, row.created_at, sum(len(data) for data in datas), [item[0] for item in items])
+        refs = [item[0] for item in items]
+        return _Entry(result, row.created_at, sum(len(data) for data in datas), refs), False
 
     async def _remove(self, keys: list[str], *, count: bool) -> list[str]:
         """Drop entries (eviction when ``count``) and the blobs nothing else references; the keys dropped."""
@@ -471,10 +535,10 @@ class ResultCache:
             self.evictions += len(removed)
         return removed
 
-    async def _enforce_limits(self, now: float) -> list[str]:
+    async def _enforce_limits(self, now: float, *, check_expired: bool = True) -> list[str]:
         """Expired entries go, then the least recently used until the blobs fit ``max_bytes``."""
         evicted: list[str] = []
-        expired = await self._call(self.index.expired, now - self.ttl_s)
+        expired = await self._call(self.index.expired, now - self.ttl_s) if check_expired else None
         if expired:
             evicted += await self._remove(expired, count=True)
         while (excess := self.index.totals.bytes - self.max_bytes) > 0:

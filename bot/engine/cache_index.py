@@ -69,6 +69,18 @@ class EntryRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Lookup:
+    """What the index knows of a key: its entry, if any, and whether another process is filling it."""
+
+    entry: EntryRow | None
+    #: Another live process of the fleet claimed this key's fill (it is generating the result): rather than
+    #: generate it again, wait for its put (:meth:`Index.load` with ``claim_after``).
+    filling_elsewhere: bool = False
+    #: This process holds the key's fill claim now (it claimed it, or held it already).
+    claimed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Totals:
     entries: int = 0
     bytes: int = 0
@@ -89,21 +101,33 @@ class Index(Protocol):
     #: Entries and the bytes of every indexed blob, as of this index's latest write (or :meth:`open`).
     totals: Totals
 
-    async def open(self) -> None:
-        """Ready the index; raise ``OSError`` or :class:`IndexUnavailable` when the cache cannot be used."""
+    async def open(self, unlink: UnlinkFiles) -> None:
+        """Ready the index; raise ``OSError`` or :class:`IndexUnavailable` when the cache cannot be used.
+        ``unlink``: for blobs found unreferenced on the way."""
 
     async def close(self) -> None: ...
 
-    async def load(self, key: str) -> EntryRow | None: ...
+    async def load(self, key: str, *, claim_after: float | None = None) -> Lookup:
+        """The entry for ``key``. With ``claim_after`` (a fleet, where processes share the index): when there
+        is no entry created after it, also claim the key's *fill* for this process, unless another live
+        process holds that claim (``filling_elsewhere``). A claim ends with this process's :meth:`add` of the
+        key, its :meth:`release_fill`, or its death. Indexes that serve one process ignore ``claim_after``."""
+
+    async def release_fill(self, key: str) -> None:
+        """This process will not add ``key`` after all (its generation failed or was stopped): processes waiting
+        for the fill are told, and the next to look claims it."""
 
     async def touch(self, key: str, now: float) -> bool:
         """Mark the entry used; False when there is no such entry (any more)."""
 
     async def add(
         self, entry: EntryRow, blobs: Sequence[BlobRow], write: WriteFiles, unlink: UnlinkFiles
-    ) -> None:
-        """Under the lock: ``write`` the entry's files, index the entry (replacing one with its key), and
-        ``unlink`` the files of the replaced entry's blobs nothing references any more."""
+    ) -> float | None:
+        """``write`` the entry's files, index the entry (replacing one with its key), ``unlink`` the files of the
+        replaced entry's blobs nothing references any more, and end this process's claim of the key's fill.
+        No file the entry uses is missing when this returns. Returns the creation time of the oldest entry when
+        that is cheap to know (None: ask :meth:`expired`), so that a put checks for expired entries only when
+        there may be some."""
 
     async def remove(
         self, keys: Sequence[str], refs: Collection[str], keep: Collection[str], unlink: UnlinkFiles
@@ -196,7 +220,7 @@ class SqliteIndex:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, unlink: UnlinkFiles) -> None:
         try:
             await asyncio.to_thread(self._open_sync)
         except sqlite3.Error as exc:
@@ -338,16 +362,21 @@ class SqliteIndex:
 
     # -- the protocol ------------------------------------------------------------------------------------------
 
-    async def load(self, key: str) -> EntryRow | None:
-        return await self._call(self._load_sync, key)
+    async def load(self, key: str, *, claim_after: float | None = None) -> Lookup:
+        # One process (or several on one directory, each generating its own): no fills to claim.
+        return Lookup(await self._call(self._load_sync, key))
+
+    async def release_fill(self, key: str) -> None:
+        """Nothing was claimed."""
 
     async def touch(self, key: str, now: float) -> bool:
         return await self._call(self._touch_sync, key, now)
 
     async def add(
         self, entry: EntryRow, blobs: Sequence[BlobRow], write: WriteFiles, unlink: UnlinkFiles
-    ) -> None:
+    ) -> float | None:
         await self._call(self._add_sync, entry, list(blobs), write, unlink)
+        return None  # asking a local file what expired is cheap
 
     async def remove(
         self, keys: Sequence[str], refs: Collection[str], keep: Collection[str], unlink: UnlinkFiles

@@ -228,6 +228,26 @@ MIGRATIONS: list[Sequence[str]] = [
         # Images of jobs whose result is not posted yet: kept past TTL and size eviction until unpinned.
         "CREATE TABLE cache_pins (job TEXT NOT NULL, ref TEXT NOT NULL, PRIMARY KEY (job, ref))",
         "CREATE INDEX cache_pins_ref ON cache_pins (ref)",
+        # The index's size, kept by every write in the statement that changes it: reading it costs nothing
+        # however many entries there are.
+        """
+        CREATE TABLE cache_totals (
+            one     BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+            entries BIGINT NOT NULL,
+            bytes   BIGINT NOT NULL
+        )
+        """,
+        "INSERT INTO cache_totals (entries, bytes) VALUES (0, 0)",
+        # Who is generating a key right now (a ``processes`` id): identical requests in other processes wait for
+        # its put instead of generating it again. ``waiters``: someone waits, so the put or release NOTIFYs.
+        """
+        CREATE TABLE cache_fills (
+            key     TEXT PRIMARY KEY,
+            owner   TEXT NOT NULL,
+            since   TIMESTAMPTZ NOT NULL DEFAULT now(),
+            waiters BOOLEAN NOT NULL DEFAULT false
+        )
+        """,
     ),
 ]
 
@@ -255,6 +275,7 @@ CACHE_LOCK_KEY = MIGRATION_LOCK_KEY + 4
 DISPATCH_CHANNEL = "bot_dispatch"  # what waits, or what is held, changed: the dispatcher plans again
 GRANT_CHANNEL = "bot_grant"  # payload: the process granted slots
 CANCEL_CHANNEL = "bot_cancel"  # payload: the job to cancel
+FILL_CHANNEL = "bot_fill"  # payload: a cache key another process put or gave up (bot/engine/cache_pg.py)
 
 #: How long a silent process counts as alive when this store was not told the fleet's LEASE_TTL_S.
 DEFAULT_LEASE_TTL_S = 30.0

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from bot.engine.cache import ResultCache
 from bot.engine.cache_index import BlobRow, EntryRow, Index, UnlinkFiles, WriteFiles
 from bot.engine.cache_pg import PgIndex
-from bot.engine.store_pg import PgJobStore
+from bot.engine.store_pg import FILL_CHANNEL, FleetProcess, PgJobStore
 from tests.engine.test_cache import INDEXES, Clock, blob_files, image, result, sha
 from tests.fakes.tcp_proxy import TcpProxy
 from tests.helpers import until
@@ -58,15 +60,21 @@ class HoldingIndex:
     ) -> None:
         def write_then_wait(indexed: set[str]) -> None:
             write(indexed)
-            self.held.wait_here()
+            if not self.held.entered.is_set():  # the first write only (PostgreSQL's put looks again after)
+                self.held.wait_here()
 
         await self.inner.add(entry, blobs, write_then_wait, unlink)
 
 
 @pytest.fixture(params=INDEXES)
-async def process(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Fleet]:
+def index_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def process(request: pytest.FixtureRequest, index_kind: str, tmp_path: Path) -> AsyncIterator[Fleet]:
     """``await process(hold=None, **options)``: a cache on the shared directory (and database), as a process."""
-    url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
+    url = request.getfixturevalue("pg_url") if index_kind == "postgres" else None
     clock = Clock()
     opened: list[ResultCache] = []
     stores: list[PgJobStore] = []
@@ -140,9 +148,13 @@ async def test_dropping_an_entry_in_one_process_keeps_a_blob_the_others_entry_us
     assert names(a) == set()
 
 
-async def test_a_blob_being_indexed_elsewhere_is_not_unlinked_by_an_eviction_here(process: Fleet) -> None:
+async def test_a_blob_being_indexed_elsewhere_keeps_its_file_when_an_eviction_here_takes_it(
+    process: Fleet, index_kind: str
+) -> None:
     """B puts an image A's entry already has; while B is between writing and indexing, A drops its entry (the
-    blob's last reference, as far as the index knows). A must wait, and B's entry must keep its file."""
+    blob's last reference, as far as the index knows). SQLite: A waits for B's critical section (``flock``).
+    PostgreSQL: B holds no lock while it writes, so A unlinks the file; B's put, indexing it after, finds it
+    missing and writes it again. Either way B's entry ends with its file."""
     held = Held()
     a = await process(memory_bytes=0)
     b = await process(hold=held, memory_bytes=0)
@@ -152,15 +164,21 @@ async def test_a_blob_being_indexed_elsewhere_is_not_unlinked_by_an_eviction_her
     try:
         await held.reached()
         dropping = asyncio.create_task(a.discard(["a"], refs))
-        await asyncio.sleep(0.3)
-        assert not dropping.done()  # waits for B's critical section
+        if index_kind == "sqlite":
+            await asyncio.sleep(0.3)
+            assert not dropping.done()  # waits for B's critical section
+        else:
+            assert await dropping == 1  # nothing references it yet: its row and file go
+            assert names(a) == set()
     finally:
         held.go.set()
     assert await putting == refs
-    assert await dropping == 0  # B's entry references the blob now: nothing to delete
+    if index_kind == "sqlite":
+        assert await dropping == 0  # B's entry references the blob now: nothing to delete
     hit = await b.get("b")  # from disk
     assert hit is not None and hit.images[0].data == same.data
     assert [p.name.split(".")[0] for p in blob_files(a)] == refs
+    assert await a.get_images(refs) is not None  # its blob row is back too
 
 
 async def test_a_put_elsewhere_waits_for_an_eviction_here_and_writes_the_blob_again(
@@ -268,3 +286,178 @@ async def test_a_cache_opened_while_the_database_is_away_works_once_it_is_back(
                 assert await cache.get("k") is not None
         finally:
             await store.close()
+
+
+# -- fills: identical requests in two processes, one generation ------------------------------------------------
+
+
+class Member:
+    """A fleet process's cache: its own store (a pool) joined to the fleet as a live ``processes`` row."""
+
+    def __init__(self, name: str, store: PgJobStore, cache: ResultCache) -> None:
+        self.name = name
+        self.store = store
+        self.cache = cache
+
+
+@pytest.fixture
+async def member(pg_url: str, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    opened: list[Member] = []
+
+    async def factory(name: str, shard: int, **kwargs: Any) -> Member:
+        store = PgJobStore(pg_url)
+        await store.open()
+        me = FleetProcess(f"{name}-process", "host", shard, 2, (shard,))
+        assert await store.register_process(me, ttl_s=FILL_TTL) is None
+        store.join_fleet(me.id, ttl_s=FILL_TTL)
+        options: dict[str, Any] = {"ttl_s": 3600.0, "max_bytes": 10 * 1024 * 1024, "memory_bytes": 0}
+        options.update(kwargs)
+        cache = ResultCache(tmp_path / "cache", index=PgIndex(store), **options)
+        await cache.open()
+        opened.append(Member(name, store, cache))
+        return opened[-1]
+
+    yield factory
+    for one in opened:
+        await one.cache.close()
+        await one.store.close()
+
+
+FILL_TTL = 30.0
+
+
+class Heard:
+    """``LISTEN bot_fill`` on a connection of the test's own: the keys the fleet was told about."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    async def listen(self, url: str) -> Heard:
+        self.conn = await asyncpg.connect(url)
+        await self.conn.add_listener(FILL_CHANNEL, lambda _c, _p, _ch, payload: self.keys.append(payload))
+        return self
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+@pytest.fixture
+async def heard(pg_url: str) -> AsyncIterator[Heard]:
+    listening = await Heard().listen(pg_url)
+    yield listening
+    await listening.close()
+
+
+async def test_a_miss_claims_the_fill_and_the_same_request_elsewhere_waits_for_its_put(
+    member: Callable[..., Any], heard: Heard
+) -> None:
+    a, b = await member("a", 0), await member("b", 1)
+    first = await a.cache.lookup("k", claim=True)
+    assert first.hit is None and not first.filling_elsewhere  # A generates it
+    again = await a.cache.lookup("k", claim=True)
+    assert again.hit is None and not again.filling_elsewhere  # A's own second job joins A's own generation
+    waiting = await b.cache.lookup("k", claim=True)
+    assert waiting.hit is None and waiting.filling_elsewhere  # B waits instead of generating it again
+    assert heard.keys == []
+
+    made = result(image((8, 1, 8), seed=3))
+    await a.cache.put("k", made)
+    await until(lambda: heard.keys == ["k"], timeout=5)  # B is woken (someone waited: the put says so)
+    served = await b.cache.lookup("k", claim=True)
+    assert served.hit is not None and served.hit[0].images == made.images and served.hit[0].from_cache
+    # The claim ended with the put: the next miss of the key (after a fresh reroll dropped it) claims again.
+    await a.cache.discard(["k"], served.hit[1])
+    assert not (await b.cache.lookup("k", claim=True)).filling_elsewhere
+
+
+async def test_a_put_nobody_waited_for_wakes_nobody(member: Callable[..., Any], heard: Heard) -> None:
+    a = await member("a", 0)
+    assert not (await a.cache.lookup("k", claim=True)).filling_elsewhere
+    await a.cache.put("k", result(image((1, 8, 1))))
+    await a.cache.lookup("other", claim=True)
+    await a.cache.release_fill("other")
+    await asyncio.sleep(0.3)
+    assert heard.keys == []
+
+
+async def test_a_released_fill_wakes_the_waiters_and_the_next_look_claims_it(
+    member: Callable[..., Any], heard: Heard
+) -> None:
+    a, b = await member("a", 0), await member("b", 1)
+    await a.cache.lookup("k", claim=True)
+    assert (await b.cache.lookup("k", claim=True)).filling_elsewhere
+    await a.cache.release_fill("k")  # A's generation failed: B must not wait for a put that never comes
+    await until(lambda: heard.keys == ["k"], timeout=5)
+    assert not (await b.cache.lookup("k", claim=True)).filling_elsewhere  # B generates it now
+    assert (await a.cache.lookup("k", claim=True)).filling_elsewhere  # and A's next identical job waits for B
+
+
+async def test_the_fill_of_a_dead_process_is_taken_over(member: Callable[..., Any], pg_url: str) -> None:
+    a, b = await member("a", 0), await member("b", 1)
+    await a.cache.lookup("k", claim=True)
+    assert (await b.cache.lookup("k", claim=True)).filling_elsewhere
+    conn = await asyncpg.connect(pg_url)
+    try:  # A stops heartbeating (SIGKILL): its row goes stale
+        await conn.execute(
+            "UPDATE processes SET heartbeat_at = now() - interval '1 hour' WHERE id = $1", a.store.owner
+        )
+    finally:
+        await conn.close()
+    taken = await b.cache.lookup("k", claim=True)
+    assert taken.hit is None and not taken.filling_elsewhere
+
+
+async def test_without_a_fleet_or_without_claim_nothing_is_claimed(
+    member: Callable[..., Any], pg_url: str, tmp_path: Path
+) -> None:
+    a = await member("a", 0)
+    await a.cache.lookup("k")  # no claim asked (a fresh reroll, a followed-up generation)
+    store = PgJobStore(pg_url)  # a store that joined no fleet (the command line)
+    await store.open()
+    try:
+        async with ResultCache(tmp_path / "cache", ttl_s=3600, max_bytes=10**7, index=PgIndex(store)) as solo:
+            assert not (await solo.lookup("k", claim=True)).filling_elsewhere
+    finally:
+        await store.close()
+    b = await member("b", 1)
+    assert not (await b.cache.lookup("k", claim=True)).filling_elsewhere
+
+
+async def test_the_totals_stay_exact_across_two_processes(member: Callable[..., Any], pg_url: str) -> None:
+    """Every write keeps the totals row by what it changed; it must always equal a recount."""
+    rng = random.Random(11)
+    a = await member("a", 0, max_bytes=400)
+    b = await member("b", 1, max_bytes=400)
+    colours = [(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(12)]
+    conn = await asyncpg.connect(pg_url)
+    try:
+        for step in range(80):
+            one = rng.choice([a, b])
+            key = f"k{rng.randrange(16)}"
+            action = rng.randrange(5)
+            if action <= 1:
+                await one.cache.put(key, result(image(rng.choice(colours), size=24)))
+            elif action == 2:
+                refs = await one.cache.refs_of([key])
+                await one.cache.discard([key], refs)
+            elif action == 3:
+                hit = await one.cache.get_with_refs(key)
+                if hit is not None:
+                    await one.cache.pin(f"job{step}", hit[1])
+            else:
+                for job in await one.cache.pinned_jobs():
+                    await one.cache.unpin(job)
+            recount = await conn.fetchrow(
+                "SELECT (SELECT count(*) FROM cache_entries) AS entries, "
+                "(SELECT COALESCE(sum(size), 0) FROM cache_blobs) AS bytes"
+            )
+            row = await conn.fetchrow("SELECT entries, bytes FROM cache_totals")
+            assert (row["entries"], row["bytes"]) == (recount["entries"], recount["bytes"]), step
+            if action <= 2:  # a write: the writer's totals are the fleet's as of its statement
+                assert (one.cache.index.totals.entries, one.cache.index.totals.bytes) == tuple(row), step
+            files = names(one.cache)
+            indexed = {r[0] for r in await conn.fetch("SELECT ref FROM cache_blobs")}
+            assert files == indexed, step  # no hole, no orphan
+        assert a.cache.evictions + b.cache.evictions > 0  # the size bound was met along the way
+    finally:
+        await conn.close()
