@@ -401,7 +401,9 @@ class PgIndex:
             self._lock_timeout,
             CACHE_LOCK_KEY,
         )
-        if self.store.outage is not None:  # known away: no files to leave as orphans for a put that cannot land
+        if (
+            self.store.outage is not None
+        ):  # known away: no files to leave as orphans for a put that cannot land
             raise IndexUnavailable(f"the database is away: {self.store.outage.error}")
         present = set(refs)  # write() skips a ref in this set whose file exists: it writes the missing ones
         await asyncio.to_thread(write, present)

@@ -52,6 +52,7 @@ from bot.engine.store import StoreError
 from bot.engine.store_pg import (
     CANCEL_CHANNEL,
     DISPATCH_CHANNEL,
+    FILL_CHANNEL,
     GRANT_CHANNEL,
     FleetConnection,
     PgJobStore,
@@ -172,6 +173,7 @@ class FleetQueue:
                     DISPATCH_CHANNEL: lambda _: self._dispatch_wanted.set(),
                     GRANT_CHANNEL: self._heard_grant,
                     CANCEL_CHANNEL: self._heard_cancel,
+                    FILL_CHANNEL: self._heard_fill,
                 }
             )
         except StoreError as exc:
@@ -186,6 +188,11 @@ class FleetQueue:
     def _heard_grant(self, owner: str) -> None:
         if owner == self.store.owner:
             self._poll_wanted.set()
+
+    def _heard_fill(self, key: str) -> None:
+        """Another process put (or gave up) a result jobs here may be waiting for."""
+        if self.manager.cache is not None:
+            self.manager.cache.fill_changed(key)
 
     def _heard_cancel(self, job_id: str) -> None:
         if self.manager.get(job_id) is not None:

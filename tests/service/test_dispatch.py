@@ -12,9 +12,12 @@ import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 
+from bot.engine.cache import ResultCache
+from bot.engine.cache_pg import PgIndex
 from bot.engine.manager import JobManager
 from bot.engine.models import JobState
 from bot.engine.store_pg import FleetProcess, PgJobStore
@@ -39,8 +42,16 @@ class Member:
 
 @contextlib.asynccontextmanager
 async def member(
-    pg_url: str, name: str, shard: int, backend: ControlledBackend, **kw: object
+    pg_url: str,
+    name: str,
+    shard: int,
+    backend: ControlledBackend,
+    *,
+    cache_dir: Path | None = None,
+    **kw: object,
 ) -> AsyncIterator[Member]:
+    """A fleet member; with ``cache_dir`` (one directory for every member: the shared volume) a result cache
+    indexed in the database, as the bot's processes have."""
     store = PgJobStore(pg_url, max_size=4)
     await store.open()
     lease = ProcessLease(store, FleetProcess(f"{name}-{id(store)}", "host", shard, 2, (shard,)), ttl_s=TTL)
@@ -48,6 +59,11 @@ async def member(
     store.join_fleet(lease.me.id, ttl_s=TTL)
     options: dict[str, object] = {"backend_concurrency": CAPACITY, "guild_concurrency": 1}
     options.update(kw)
+    cache = None
+    if cache_dir is not None:
+        cache = ResultCache(cache_dir, ttl_s=3600, max_bytes=10**8, index=PgIndex(store))
+        await cache.open()
+        options["cache"] = cache
     manager = make_manager(backend, store=store, **options)
     queue = FleetQueue(store, manager, ttl_s=TTL).install()
     await queue.start()
@@ -56,6 +72,8 @@ async def member(
     finally:
         await manager.shutdown(0)
         await queue.close()
+        if cache is not None:
+            await cache.close()
         await lease.close()
         await store.close()
 
@@ -173,3 +191,52 @@ async def test_a_cancel_pressed_in_one_process_stops_a_job_running_in_the_other(
         assert job.state is JobState.CANCELLED and backend.calls[0].cancelled
         assert job.error_message == "Cancelled by a moderator."
         assert await b.store.request_cancel(job.id, by="again") is None  # finished: nothing to cancel
+
+
+# -- identical requests in two processes: one generation ----------------------------------------------------------
+
+
+async def test_an_identical_request_in_the_other_process_waits_for_the_generation_and_shares_it(
+    pg_url: str, tmp_path: Path
+) -> None:
+    backend = ControlledBackend()
+    async with (
+        member(pg_url, "a", 0, backend, cache_dir=tmp_path / "cache") as a,
+        member(pg_url, "b", 1, backend, cache_dir=tmp_path / "cache") as b,
+    ):
+        first = await a.manager.submit(req("g2:a lighthouse at dusk"), guild_id=2, user_id=1)
+        await backend.wait_calls(1, timeout=8)
+        second = await b.manager.submit(
+            req("g2:a lighthouse  at dusk"), guild_id=3, user_id=7
+        )  # same, normalised
+        await asyncio.sleep(1.0)  # time enough for B to have asked for a slot and started, were it generating
+        assert len(backend.calls) == 1 and second.state is JobState.QUEUED
+        backend.release_all()
+        await a.manager.wait(first.id)
+        await b.manager.wait(second.id)
+        assert (first.state, second.state) == (JobState.SUCCEEDED, JobState.SUCCEEDED)
+        assert first.result is not None and second.result is not None
+        assert second.result.images[0].data == first.result.images[0].data and second.from_cache
+        assert second.image_refs == first.image_refs
+        assert len(backend.calls) == 1  # the backend was paid once for both
+
+
+async def test_when_the_generation_elsewhere_is_cancelled_the_waiting_job_generates_it_itself(
+    pg_url: str, tmp_path: Path
+) -> None:
+    backend = ControlledBackend()
+    async with (
+        member(pg_url, "a", 0, backend, cache_dir=tmp_path / "cache") as a,
+        member(pg_url, "b", 1, backend, cache_dir=tmp_path / "cache") as b,
+    ):
+        first = await a.manager.submit(req("g2:an owl in snow"), guild_id=2, user_id=1)
+        await backend.wait_calls(1, timeout=8)
+        second = await b.manager.submit(req("g2:an owl in snow"), guild_id=3, user_id=7)
+        await asyncio.sleep(0.5)
+        assert len(backend.calls) == 1
+        await a.manager.cancel(first.id, by="its author")
+        assert first.state is JobState.CANCELLED
+        await backend.wait_calls(2, timeout=8)  # B no longer waits for a put that will not come: it generates
+        backend.release_all()
+        await b.manager.wait(second.id)
+        assert second.state is JobState.SUCCEEDED and not second.from_cache
