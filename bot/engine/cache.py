@@ -55,7 +55,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -153,6 +153,14 @@ class Found:
     filling_elsewhere: bool = False
 
 
+@dataclass(slots=True)
+class _Waiting:
+    """Jobs here waiting for another process's fill of one key; ``event`` is set when it may be done."""
+
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    count: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
     result: GenerationResult  # as generated (from_cache False)
@@ -194,8 +202,8 @@ class ResultCache:
         self._failing = False
         #: Keys whose fill this process claimed and has not added or released yet.
         self._claimed: set[str] = set()
-        #: Keys whose fill another process holds and someone here waits for; set when it may be done.
-        self._fills: dict[str, asyncio.Event] = {}
+        #: Keys whose fill another process holds and someone here waits for.
+        self._fills: dict[str, _Waiting] = {}
 
     @property
     def enabled(self) -> bool:
@@ -284,20 +292,24 @@ class ResultCache:
 
     def fill_changed(self, key: str) -> None:
         """Another process put or released ``key`` (a wake-up of the fleet's): those waiting here look again."""
-        event = self._fills.get(key)
-        if event is not None:
-            event.set()
+        waiting = self._fills.get(key)
+        if waiting is not None:
+            waiting.event.set()
 
     async def wait_for_fill(self, key: str, at_most_s: float) -> None:
         """Until :meth:`fill_changed` says ``key`` may be filled, or ``at_most_s`` (wake-ups can be lost)."""
-        event = self._fills.setdefault(key, asyncio.Event())
+        waiting = self._fills.get(key)
+        if waiting is None:
+            waiting = self._fills[key] = _Waiting()
+        waiting.count += 1
         try:
             async with asyncio.timeout(at_most_s):
-                await event.wait()
+                await waiting.event.wait()
         except TimeoutError:
             pass
         finally:
-            if self._fills.get(key) is event:
+            waiting.count -= 1
+            if not waiting.count and self._fills.get(key) is waiting:
                 del self._fills[key]  # the next wait starts from a clear event
 
     async def put(self, key: str, result: GenerationResult) -> list[str]:
@@ -434,7 +446,7 @@ class ResultCache:
         try:
             value = await operation(*args)
         except IndexUnavailable as exc:
-            self._report("result cache index unavailable, treating as a miss: %s", exc)
+            self._report("result cache index unavailable, treating as a miss: %s", exc, quiet=exc.reported)
             return None
         except OSError as exc:
             self._report("result cache file error, treating as a miss: %s", exc)
@@ -444,9 +456,10 @@ class ResultCache:
             log.info("result cache index usable again")
         return value
 
-    def _report(self, message: str, exc: BaseException) -> None:
-        """The first failure of a run of them is a warning; the rest, until one call works, are debug lines."""
-        log.log(logging.DEBUG if self._failing else logging.WARNING, message, exc)
+    def _report(self, message: str, exc: BaseException, *, quiet: bool = False) -> None:
+        """The first failure of a run of them is a warning (unless ``quiet``: reported where it happened); the
+        rest, until one call works, are debug lines."""
+        log.log(logging.DEBUG if self._failing or quiet else logging.WARNING, message, exc)
         self._failing = True
 
     async def _add(self, entry: EntryRow, blobs: list[BlobRow], write: WriteFiles) -> tuple[float | None]:

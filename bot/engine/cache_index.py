@@ -40,7 +40,14 @@ LOCK_NAME = "index.lock"
 
 
 class IndexUnavailable(Exception):
-    """The index cannot answer now (a database away, a file error, a corrupt index): a miss, not an error."""
+    """The index cannot answer now (a database away, a file error, a corrupt index): a miss, not an error.
+
+    ``reported``: its cause has been logged already where it happened (the job store's one line for a
+    database outage), so the cache does not warn about it again."""
+
+    def __init__(self, message: str, *, reported: bool = False) -> None:
+        super().__init__(message)
+        self.reported = reported
 
 
 @dataclass(frozen=True, slots=True)

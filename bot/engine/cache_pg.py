@@ -267,7 +267,13 @@ class PgIndex:
         try:
             return await self.store.run(work, action="use the result cache's index in")
         except StoreError as exc:
-            raise IndexUnavailable(exc.message) from None
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: StoreError) -> IndexUnavailable:
+        # The store logs an outage once (and its end); the cache need not say it again.
+        return IndexUnavailable(
+            exc.message, reported=self.store.outage is not None and self.store.report_outages
+        )
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
         return await self._read(lambda conn: conn.fetch(sql, *args))
@@ -300,7 +306,7 @@ class PgIndex:
         except StoreError as exc:
             if failures:
                 raise failures[-1] from None
-            raise IndexUnavailable(exc.message) from None
+            raise self._unavailable(exc) from None
 
     async def _drop_blobs(
         self,
@@ -404,7 +410,7 @@ class PgIndex:
         if (
             self.store.outage is not None
         ):  # known away: no files to leave as orphans for a put that cannot land
-            raise IndexUnavailable(f"the database is away: {self.store.outage.error}")
+            raise IndexUnavailable(f"the database is away: {self.store.outage.error}", reported=True)
         present = set(refs)  # write() skips a ref in this set whose file exists: it writes the missing ones
         await asyncio.to_thread(write, present)
         row = await self._fetchrow(_PUT, *params)

@@ -7,6 +7,7 @@ import hashlib
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -526,3 +527,21 @@ async def test_each_operation_waits_for_another_process_holding_the_index_lock(
     finally:
         os.close(other)
     assert await cache.get("p" * 64) is not None
+
+
+async def test_a_fill_changed_wakes_every_waiter_for_its_key_and_only_them(tmp_path: Path) -> None:
+    cache = ResultCache(tmp_path / "cache", ttl_s=3600, max_bytes=10**6)
+    waiters = [asyncio.create_task(cache.wait_for_fill("k", 30)) for _ in range(2)]
+    other = asyncio.create_task(cache.wait_for_fill("other", 30))
+    await asyncio.sleep(0.05)
+    cache.fill_changed("k")
+    async with asyncio.timeout(5):
+        await asyncio.gather(*waiters)
+    await asyncio.sleep(0.05)
+    assert not other.done()
+    other.cancel()
+    # Nothing heard: the wait ends by itself (a wake-up can be lost), and starts from a clear event.
+    began = time.monotonic()
+    async with asyncio.timeout(5):
+        await cache.wait_for_fill("k", 0.2)
+    assert time.monotonic() - began >= 0.15  # not woken by the earlier fill_changed

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from bot.engine.cache import Found
 from bot.engine.errors import FailureReason, GenerationError, RequestRejected, ShuttingDown
 from bot.engine.manager import JobEvent
 from bot.engine.models import ImageRequest, Job, JobState
@@ -455,12 +456,15 @@ class RecordingCache:
     def __init__(self) -> None:
         self.puts: list[str] = []
 
-    async def get_with_refs(self, key: str):
-        return None
+    async def lookup(self, key: str, *, claim: bool = False) -> Found:
+        return Found(None)
 
     async def put(self, key: str, result) -> list[str]:
         self.puts.append(key)
         return [f"ref-{len(self.puts)}"]
+
+    async def release_fill(self, key: str) -> None:
+        raise AssertionError("nothing was claimed outside a fleet")
 
 
 async def test_a_shared_generation_is_stored_once_and_every_job_gets_its_refs(closing) -> None:

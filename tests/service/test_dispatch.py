@@ -240,3 +240,21 @@ async def test_when_the_generation_elsewhere_is_cancelled_the_waiting_job_genera
         backend.release_all()
         await b.manager.wait(second.id)
         assert second.state is JobState.SUCCEEDED and not second.from_cache
+
+
+async def test_waiting_for_a_generation_elsewhere_ends_at_the_queue_timeout(
+    pg_url: str, tmp_path: Path
+) -> None:
+    backend = ControlledBackend()  # A's generation never ends while the test runs
+    async with (
+        member(pg_url, "a", 0, backend, cache_dir=tmp_path / "cache") as a,
+        member(pg_url, "b", 1, backend, cache_dir=tmp_path / "cache", queue_timeout_s=1.5) as b,
+    ):
+        first = await a.manager.submit(req("g2:a stuck kite"), guild_id=2, user_id=1)
+        await backend.wait_calls(1, timeout=8)
+        second = await b.manager.submit(req("g2:a stuck kite"), guild_id=3, user_id=7)
+        await b.manager.wait(second.id)
+        assert second.state is JobState.TIMED_OUT and "in the queue" in (second.error_message or "")
+        assert len(backend.calls) == 1 and first.state is JobState.RUNNING
+        backend.release_all()
+        await a.manager.wait(first.id)

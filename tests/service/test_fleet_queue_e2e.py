@@ -75,3 +75,41 @@ async def test_two_processes_share_the_backend_capacity_and_take_turns_between_s
     assert Counter(starts) == Counter({name: JOBS_PER_GUILD for name in tag.values()})
     for process in (zero, one):
         assert_clean(process.text)
+
+
+async def test_the_same_prompt_in_servers_on_both_shards_is_generated_once(fake, data_dir, pg_url) -> None:
+    """Two real processes, one shared DATA_DIR and database: /imagine with one prompt in a server of each
+    shard, the second while the first is being generated. The backend is asked once; both get the image."""
+    here = fake.add_guild(fake.guild_id_on_shard(0, 2), name="shard-0")
+    there = fake.add_guild(fake.guild_id_on_shard(1, 2), name="shard-1")
+    async with FakeOpenAI(delay=2.0) as backend:
+        common = {
+            "image_backend": "openai",
+            "image_backend_url": backend.url,
+            "database_url": pg_url,
+            "lease_ttl_s": TTL,
+            "shard_count": 2,
+        }
+        async with (
+            bot_process(fake, data_dir, shard_ids=0, **common) as zero,
+            bot_process(fake, data_dir, shard_ids=1, **common) as one,
+        ):
+            ask = {"prompt": "a paper boat on a puddle"}
+            first = await fake.invoke_command(
+                here.id, here.channels[0].id, fake.add_member(here.id).id, "imagine", ask
+            )
+            await fake.wait_for_state(lambda: len(backend.state.payloads) == 1, 30, "the first generation")
+            second = await fake.invoke_command(
+                there.id, there.channels[0].id, fake.add_member(there.id).id, "imagine", ask
+            )
+            for inter in (first, second):
+                await fake.wait_for_state(
+                    lambda i=inter: i.original and is_done(i.original), 60, "both images"
+                )
+            assert len(backend.state.payloads) == 1  # without the shared fill: two generations
+            assert [a.data for a in image_attachments(first.original)] == [
+                a.data for a in image_attachments(second.original)
+            ]
+            assert await zero.terminate() == 0 and await one.terminate() == 0
+    for process in (zero, one):
+        assert_clean(process.text)
