@@ -244,6 +244,15 @@ STORE_CALLS: tuple[tuple[str, str], ...] = (
     ("DELETE FROM jobs", "prune_finished_before (retention)"),
     ("guild_settings", "guild settings"),
     (" meta ", "get_meta / set_meta"),
+    # The result cache's index (bot/engine/cache_pg.py), before the patterns its statements also contain.
+    ("INSERT INTO cache_fills", "cache lookup (and fill claim)"),
+    ("FROM cache_entries WHERE key = $1", "cache lookup"),
+    ("INSERT INTO cache_entries", "cache put"),
+    ("INSERT INTO cache_pins", "cache pin"),
+    ("DELETE FROM cache_pins", "cache unpin"),
+    ("DELETE FROM cache_fills", "cache fill released"),
+    ("UPDATE cache_entries SET last_used_at", "cache touch"),
+    ("cache_", "cache eviction / other cache index work"),
     ("pg_advisory_xact_lock", "advisory_lock / register_process"),
     ("FROM processes", "live_processes / register_process"),
 )
