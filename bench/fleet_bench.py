@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -64,6 +65,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp.web_app
 import asyncpg
 
 from bench.harness import (
@@ -824,6 +826,21 @@ def write_json(path: str, options: argparse.Namespace, results: dict[str, Figure
 # ----------------------------------------------------------------------------------------------- main
 
 
+def forget_finished_fakes() -> None:
+    """Let the previous set-up's fakes go before the next burst.
+
+    aiohttp keeps the middleware chains it built in a module-level ``lru_cache`` (``web_app.
+    _cached_build_middleware``, up to 1,024 entries), keyed by handler and application: it kept each finished
+    set-up's fake Discord alive, every message and upload of its burst included, so a full run's last set-up
+    ran beside three times the objects (and the garbage collector's work) of its first. Its acks were late for
+    that, not for anything the bots did.
+    """
+    cached = getattr(aiohttp.web_app, "_cached_build_middleware", None)
+    if cached is not None and hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+    gc.collect()
+
+
 async def main(options: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR)  # the fakes' INFO/WARNING chatter is not the result
     results: dict[str, Figures] = {}
@@ -836,6 +853,7 @@ async def main(options: argparse.Namespace) -> int:
                 raise BenchError(f"PostgreSQL: {exc}") from None
         for key in options.configs:
             config = CONFIGS[key]
+            forget_finished_fakes()
             figures = await run_config(config, options, cluster if config.postgres else None)
             results[key] = figures
             trips = figures.round_trips_per_job
