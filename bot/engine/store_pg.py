@@ -44,8 +44,9 @@ What PostgreSQL adds:
   whose holder stopped renewing, or whose process is not alive, is deleted by the next dispatcher round.
 - **Cancel from anywhere**: :meth:`PgJobStore.request_cancel` marks the job's row and sends ``NOTIFY
   bot_cancel`` (its id); the owner's poll reads the marked rows it runs.
-- **The result cache's index** (``cache_*`` tables): bot/engine/cache_pg.py uses this store's pool through
-  :meth:`PgJobStore.run`, so a database that is away is the same outage, seen and healed once.
+- **The result cache's index** (``cache_*`` tables, schema v7): bot/engine/cache_pg.py uses this store's pool
+  through :meth:`PgJobStore.run`, so a database that is away is the same outage, seen and healed once. Its
+  fills are claimed for this store's fleet process and announced on ``bot_fill`` (the key).
 - **No password anywhere**: the store names its database by ``safe_dsn`` (no password), and any text from
   the driver is scrubbed of the password before it becomes part of an error.
 """

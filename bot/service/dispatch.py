@@ -17,6 +17,9 @@ queue model's rule between guilds (bot/engine/fleet_queue.py) over rows in the d
                            grant it cannot use back at once
     the generation ends -> the slot is given back with the next publish
 
+The same connection hears ``bot_fill`` (payload: a cache key): another process put the result of a request
+jobs here wait for instead of generating it again (bot/engine/cache_pg.py's fills), and they look again.
+
 Wake-ups are ids only, heard on one dedicated connection per process (:class:`~bot.engine.store_pg.
 FleetConnection`), which is also where the dispatcher holds its lock and writes its grants: a dispatcher whose
 connection died has lost the lock with it and can write nothing. After a reconnect the process listens again and
