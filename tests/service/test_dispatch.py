@@ -196,14 +196,23 @@ async def test_a_cancel_pressed_in_one_process_stops_a_job_running_in_the_other(
 # -- identical requests in two processes: one generation ----------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def sharing_a_cache(
+    pg_url: str, directory: Path, backend: ControlledBackend, **b_options: object
+) -> AsyncIterator[tuple[Member, Member]]:
+    """Two members on shards 0 and 1 with one cache directory (the shared volume) indexed in the database."""
+    async with (
+        member(pg_url, "a", 0, backend, cache_dir=directory) as a,
+        member(pg_url, "b", 1, backend, cache_dir=directory, **b_options) as b,
+    ):
+        yield a, b
+
+
 async def test_an_identical_request_in_the_other_process_waits_for_the_generation_and_shares_it(
     pg_url: str, tmp_path: Path
 ) -> None:
     backend = ControlledBackend()
-    async with (
-        member(pg_url, "a", 0, backend, cache_dir=tmp_path / "cache") as a,
-        member(pg_url, "b", 1, backend, cache_dir=tmp_path / "cache") as b,
-    ):
+    async with sharing_a_cache(pg_url, tmp_path / "cache", backend) as (a, b):
         first = await a.manager.submit(req("g2:a lighthouse at dusk"), guild_id=2, user_id=1)
         await backend.wait_calls(1, timeout=8)
         second = await b.manager.submit(
@@ -225,10 +234,7 @@ async def test_when_the_generation_elsewhere_is_cancelled_the_waiting_job_genera
     pg_url: str, tmp_path: Path
 ) -> None:
     backend = ControlledBackend()
-    async with (
-        member(pg_url, "a", 0, backend, cache_dir=tmp_path / "cache") as a,
-        member(pg_url, "b", 1, backend, cache_dir=tmp_path / "cache") as b,
-    ):
+    async with sharing_a_cache(pg_url, tmp_path / "cache", backend) as (a, b):
         first = await a.manager.submit(req("g2:an owl in snow"), guild_id=2, user_id=1)
         await backend.wait_calls(1, timeout=8)
         second = await b.manager.submit(req("g2:an owl in snow"), guild_id=3, user_id=7)
@@ -246,10 +252,7 @@ async def test_waiting_for_a_generation_elsewhere_ends_at_the_queue_timeout(
     pg_url: str, tmp_path: Path
 ) -> None:
     backend = ControlledBackend()  # A's generation never ends while the test runs
-    async with (
-        member(pg_url, "a", 0, backend, cache_dir=tmp_path / "cache") as a,
-        member(pg_url, "b", 1, backend, cache_dir=tmp_path / "cache", queue_timeout_s=1.5) as b,
-    ):
+    async with sharing_a_cache(pg_url, tmp_path / "cache", backend, queue_timeout_s=1.5) as (a, b):
         first = await a.manager.submit(req("g2:a stuck kite"), guild_id=2, user_id=1)
         await backend.wait_calls(1, timeout=8)
         second = await b.manager.submit(req("g2:a stuck kite"), guild_id=3, user_id=7)
