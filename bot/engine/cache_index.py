@@ -5,6 +5,9 @@ implementation keeps are in :mod:`bot.engine.cache`'s docstring. Two implementat
 
 - :class:`SqliteIndex` (here): ``DATA_DIR/cache/index.sqlite3``, used without ``DATABASE_URL``. Each call runs
   in a worker thread under a thread lock and ``flock`` on ``index.lock`` (processes sharing the directory).
+  Its ``totals`` row (entries, bytes) is kept by triggers on ``entries`` and ``blobs`` in the transaction of
+  every write, and recounted at open: no write counts the cache, so a write costs the same in a cache of a
+  thousand entries as in one of a hundred thousand.
 - :class:`bot.engine.cache_pg.PgIndex`: tables of the PostgreSQL job store's database, used with
   ``DATABASE_URL``.
 
@@ -34,7 +37,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-INDEX_VERSION = 1
+#: 2: the ``totals`` row and its triggers (an index of version 1 is migrated in place at open).
+INDEX_VERSION = 2
 INDEX_NAME = "index.sqlite3"
 LOCK_NAME = "index.lock"
 
@@ -201,6 +205,29 @@ _SCHEMA = (
         size   INTEGER NOT NULL
     )
     """,
+    # Version 2. The cache's size, one row, kept by the triggers below in the transaction of every write that
+    # adds or removes an entry or a blob (a replaced entry is an upsert, not a delete and an insert).
+    """
+    CREATE TABLE IF NOT EXISTS totals (
+        id      INTEGER PRIMARY KEY CHECK (id = 0),
+        entries INTEGER NOT NULL,
+        bytes   INTEGER NOT NULL
+    )
+    """,
+    "CREATE TRIGGER IF NOT EXISTS entry_added AFTER INSERT ON entries "
+    "BEGIN UPDATE totals SET entries = entries + 1; END",
+    "CREATE TRIGGER IF NOT EXISTS entry_removed AFTER DELETE ON entries "
+    "BEGIN UPDATE totals SET entries = entries - 1; END",
+    "CREATE TRIGGER IF NOT EXISTS blob_added AFTER INSERT ON blobs "
+    "BEGIN UPDATE totals SET bytes = bytes + NEW.size; END",
+    "CREATE TRIGGER IF NOT EXISTS blob_removed AFTER DELETE ON blobs "
+    "BEGIN UPDATE totals SET bytes = bytes - OLD.size; END",
+)
+
+#: The totals by a count of the rows (at open: the triggers keep them from then on).
+_RECOUNT = (
+    "INSERT OR REPLACE INTO totals (id, entries, bytes) "
+    "SELECT 0, (SELECT COUNT(*) FROM entries), (SELECT COALESCE(SUM(size), 0) FROM blobs)"
 )
 
 
@@ -254,7 +281,7 @@ class SqliteIndex:
                             "result cache index %s is unusable (%s); moved to %s", self.path, exc, moved
                         )
                         self._connect_sync()
-                    self._refresh_totals_sync()
+                    self._read_totals_sync()
             except BaseException:
                 self._close_db_sync()
                 self._close_lock_sync()
@@ -277,12 +304,13 @@ class SqliteIndex:
             raise
         if check is None or check[0] != "ok":
             raise _Unusable(f"quick_check: {check}")
-        if version not in (0, INDEX_VERSION):
-            # A cache is disposable: an index from another version is set aside rather than migrated.
+        if version not in (0, 1, INDEX_VERSION):
+            # A cache is disposable: an index from a version this code does not know is set aside, not migrated.
             raise _Unusable(f"index version {version}, this code uses {INDEX_VERSION}")
         with self._transaction():
-            for statement in _SCHEMA:
+            for statement in _SCHEMA:  # version 1 gains the totals and their triggers: its rows stay
                 db.execute(statement)
+            db.execute(_RECOUNT)
             db.execute(f"PRAGMA user_version = {INDEX_VERSION}")
 
     def _close_db_sync(self) -> None:
@@ -310,7 +338,7 @@ class SqliteIndex:
             moved = move_aside_sync(self.path)
             log.warning("moved the corrupt cache index to %s", moved)
             self._connect_sync()
-            self._refresh_totals_sync()
+            self._read_totals_sync()
         except (OSError, sqlite3.Error, _Unusable) as exc:
             log.warning("result cache index could not be recreated, cache off until restart: %s", exc)
             self._close_db_sync()
@@ -361,10 +389,9 @@ class SqliteIndex:
             raise sqlite3.OperationalError("cache index is closed")
         return self._db
 
-    def _refresh_totals_sync(self) -> None:
-        db = self._require_db()
-        entries = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
-        size = db.execute("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0]
+    def _read_totals_sync(self) -> None:
+        """The totals as of the last write, by any process on the directory (one row: no count)."""
+        entries, size = self._require_db().execute("SELECT entries, bytes FROM totals").fetchone()
         self.totals = Totals(int(entries), int(size))
 
     # -- the protocol ------------------------------------------------------------------------------------------
@@ -446,10 +473,14 @@ class SqliteIndex:
         with self._transaction() as tx:
             old = [row[0] for row in tx.execute("SELECT ref FROM entry_blobs WHERE key = ?", (entry.key,))]
             tx.execute("DELETE FROM entry_blobs WHERE key = ?", (entry.key,))
+            # An upsert: replacing the key's entry is neither an entry added nor one removed (the totals' triggers).
             tx.execute(
-                "INSERT OR REPLACE INTO entries "
+                "INSERT INTO entries "
                 "(key, created_at, last_used_at, backend, model, elapsed_s, images, total_bytes) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                "created_at = excluded.created_at, last_used_at = excluded.last_used_at, "
+                "backend = excluded.backend, model = excluded.model, elapsed_s = excluded.elapsed_s, "
+                "images = excluded.images, total_bytes = excluded.total_bytes",
                 (
                     entry.key,
                     entry.created_at,
@@ -472,7 +503,7 @@ class SqliteIndex:
             unreferenced = self._unreferenced_sync(old)
             tx.executemany("DELETE FROM blobs WHERE ref = ?", [(ref,) for ref, _ in unreferenced])
         unlink(unreferenced)
-        self._refresh_totals_sync()
+        self._read_totals_sync()
 
     def _remove_sync(
         self, keys: list[str], refs: set[str], keep: set[str], unlink: UnlinkFiles
@@ -489,7 +520,7 @@ class SqliteIndex:
             unreferenced = [(ref, ext) for ref, ext in self._unreferenced_sync(refs) if ref not in keep]
             db.executemany("DELETE FROM blobs WHERE ref = ?", [(ref,) for ref, _ in unreferenced])
         unlink(unreferenced)
-        self._refresh_totals_sync()
+        self._read_totals_sync()
         return removed, len(unreferenced)
 
     def _expired_sync(self, created_before: float) -> list[str]:
@@ -532,7 +563,7 @@ class SqliteIndex:
         with self._transaction() as tx:
             tx.execute("DELETE FROM blobs WHERE ref = ?", (ref,))
         unlink([(ref, row.ext)])
-        self._refresh_totals_sync()
+        self._read_totals_sync()
         return keys
 
     def _pin_sync(self, job_id: str, refs: list[str]) -> None:
@@ -546,7 +577,7 @@ class SqliteIndex:
             unreferenced = self._unreferenced_sync(refs)
             db.executemany("DELETE FROM blobs WHERE ref = ?", [(ref,) for ref, _ in unreferenced])
         unlink(unreferenced)
-        self._refresh_totals_sync()
+        self._read_totals_sync()
 
     def _unreferenced_sync(self, refs: Collection[str]) -> list[tuple[str, str]]:
         """Those of ``refs`` no entry uses and no job pins any more, with their extensions."""

@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -331,6 +332,35 @@ async def test_a_corrupt_index_is_moved_aside_and_the_cache_starts_empty(
     assert moved.read_bytes() == garbage
     await second.put("k2", result(image((71, 71, 71))))
     assert await second.get("k2") is not None
+
+
+@sqlite_only
+async def test_an_index_of_version_1_keeps_its_entries_and_gains_exact_totals(
+    open_cache: OpenCache, tmp_path: Path
+) -> None:
+    """Version 2 added the totals row and its triggers: an index written by version 1 is migrated in place
+    (an upgrade keeps the cache), counted once at open, and kept by the triggers from then on."""
+    first = await open_cache()
+    kept = result(image((80, 1, 1)), image((80, 2, 2)))
+    await first.put("k", kept)
+    await first.close()
+    index = tmp_path / "cache" / "index.sqlite3"
+    with closing(sqlite3.connect(index)) as db, db:  # back to what version 1 wrote
+        for trigger in ("entry_added", "entry_removed", "blob_added", "blob_removed"):
+            db.execute(f"DROP TRIGGER {trigger}")
+        db.execute("DROP TABLE totals")
+        db.execute("PRAGMA user_version = 1")
+    second = await open_cache()
+    hit = await second.get("k")
+    assert hit is not None and [i.data for i in hit.images] == [i.data for i in kept.images]
+    assert list(index.parent.glob("index.sqlite3.*")) == []  # nothing was set aside
+    size = sum(len(i.data) for i in kept.images)
+    assert (second.stats()["entries"], second.stats()["bytes"]) == (1, size)
+    await second.put("k2", result(image((81, 1, 1))))
+    assert second.stats()["entries"] == 2
+    with closing(sqlite3.connect(index)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("SELECT entries FROM totals").fetchone() == (2,)
 
 
 @sqlite_only

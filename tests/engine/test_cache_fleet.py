@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -426,41 +427,75 @@ async def test_without_a_fleet_or_without_claim_nothing_is_claimed(
     assert not (await b.cache.lookup("k", claim=True)).filling_elsewhere
 
 
-async def test_the_totals_stay_exact_across_two_processes(member: Callable[..., Any], pg_url: str) -> None:
-    """Every write keeps the totals row by what it changed; it must always equal a recount."""
+class Counted:
+    """What an index's own totals say, and a count of its rows, read on a connection of the test's own."""
+
+    def __init__(self, cache: ResultCache, url: str | None) -> None:
+        self.cache, self.url = cache, url
+        self.tables = (
+            ("cache_entries", "cache_blobs", "cache_totals") if url else ("entries", "blobs", "totals")
+        )
+
+    async def __aenter__(self) -> Counted:
+        if self.url is not None:
+            self.pg = await asyncpg.connect(self.url)
+        else:
+            self.lite = sqlite3.connect(self.cache.index.path)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.url is not None:
+            await self.pg.close()
+        else:
+            self.lite.close()
+
+    async def rows(self, query: str) -> list[tuple[Any, ...]]:
+        if self.url is not None:
+            return [tuple(r) for r in await self.pg.fetch(query)]
+        return list(self.lite.execute(query))
+
+    async def totals_and_recount(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        entries, blobs, totals = self.tables
+        [row] = await self.rows(f"SELECT entries, bytes FROM {totals}")
+        [recount] = await self.rows(
+            f"SELECT (SELECT count(*) FROM {entries}), (SELECT COALESCE(sum(size), 0) FROM {blobs})"
+        )
+        return (int(row[0]), int(row[1])), (int(recount[0]), int(recount[1]))
+
+    async def indexed_refs(self) -> set[str]:
+        return {r[0] for r in await self.rows(f"SELECT ref FROM {self.tables[1]}")}
+
+
+async def test_the_totals_stay_exact_across_two_processes(
+    process: Fleet, index_kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Every write keeps the totals row by what it changed (PostgreSQL: in its statement; SQLite: by triggers);
+    it must always equal a recount, and no write counts the cache to get there."""
     rng = random.Random(11)
-    a = await member("a", 0, max_bytes=400)
-    b = await member("b", 1, max_bytes=400)
+    a = await process(max_bytes=400, memory_bytes=0)
+    b = await process(max_bytes=400, memory_bytes=0)
     colours = [(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(12)]
-    conn = await asyncpg.connect(pg_url)
-    try:
+    url = request.getfixturevalue("pg_url") if index_kind == "postgres" else None
+    async with Counted(a, url) as counted:
         for step in range(80):
             one = rng.choice([a, b])
             key = f"k{rng.randrange(16)}"
             action = rng.randrange(5)
             if action <= 1:
-                await one.cache.put(key, result(image(rng.choice(colours), size=24)))
+                await one.put(key, result(image(rng.choice(colours), size=24)))
             elif action == 2:
-                refs = await one.cache.refs_of([key])
-                await one.cache.discard([key], refs)
+                refs = await one.refs_of([key])
+                await one.discard([key], refs)
             elif action == 3:
-                hit = await one.cache.get_with_refs(key)
+                hit = await one.get_with_refs(key)
                 if hit is not None:
-                    await one.cache.pin(f"job{step}", hit[1])
+                    await one.pin(f"job{step}", hit[1])
             else:
-                for job in await one.cache.pinned_jobs():
-                    await one.cache.unpin(job)
-            recount = await conn.fetchrow(
-                "SELECT (SELECT count(*) FROM cache_entries) AS entries, "
-                "(SELECT COALESCE(sum(size), 0) FROM cache_blobs) AS bytes"
-            )
-            row = await conn.fetchrow("SELECT entries, bytes FROM cache_totals")
-            assert (row["entries"], row["bytes"]) == (recount["entries"], recount["bytes"]), step
-            if action <= 2:  # a write: the writer's totals are the fleet's as of its statement
-                assert (one.cache.index.totals.entries, one.cache.index.totals.bytes) == tuple(row), step
-            files = names(one.cache)
-            indexed = {r[0] for r in await conn.fetch("SELECT ref FROM cache_blobs")}
-            assert files == indexed, step  # no hole, no orphan
-        assert a.cache.evictions + b.cache.evictions > 0  # the size bound was met along the way
-    finally:
-        await conn.close()
+                for job in await one.pinned_jobs():
+                    await one.unpin(job)
+            totals, recount = await counted.totals_and_recount()
+            assert totals == recount, step
+            if action <= 2:  # a write: the writer's totals are the directory's (the fleet's) as of its write
+                assert (one.index.totals.entries, one.index.totals.bytes) == totals, step
+            assert names(one) == await counted.indexed_refs(), step  # no hole, no orphan
+        assert a.evictions + b.evictions > 0  # the size bound was met along the way
