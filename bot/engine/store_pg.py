@@ -42,6 +42,14 @@ What PostgreSQL adds:
   writes its grants in another (``NOTIFY bot_grant`` with the owner's id); each process takes up its grants
   and renews its slots in one statement (``poll_fleet``). A slot's expiry is the server's ``now()``; a slot
   whose holder stopped renewing, or whose process is not alive, is deleted by the next dispatcher round.
+- **A lost host's sessions.** A process whose host is lost (powered off, cut off the network) sends no FIN: its
+  sessions stay open in PostgreSQL, with their locks, until the server's TCP keepalive gives up (two hours by
+  default). So every connection of a fleet process is named after it (``application_name``
+  ``imagine-bot:<process id>``, :func:`session_name`), and the fleet ends the sessions of a process whose
+  lease has lapsed: a process that cannot take the dispatcher's lock ends its holder's session if that names
+  no live process (:meth:`FleetConnection.try_lock`), and forgetting a dead process's row ends its sessions
+  (:meth:`PgJobStore.forget_dead_processes`, and at registration). Ending a session needs the same role, which
+  every process of one ``DATABASE_URL`` has.
 - **Cancel from anywhere**: :meth:`PgJobStore.request_cancel` marks the job's row and sends ``NOTIFY
   bot_cancel`` (its id); the owner's poll reads the marked rows it runs.
 - **The result cache's index** (``cache_*`` tables, schema v7): bot/engine/cache_pg.py uses this store's pool
@@ -281,6 +289,42 @@ FILL_CHANNEL = "bot_fill"  # payload: a cache key another process put or gave up
 #: How long a silent process counts as alive when this store was not told the fleet's LEASE_TTL_S.
 DEFAULT_LEASE_TTL_S = 30.0
 
+#: ``application_name`` of the bot's sessions; a fleet process's are ``imagine-bot:<its processes id>``.
+SESSION_NAME = "imagine-bot"
+
+
+def session_name(process_id: str | None = None) -> str:
+    """What ``pg_stat_activity`` shows for this process's sessions (the fleet ends a dead process's by it)."""
+    return SESSION_NAME if process_id is None else f"{SESSION_NAME}:{process_id}"
+
+
+#: SQL: the session ``a`` is one this session may end (PostgreSQL lets a role end its own sessions; a superuser
+#: any): another role's is left alone rather than failing the statement.
+_MAY_END = "(a.usename = current_user OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user))"
+
+#: SQL, a CTE: end the sessions named after the processes in the CTE ``dead`` (rows of ``processes``) but this
+#: one; a lost host's sessions would otherwise keep their locks and transactions for hours.
+_END_SESSIONS_OF_DEAD = f"""
+ended AS MATERIALIZED (
+    SELECT pg_terminate_backend(a.pid) AS ended
+    FROM pg_stat_activity a JOIN dead d ON a.application_name = '{SESSION_NAME}:' || d.id
+    WHERE a.pid <> pg_backend_pid() AND a.datname = current_database() AND {_MAY_END}
+)"""
+
+#: $1 the lease in seconds, $2 the lock's key. The session holding the session-level advisory lock $2, if it is a
+#: fleet process's and that process is not alive (no fresh heartbeat), is ended: its pid and name.
+_END_DEAD_LOCK_HOLDER = f"""
+SELECT a.pid, a.application_name, pg_terminate_backend(a.pid) AS ended
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid::bigint = ($2::bigint >> 32) AND l.objid::bigint = ($2::bigint & 4294967295)
+  AND a.pid <> pg_backend_pid() AND {_MAY_END} AND a.application_name LIKE '{SESSION_NAME}:%'
+  AND NOT EXISTS (
+      SELECT 1 FROM processes p
+      WHERE a.application_name = '{SESSION_NAME}:' || p.id AND p.heartbeat_at >= now() - make_interval(secs => $1))
+"""
+
 T = TypeVar("T")
 
 
@@ -455,6 +499,7 @@ class FleetConnection:
         self.store = store
         self._conn: asyncpg.Connection | None = None
         self.holds_lock = False
+        self._told_no_privilege = False
 
     @property
     def connected(self) -> bool:
@@ -466,7 +511,10 @@ class FleetConnection:
         store = self.store
         try:
             conn = await asyncpg.connect(
-                store._dsn, timeout=store.connect_timeout_s, command_timeout=store.command_timeout_s
+                store._dsn,
+                timeout=store.connect_timeout_s,
+                command_timeout=store.command_timeout_s,
+                server_settings={"application_name": store.session_name},
             )
         except Exception as exc:
             raise store._translate(exc, "listen on") from None
@@ -503,7 +551,9 @@ class FleetConnection:
             raise self.store._translate(exc, action) from None
 
     async def try_lock(self) -> bool:
-        """Take the dispatcher's lock if free (kept while this connection lives)."""
+        """Take the dispatcher's lock if free (kept while this connection lives). Held by the session of a
+        process that is not alive (its host lost: PostgreSQL still thinks the session open), that session is
+        ended, and the lock is free for the next try."""
         if self.holds_lock:
             return True
 
@@ -511,7 +561,31 @@ class FleetConnection:
             return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", DISPATCH_LOCK_KEY))
 
         self.holds_lock = await self._call("take the dispatcher's lock on", lock)
+        if not self.holds_lock:
+            await self._end_dead_holder()
         return self.holds_lock
+
+    async def _end_dead_holder(self) -> None:
+        async def end(conn: asyncpg.Connection) -> list[Any]:
+            try:
+                return list(
+                    await conn.fetch(_END_DEAD_LOCK_HOLDER, float(self.store.lease_ttl_s), DISPATCH_LOCK_KEY)
+                )
+            except asyncpg.InsufficientPrivilegeError as exc:
+                if not self._told_no_privilege:
+                    self._told_no_privilege = True
+                    log.warning(
+                        "the fleet's dispatcher lock is held by a process that is not alive, and this database "
+                        "user may not end its session (%s); it is freed when PostgreSQL drops the connection",
+                        exc,
+                    )
+                return []
+
+        for row in await self._call("free the dispatcher's lock on", end):
+            log.warning(
+                "ended the session of a dead process that still held the fleet's dispatcher lock (a lost host)",
+                extra={"session_pid": row["pid"], "session": row["application_name"]},
+            )
 
     async def read_rows(self, *, ttl_s: float) -> FleetRows:
         async def read(conn: asyncpg.Connection) -> list[Any]:
@@ -656,10 +730,13 @@ class PgJobStore:
         reconnect_first_s: float = RECONNECT_FIRST_S,
         reconnect_max_s: float = RECONNECT_MAX_S,
         report_outages: bool = True,
+        session_name: str = SESSION_NAME,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._dsn = dsn
+        #: Every connection's ``application_name``: a fleet process's own (:func:`session_name`).
+        self.session_name = session_name
         self.name = safe_dsn(dsn)
         self._secrets = dsn_secrets(dsn)
         self.min_size = min_size
@@ -702,6 +779,7 @@ class PgJobStore:
                 timeout=self.connect_timeout_s,
                 command_timeout=self.command_timeout_s,
                 reset=_undo_interrupted_transaction,
+                server_settings={"application_name": self.session_name},
             )
         except Exception as exc:
             raise self._unreachable(exc, "connect to") from None
@@ -734,7 +812,11 @@ class PgJobStore:
         StoreError (the same sentences as ``open``) when the database cannot be used."""
         self._check_url()
         try:
-            conn = await asyncpg.connect(self._dsn, timeout=self.connect_timeout_s)
+            conn = await asyncpg.connect(
+                self._dsn,
+                timeout=self.connect_timeout_s,
+                server_settings={"application_name": self.session_name},
+            )
         except Exception as exc:
             raise self._unreachable(exc, "connect to") from None
         try:
@@ -1009,8 +1091,9 @@ class PgJobStore:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", PROCESS_LOCK_KEY)
                 dead = await conn.fetch(
-                    f"DELETE FROM processes WHERE heartbeat_at < now() - make_interval(secs => $1) "
-                    f"AND id <> $2 RETURNING {_PROCESS_COLUMNS}",
+                    f"WITH dead AS (DELETE FROM processes WHERE heartbeat_at < now() - make_interval(secs => $1) "
+                    f"AND id <> $2 RETURNING {_PROCESS_COLUMNS}), {_END_SESSIONS_OF_DEAD} "
+                    f"SELECT dead.*, (SELECT count(ended) FROM ended) AS sessions_ended FROM dead",
                     float(ttl_s),
                     me.id,
                 )
@@ -1060,10 +1143,13 @@ class PgJobStore:
         self.lease_ttl_s = float(ttl_s)
 
     async def forget_dead_processes(self, process_ids: Iterable[str]) -> list[FleetProcess]:
-        """Delete the rows of these processes that are still dead (a late heartbeat keeps its row)."""
+        """Delete the rows of these processes that are still dead (a late heartbeat keeps its row), and end
+        their sessions (a lost host's would keep their locks)."""
         rows = await self._query(
-            f"DELETE FROM processes WHERE id = ANY($1::text[]) AND heartbeat_at < now() - make_interval(secs => $2) "
-            f"RETURNING {_PROCESS_COLUMNS}",
+            f"WITH dead AS (DELETE FROM processes WHERE id = ANY($1::text[]) "
+            f"AND heartbeat_at < now() - make_interval(secs => $2) RETURNING {_PROCESS_COLUMNS}), "
+            f"{_END_SESSIONS_OF_DEAD} "
+            f"SELECT dead.*, (SELECT count(ended) FROM ended) AS sessions_ended FROM dead",
             (sorted(set(process_ids)), self.lease_ttl_s),
         )
         return [_process(row) for row in rows]

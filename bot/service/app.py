@@ -174,7 +174,7 @@ def log_env_file(settings: Settings) -> None:
 async def _serve(settings: Settings, token: str, lease: ProcessLease | None = None) -> int:
     log_env_file(settings)
     point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
-    async with open_engine(settings) as engine:
+    async with open_engine(settings, process_id=lease.me.id if lease is not None else None) as engine:
         service = build_service(engine, lease=lease)
         bot = service.bot
         close_on_signal = install_signal_handlers(bot)

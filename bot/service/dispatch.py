@@ -35,7 +35,9 @@ Faults:
   again) stops that generation and its jobs wait for a new slot (``JobManager.slot_lost``): a generation keeps
   running only while its epoch is unchanged.
 - The dispatcher dies: its connection closes, the lock frees, and another process takes it at its next poll
-  and rebuilds everything from the rows (the guilds' turns start afresh).
+  and rebuilds everything from the rows (the guilds' turns start afresh). A dispatcher whose host is lost
+  closes nothing: PostgreSQL keeps its session and the lock; once its lease has lapsed, the next process to
+  try for the lock ends that session (``FleetConnection.try_lock``) and takes the lock at its following poll.
 - The database is away: publishes are retried (nothing is lost: the next one carries every change), grants
   stop, the lease holds starts (bot/service/fleet.py).
 """

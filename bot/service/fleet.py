@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING
 from bot.engine.errors import RequestRejected
 from bot.engine.models import JobState
 from bot.engine.store import StoreError
-from bot.engine.store_pg import FleetProcess, PgJobStore
+from bot.engine.store_pg import FleetProcess, PgJobStore, session_name
 from bot.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -370,11 +370,17 @@ def _log_if_crashed(task: asyncio.Task[None]) -> None:
 async def process_lease(settings: Settings) -> AsyncIterator[ProcessLease]:
     """Open a small pool of the lease's own, register this process, and clean up on the way out."""
     assert settings.database_url is not None
+    me = this_process(settings)
     # The job store reports an outage (one WARNING line); this second pool on the same database stays quiet.
-    store = PgJobStore(settings.database_url.get_secret_value(), max_size=2, report_outages=False)
+    store = PgJobStore(
+        settings.database_url.get_secret_value(),
+        max_size=2,
+        report_outages=False,
+        session_name=session_name(me.id),
+    )
     await store.open()  # migrates (the processes table included) under its advisory lock
     try:
-        lease = ProcessLease(store, this_process(settings), ttl_s=settings.lease_ttl_s)
+        lease = ProcessLease(store, me, ttl_s=settings.lease_ttl_s)
         try:
             await lease.start()
             yield lease

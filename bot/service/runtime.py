@@ -16,7 +16,7 @@ from bot.engine.catalog import ModelCatalog
 from bot.engine.manager import JobManager
 from bot.engine.retention import RetentionTask
 from bot.engine.store import JobStore
-from bot.engine.store_pg import PgJobStore
+from bot.engine.store_pg import PgJobStore, session_name
 from bot.settings import Settings
 
 USER_AGENT = f"imagine-bot/{__version__} (+self-hosted)"
@@ -31,26 +31,30 @@ def make_session() -> aiohttp.ClientSession:
     )
 
 
-def open_store(settings: Settings) -> JobStore | PgJobStore:
-    """The job store the settings ask for (not yet opened): PostgreSQL with DATABASE_URL, else SQLite."""
+def open_store(settings: Settings, *, process_id: str | None = None) -> JobStore | PgJobStore:
+    """The job store the settings ask for (not yet opened): PostgreSQL with DATABASE_URL, else SQLite.
+    ``process_id``: the fleet process whose sessions these are (PostgreSQL's ``application_name``)."""
     if settings.database_url is not None:
-        return PgJobStore(settings.database_url.get_secret_value())
+        return PgJobStore(settings.database_url.get_secret_value(), session_name=session_name(process_id))
     return JobStore(settings.data_dir / "bot.sqlite3")
 
 
 @contextlib.asynccontextmanager
-async def open_engine(settings: Settings, *, restrict_models: bool = True) -> AsyncIterator[Engine]:
+async def open_engine(
+    settings: Settings, *, restrict_models: bool = True, process_id: str | None = None
+) -> AsyncIterator[Engine]:
     """Store, cache, HTTP session, backend, manager, model catalog and the retention task, opened in order and
     closed in reverse.
 
     The store is PostgreSQL when DATABASE_URL is set, and so is the image cache's index (its tables in the same
     database, shared by a fleet); the image files stay in DATA_DIR/cache either way.
     ``restrict_models=False`` (the operator's command line): any model may be named and no list is fetched.
+    ``process_id``: this process's row in a fleet (its database sessions are named after it).
 
     The manager is shut down with no grace here; callers that want a drain call ``shutdown`` first.
     """
     data_dir = settings.data_dir
-    store = open_store(settings)
+    store = open_store(settings, process_id=process_id)
     await store.open()
     try:
         cache = ResultCache(

@@ -12,7 +12,7 @@ import pytest
 
 from bot.engine.models import ImageRequest, Job, JobState
 from bot.engine.store import JobTaken, ShardFilter
-from bot.engine.store_pg import PgJobStore
+from bot.engine.store_pg import FleetProcess, PgJobStore, session_name
 
 TTL = 3.0
 
@@ -165,3 +165,46 @@ async def test_a_write_for_a_job_claimed_by_another_process_is_refused_and_says_
     # A new job is anyone's to insert: it is the inserter's.
     await lapsed.save_job(job("new"))
     assert (await owners(pg_url))["new"] == "lapsed"
+
+
+@pytest.mark.parametrize("by", ["forgetting it", "a process registering"])
+async def test_a_dead_processs_sessions_are_ended_and_what_they_locked_is_free_again(
+    pg_url: str, member: Member, by: str
+) -> None:
+    """A lost host never closes its connections: PostgreSQL keeps its sessions, in the middle of a transaction
+    with its locks, until TCP keepalive gives up (hours). The fleet ends the sessions named after a process
+    once that process is dead; another's sessions are left alone."""
+    survivor = await member("survivor", (0,))
+    await survivor.save_job(job("locked"))
+    await sql(pg_url, "INSERT INTO processes (id, host, pid) VALUES ('lost', 'gone', 1)")
+    lost = await asyncpg.connect(pg_url, server_settings={"application_name": session_name("lost")})
+    bystander = await asyncpg.connect(pg_url, server_settings={"application_name": "psql"})
+    try:
+        await lost.execute("BEGIN")
+        await lost.execute("SELECT * FROM jobs WHERE id = 'locked' FOR UPDATE")  # and then its host is lost
+        await die(pg_url, "lost")
+        if by == "forgetting it":
+            assert [p.id for p in await survivor.forget_dead_processes(["lost"])] == ["lost"]
+        else:
+            newcomer = PgJobStore(pg_url, session_name=session_name("newcomer"))
+            await newcomer.open()
+            try:
+                assert (
+                    await newcomer.register_process(FleetProcess("newcomer", "h", 2, 2, (1,)), ttl_s=TTL)
+                    is None
+                )
+            finally:
+                await newcomer.close()
+        # The row lock went with the session: writing the job does not wait for a client that never returns.
+        await asyncio.wait_for(sql(pg_url, "UPDATE jobs SET state = state WHERE id = 'locked'"), timeout=5)
+        assert (
+            await sql(
+                pg_url, "SELECT 1 FROM pg_stat_activity WHERE application_name = $1", session_name("lost")
+            )
+            == []
+        )
+        assert await bystander.fetchval("SELECT 1") == 1  # not the fleet's: untouched
+        assert await survivor.get_job("locked") is not None  # nor the survivor's own sessions
+    finally:
+        lost.terminate()
+        await bystander.close()

@@ -1,7 +1,9 @@
 """A TCP proxy on 127.0.0.1 in front of a real server, for outages a test can switch on and off at once.
 
 ``cut()`` drops every forwarded connection (as a server that died would) and, until ``mend()``, answers each
-new connection by closing it straight away. Every connection that reaches the proxy is counted
+new connection by closing it straight away. ``freeze()`` is a lost host instead: from then on nothing gets
+through either way and nothing is closed, so neither side hears of it (PostgreSQL keeps such a client's
+sessions, and their locks); a new connection is accepted and left hanging. ``cut()`` ends a freeze. Every connection that reaches the proxy is counted
 (``accepted``), forwarded or not: how many times a client tried to connect, seen on the wire.
 """
 
@@ -19,6 +21,9 @@ class TcpProxy:
         self.port = 0
         self.accepted = 0
         self.is_cut = False
+        self.is_frozen = False
+        self._thawed = asyncio.Event()
+        self._thawed.set()
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
         self._pumps: set[asyncio.Task[None]] = set()
@@ -39,6 +44,7 @@ class TcpProxy:
     ) -> None:
         if self._server is not None:
             self._server.close()
+        self._thaw()
         self._drop_all()
         for task in list(self._pumps):
             task.cancel()
@@ -48,7 +54,16 @@ class TcpProxy:
 
     def cut(self) -> None:
         self.is_cut = True
+        self._thaw()
         self._drop_all()
+
+    def freeze(self) -> None:
+        self.is_frozen = True
+        self._thawed.clear()
+
+    def _thaw(self) -> None:
+        self.is_frozen = False
+        self._thawed.set()
 
     def mend(self) -> None:
         self.is_cut = False
@@ -60,7 +75,9 @@ class TcpProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
-        if self.is_cut:
+        if self.is_frozen:
+            await self._thawed.wait()  # a lost host: the connection never gets anywhere
+        if self.is_cut or self.is_frozen:
             writer.transport.abort()
             return
         try:
@@ -82,10 +99,12 @@ class TcpProxy:
                 self._open.discard(w)
                 w.transport.abort()
 
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(65536):
+                if self.is_frozen:
+                    continue  # lost on the way
                 writer.write(data)
                 await writer.drain()
+        await self._thawed.wait()  # frozen, a close is not passed on either
         writer.transport.abort()

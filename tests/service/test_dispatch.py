@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,10 +21,12 @@ from bot.engine.cache import ResultCache
 from bot.engine.cache_pg import PgIndex
 from bot.engine.manager import JobManager
 from bot.engine.models import JobState
-from bot.engine.store_pg import FleetProcess, PgJobStore
+from bot.engine.store_pg import DISPATCH_LOCK_KEY, FleetProcess, PgJobStore, session_name
 from bot.service.dispatch import FleetQueue
 from bot.service.fleet import ProcessLease
+from tests.fakes.tcp_proxy import TcpProxy
 from tests.helpers import ControlledBackend, make_manager, req, until
+from tests.pg import PgCluster
 
 TTL = 3.0
 CAPACITY = 2
@@ -52,9 +55,11 @@ async def member(
 ) -> AsyncIterator[Member]:
     """A fleet member; with ``cache_dir`` (one directory for every member: the shared volume) a result cache
     indexed in the database, as the bot's processes have."""
-    store = PgJobStore(pg_url, max_size=4)
+    me = FleetProcess(f"{name}-{uuid.uuid4().hex[:8]}", "host", shard, 2, (shard,))
+    # Short timeouts: a member whose host is "lost" (a frozen proxy) finds out, and leaves, in seconds.
+    store = PgJobStore(pg_url, max_size=4, session_name=session_name(me.id), command_timeout_s=3)
     await store.open()
-    lease = ProcessLease(store, FleetProcess(f"{name}-{id(store)}", "host", shard, 2, (shard,)), ttl_s=TTL)
+    lease = ProcessLease(store, me, ttl_s=TTL)
     await lease.start()
     store.join_fleet(lease.me.id, ttl_s=TTL)
     options: dict[str, object] = {"backend_concurrency": CAPACITY, "guild_concurrency": 1}
@@ -160,6 +165,53 @@ async def test_when_the_dispatcher_leaves_the_other_process_takes_over_and_the_q
             for job in jobs:
                 await second.manager.wait(job.id)
                 assert job.state is JobState.SUCCEEDED
+    assert backend.max_in_flight <= CAPACITY
+
+
+async def sessions(pg_url: str, query: str, *args: object) -> list[str]:
+    """``application_name`` of the sessions ``query`` finds."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        return [row[0] for row in await conn.fetch(query, *args)]
+    finally:
+        await conn.close()
+
+
+NAMED = "SELECT application_name FROM pg_stat_activity WHERE application_name = $1"
+HOLDING_THE_DISPATCH_LOCK = (
+    "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objid::bigint = ($1::bigint & 4294967295)"
+)
+
+
+async def test_when_the_dispatchers_host_is_lost_its_session_is_ended_and_another_process_dispatches(
+    pg_cluster: PgCluster, pg_url: str
+) -> None:
+    """A lost host sends no FIN: PostgreSQL keeps its sessions, the dispatcher's lock with them, until TCP
+    keepalive gives up (hours). Once its lease lapsed, the survivor ends the session holding the lock."""
+    backend = ControlledBackend(auto_release=True, delay=0.05)
+    async with TcpProxy(pg_cluster.host, pg_cluster.port) as lost_link:
+        async with member(lost_link.url(pg_url), "a", 0, backend) as a:
+            await until(lambda: a.queue.dispatching, timeout=8)
+            async with member(pg_url, "b", 1, backend) as b:
+                assert await sessions(pg_url, NAMED, session_name(a.lease.me.id))  # named after A
+                assert await sessions(pg_url, HOLDING_THE_DISPATCH_LOCK, DISPATCH_LOCK_KEY) == [
+                    session_name(a.lease.me.id)
+                ]
+                assert not b.queue.dispatching
+                lost_link.freeze()  # A's host is gone: nothing more from it, and no close either
+                jobs = [
+                    await b.manager.submit(req(f"g{i}:after the loss"), guild_id=i * 2 + 1, user_id=1)
+                    for i in range(3)
+                ]
+                await until(lambda: b.queue.dispatching, timeout=TTL + 10)
+                for job in jobs:
+                    await asyncio.wait_for(b.manager.wait(job.id), timeout=10)
+                    assert job.state is JobState.SUCCEEDED
+                assert await sessions(pg_url, HOLDING_THE_DISPATCH_LOCK, DISPATCH_LOCK_KEY) == [
+                    session_name(b.lease.me.id)
+                ]
+                lost_link.cut()  # the test's own teardown of A: fail fast rather than hang
     assert backend.max_in_flight <= CAPACITY
 
 

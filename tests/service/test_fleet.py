@@ -92,6 +92,20 @@ async def test_a_process_registers_heartbeats_serves_healthz_and_deletes_its_row
                 await asyncio.sleep(0.2)
         assert body["checks"]["heartbeat"] == "ok"
         assert not (data_dir / "bot.lock").exists()  # the row replaces it
+        # Every session of the process is named after its row (the fleet ends a lost host's by that name):
+        # the lease's pool, the job store's, the fleet's own connection (its LISTEN and the dispatcher lock).
+        conn = await asyncpg.connect(pg_url)
+        try:
+            names = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT application_name FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ]
+        finally:
+            await conn.close()
+        assert len(names) >= 3 and set(names) == {f"imagine-bot:{row['id']}"}, names
         assert await bot.terminate() == 0
     assert await process_rows(pg_url) == []
     assert_clean(bot.text)
