@@ -21,7 +21,10 @@ job makes (a lookup, a put, a pin, an unpin):
 - **Fills** (``cache_fills``): a process that looks a key up to generate it claims the key's fill in the same
   statement, unless another live process (a fresh ``processes`` heartbeat) holds it; then the lookup says so,
   the claim is marked as waited for, and the put (or the release) that ends it sends ``NOTIFY bot_fill`` with
-  the key. A dead holder's claim is taken over by the next lookup.
+  the key. A dead holder's claim is taken over by the next lookup, unless the key's generation lives on at its
+  backend: a ``running`` job of that key with a backend id (AI Horde, ComfyUI) is followed up by whichever
+  process takes it over or was handed it at a rolling restart, and that process's put ends the claim. (Running
+  jobs are few, and ``jobs_state`` finds them.)
 - **The pool is the job store's** (:meth:`bot.engine.store_pg.PgJobStore.run`): a dead connection is retried
   once (each call is one statement or one transaction, and its file callbacks are idempotent: atomic writes,
   ``unlink(missing_ok)``), and a database that is away fails at once as the store's one outage. Every
@@ -73,9 +76,13 @@ def _alive(owner: str) -> str:
 
 _LOAD = f"SELECT {_ENTRY_COLUMNS}, NULL AS fill_owner FROM cache_entries WHERE key = $1"
 
+#: SQL: the generation of key $1 lives on at a backend that lets another process follow it up by its id.
+_FOLLOWED = "EXISTS (SELECT 1 FROM jobs j WHERE j.state = 'running' AND j.cache_key = $1 AND j.backend_ref IS NOT NULL)"
+
 #: $1 key, $2 an entry created after this is a hit (no claim), $3 this process, $4 the lease.
-#: The claim stays with a live other holder (and is then marked as waited for); otherwise it is ours.
-_HELD_ELSEWHERE = f"(f.owner <> $3 AND {_alive('f.owner')})"
+#: The claim stays with a live other holder, or a dead one whose generation is being followed up (and is then
+#: marked as waited for); otherwise it is ours.
+_HELD_ELSEWHERE = f"(f.owner <> $3 AND ({_alive('f.owner')} OR {_FOLLOWED}))"
 _LOAD_OR_CLAIM = f"""
 WITH entry AS (SELECT {_ENTRY_COLUMNS} FROM cache_entries WHERE key = $1),
 fill AS (

@@ -1082,6 +1082,7 @@ class JobManager:
                 "running job handed over to another process; its generation goes on",
                 extra={"job": job.id, "backend_ref": job.backend_ref},
             )
+            self._pass_on_fill(tracked)
             self._emit(job, JobEvent.TAKEN)  # its message is the other process's to edit now
             self._release(tracked)
             return True
@@ -1182,6 +1183,18 @@ class JobManager:
             tracked.fill_key = key
             self._fill_holders[key] += 1
         return found.hit
+
+    def _pass_on_fill(self, tracked: _Tracked) -> None:
+        """A generation handed over keeps its claim: it goes on at the backend, and the process that follows it up
+        puts its result (the index counts a followed-up generation as held: bot/engine/cache_pg.py). Releasing
+        it here would have the same request elsewhere generated a second time."""
+        key, tracked.fill_key = tracked.fill_key, None
+        if key is not None:
+            self._fill_holders[key] -= 1
+            if self._fill_holders[key] <= 0:
+                del self._fill_holders[key]
+                if self.cache is not None:
+                    self.cache.forget_fill(key)
 
     async def _let_go_of_fill(self, tracked: _Tracked) -> None:
         """The job ended: when it was the last one here on its claimed fill, the claim goes (nothing to do when

@@ -22,6 +22,7 @@ import pytest
 from bot.engine.cache import ResultCache
 from bot.engine.cache_index import BlobRow, EntryRow, Index, UnlinkFiles, WriteFiles
 from bot.engine.cache_pg import PgIndex
+from bot.engine.models import ImageRequest, Job, JobState
 from bot.engine.store_pg import FILL_CHANNEL, FleetProcess, PgJobStore
 from tests.engine.test_cache import INDEXES, Clock, blob_files, image, result, sha
 from tests.fakes.tcp_proxy import TcpProxy
@@ -409,6 +410,49 @@ async def test_the_fill_of_a_dead_process_is_taken_over(member: Callable[..., An
         await conn.close()
     taken = await b.cache.lookup("k", claim=True)
     assert taken.hit is None and not taken.filling_elsewhere
+
+
+@pytest.mark.parametrize("backend_ref", ["horde-id-1", None], ids=["followed-up", "interrupted"])
+async def test_a_dead_processs_fill_holds_while_its_generation_is_followed_up_elsewhere(
+    member: Callable[..., Any], heard: Heard, pg_url: str, backend_ref: str | None
+) -> None:
+    """A's generation of "k" is on AI Horde under its id when A dies (or hands it over): the process that
+    follows it up will put it, so a request for "k" keeps waiting instead of generating it a second time. A generation with no
+    id to follow (an OpenAI-compatible server) died with A: B takes the claim."""
+    a, b = await member("a", 0), await member("b", 1)
+    await a.cache.lookup("k", claim=True)
+    running = Job(
+        id="a-job", request=ImageRequest("k"), guild_id=0, user_id=1, state=JobState.RUNNING, cache_key="k"
+    )
+    running.backend_ref = backend_ref
+    await a.store.save_job(running)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(  # A stops heartbeating: its row goes stale
+            "UPDATE processes SET heartbeat_at = now() - interval '1 hour' WHERE id = $1", a.store.owner
+        )
+        looked = await b.cache.lookup("k", claim=True)
+        if backend_ref is None:
+            assert not looked.filling_elsewhere  # B generates it
+            return
+        assert looked.filling_elsewhere  # still A's claim: its generation goes on
+        # B took A's job over and follows it up: a request of its own for "k" waits for that too, and the
+        # follow-up's put ends the claim and wakes whoever waits.
+        await conn.execute("UPDATE jobs SET owner = $1 WHERE id = 'a-job'", b.store.owner)
+        assert (await b.cache.lookup("k", claim=True)).filling_elsewhere
+        await b.cache.put("k", result(image((5, 5, 5))))
+        await until(lambda: heard.keys == ["k"], timeout=5)
+        hit = await b.cache.lookup("k", claim=True)
+        assert hit.hit is not None
+        # Once no generation of it is under way any more, a dead holder's claim is anyone's again.
+        await conn.execute("UPDATE jobs SET state = 'succeeded' WHERE id = 'a-job'")
+        await a.cache.lookup("k2", claim=True)
+        await conn.execute(
+            "UPDATE processes SET heartbeat_at = now() - interval '1 hour' WHERE id = $1", a.store.owner
+        )
+        assert not (await b.cache.lookup("k2", claim=True)).filling_elsewhere
+    finally:
+        await conn.close()
 
 
 async def test_without_a_fleet_or_without_claim_nothing_is_claimed(

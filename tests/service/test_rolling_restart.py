@@ -186,3 +186,51 @@ async def test_a_cancel_pressed_in_one_process_stops_a_job_running_in_the_other(
     assert horde.state.submits == 1
     for process in (a, b, restarted):
         assert_clean(process.text)
+
+
+async def test_the_same_request_waiting_elsewhere_is_answered_by_the_handed_over_generation(
+    fake, data_dir, pg_url
+) -> None:
+    """B has the same prompt waiting for A's Horde generation when A restarts: the generation is handed over
+    with its claim, B follows it up, and B's own request is answered from its result, not generated again."""
+    a_guild = fake.add_guild(fake.guild_id_on_shard(0, 2), name="a")
+    b_guild = fake.add_guild(fake.guild_id_on_shard(1, 2), name="b")
+    async with FakeHorde(checks_until_done=10_000) as horde:
+        common = {
+            "image_backend": "horde",
+            "image_backend_url": horde.url,
+            "database_url": pg_url,
+            "lease_ttl_s": TTL,
+            "shard_count": 2,
+            "shutdown_grace_s": 20,
+        }
+        ask = {"prompt": "a slow lighthouse"}
+        async with bot_process(fake, data_dir, shard_ids=1, **common) as b:
+            async with bot_process(fake, data_dir, shard_ids=0, **common) as a:
+                first = await fake.invoke_command(
+                    a_guild.id, a_guild.channels[0].id, fake.add_member(a_guild.id).id, "imagine", ask
+                )
+                await fake.wait_for_state(
+                    lambda: any(r.checks >= 1 for r in horde.requests.values()),
+                    20,
+                    "A's generation under way",
+                )
+                second = await fake.invoke_command(
+                    b_guild.id, b_guild.channels[0].id, fake.add_member(b_guild.id).id, "imagine", ask
+                )
+                await fake.wait_for_state(
+                    lambda: second.original and "Queued" in embed_author(second.original), 20, "B waiting"
+                )
+                assert await a.terminate() == 0
+            assert "running generation handed over" in a.text, a.text
+            await asyncio.sleep(3 * TTL)  # A's row is gone and B has taken its job over: B still waits
+            assert horde.state.submits == 1, b.text
+            assert not is_done(second.original)
+            horde.configure(checks_until_done=0)
+            for inter in (first, second):
+                await fake.wait_for_state(lambda i=inter: i.original and is_done(i.original), 40, "the image")
+                assert image_attachments(inter.original)
+            assert await b.terminate() == 0
+    assert horde.state.submits == 1 and horde.state.deletes == 0  # generated once, for both servers
+    for process in (a, b):
+        assert_clean(process.text)
