@@ -46,8 +46,9 @@ What PostgreSQL adds:
   sessions stay open in PostgreSQL, with their locks, until the server's TCP keepalive gives up (two hours by
   default). So every connection of a fleet process is named after it (``application_name``
   ``imagine-bot:<process id>``, :func:`session_name`), and the fleet ends the sessions of a process whose
-  lease has lapsed: a process that cannot take the dispatcher's lock ends its holder's session if that names
-  no live process (:meth:`FleetConnection.try_lock`), and forgetting a dead process's row ends its sessions
+  lease has lapsed: each takeover round does (:meth:`PgJobStore.end_dead_sessions`, before it claims), a
+  process that cannot take the dispatcher's lock ends its holder's session if that names no live process
+  (:meth:`FleetConnection.try_lock`), and so does deleting a dead process's row
   (:meth:`PgJobStore.forget_dead_processes`, and at registration). Ending a session needs the same role, which
   every process of one ``DATABASE_URL`` has.
 - **Cancel from anywhere**: :meth:`PgJobStore.request_cancel` marks the job's row and sends ``NOTIFY
@@ -1141,6 +1142,18 @@ class PgJobStore:
         and a process silent for ``ttl_s`` is dead."""
         self.owner = process_id
         self.lease_ttl_s = float(ttl_s)
+
+    async def end_dead_sessions(self) -> int:
+        """End the database sessions of processes whose rows are dead (silent past the lease): a lost host's stay
+        open in PostgreSQL, and would keep whatever lock their transaction holds (the claim lock, the cache's)
+        for hours. Takes no lock itself, so a lock a lost host holds cannot stop it. A process still starting
+        (no row yet) is never touched. Returns how many sessions it ended."""
+        rows = await self._query(
+            "WITH dead AS (SELECT id FROM processes WHERE heartbeat_at < now() - make_interval(secs => $1)), "
+            f"{_END_SESSIONS_OF_DEAD} SELECT count(ended) AS ended FROM ended",
+            (self.lease_ttl_s,),
+        )
+        return int(rows[0]["ended"])
 
     async def forget_dead_processes(self, process_ids: Iterable[str]) -> list[FleetProcess]:
         """Delete the rows of these processes that are still dead (a late heartbeat keeps its row), and end

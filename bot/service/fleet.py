@@ -329,6 +329,11 @@ class Takeover:
         """One round: claim what dead processes left and recover it; returns how many jobs were taken."""
         if not self.lease.renewing:
             return 0  # our own lease may have lapsed: claiming now would only hand the jobs on again
+        # A lost host's sessions are still open in PostgreSQL: ended first, so that no lock one of them holds
+        # (the claim's among them) keeps this round, or the fleet's cache writes, waiting for hours.
+        ended = await self.store.end_dead_sessions()
+        if ended:
+            log.warning("ended %d database sessions of dead processes (a lost host's)", ended)
         taken = await self.store.take_over_jobs()
         if not taken:
             return 0
