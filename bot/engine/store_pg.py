@@ -500,7 +500,6 @@ class FleetConnection:
         self.store = store
         self._conn: asyncpg.Connection | None = None
         self.holds_lock = False
-        self._told_no_privilege = False
 
     @property
     def connected(self) -> bool:
@@ -568,19 +567,9 @@ class FleetConnection:
 
     async def _end_dead_holder(self) -> None:
         async def end(conn: asyncpg.Connection) -> list[Any]:
-            try:
-                return list(
-                    await conn.fetch(_END_DEAD_LOCK_HOLDER, float(self.store.lease_ttl_s), DISPATCH_LOCK_KEY)
-                )
-            except asyncpg.InsufficientPrivilegeError as exc:
-                if not self._told_no_privilege:
-                    self._told_no_privilege = True
-                    log.warning(
-                        "the fleet's dispatcher lock is held by a process that is not alive, and this database "
-                        "user may not end its session (%s); it is freed when PostgreSQL drops the connection",
-                        exc,
-                    )
-                return []
+            return list(
+                await conn.fetch(_END_DEAD_LOCK_HOLDER, float(self.store.lease_ttl_s), DISPATCH_LOCK_KEY)
+            )
 
         for row in await self._call("free the dispatcher's lock on", end):
             log.warning(
