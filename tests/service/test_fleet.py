@@ -28,7 +28,7 @@ from tests.fakes.openai_api import FakeOpenAI
 from tests.frontend.conftest import embed_author, is_done
 from tests.frontend.process import BotProcess, assert_clean, bot_process, spawn_bot
 from tests.pg import PgCluster, free_port
-from tests.service.conftest import TTL
+from tests.service.conftest import TTL, two_shard_fleet
 
 
 @pytest.fixture
@@ -38,14 +38,7 @@ async def backend() -> AsyncIterator[FakeOpenAI]:
 
 
 def fleet_settings(backend: FakeOpenAI, pg_url: str, **more: Any) -> dict[str, Any]:
-    return {
-        "image_backend": "openai",
-        "image_backend_url": backend.url,
-        "database_url": pg_url,
-        "lease_ttl_s": TTL,
-        "shard_count": 2,
-        **more,
-    }
+    return two_shard_fleet("openai", backend.url, pg_url, **more)
 
 
 async def process_rows(pg_url: str) -> list[dict[str, Any]]:

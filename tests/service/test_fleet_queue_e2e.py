@@ -10,7 +10,7 @@ from collections import Counter
 from tests.fakes.openai_api import FakeOpenAI
 from tests.frontend.conftest import image_attachments, is_done
 from tests.frontend.process import assert_clean, bot_process
-from tests.service.conftest import TTL
+from tests.service.conftest import two_shard_fleet
 
 CAPACITY = 2
 GUILDS_PER_SHARD = 4
@@ -27,15 +27,13 @@ async def test_two_processes_share_the_backend_capacity_and_take_turns_between_s
     ]
     tag = {guild.id: f"guild{n}" for n, guild in enumerate(guilds)}
     async with FakeOpenAI(delay=0.3) as backend:
-        common = {
-            "image_backend": "openai",
-            "image_backend_url": backend.url,
-            "database_url": pg_url,
-            "lease_ttl_s": TTL,
-            "shard_count": 2,
-            "backend_concurrency": CAPACITY,  # each process's setting; the fleet's total
-            "guild_concurrency": 1,
-        }
+        common = two_shard_fleet(
+            "openai",
+            backend.url,
+            pg_url,
+            backend_concurrency=CAPACITY,  # each process's setting; the fleet's total
+            guild_concurrency=1,
+        )
         async with (
             bot_process(fake, data_dir, shard_ids=0, **common) as zero,
             bot_process(fake, data_dir, shard_ids=1, **common) as one,
@@ -83,13 +81,7 @@ async def test_the_same_prompt_in_servers_on_both_shards_is_generated_once(fake,
     here = fake.add_guild(fake.guild_id_on_shard(0, 2), name="shard-0")
     there = fake.add_guild(fake.guild_id_on_shard(1, 2), name="shard-1")
     async with FakeOpenAI(delay=2.0) as backend:
-        common = {
-            "image_backend": "openai",
-            "image_backend_url": backend.url,
-            "database_url": pg_url,
-            "lease_ttl_s": TTL,
-            "shard_count": 2,
-        }
+        common = two_shard_fleet("openai", backend.url, pg_url)
         async with (
             bot_process(fake, data_dir, shard_ids=0, **common) as zero,
             bot_process(fake, data_dir, shard_ids=1, **common) as one,

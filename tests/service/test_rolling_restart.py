@@ -16,7 +16,7 @@ from tests.fakes.horde import FakeHorde
 from tests.fakes.openai_api import FakeOpenAI
 from tests.frontend.conftest import embed_author, image_attachments, is_done
 from tests.frontend.process import assert_clean, bot_process
-from tests.service.conftest import TTL
+from tests.service.conftest import TTL, two_shard_fleet
 
 JOBS_PER_GUILD = 4
 
@@ -27,16 +27,14 @@ async def test_restarting_both_processes_one_by_one_during_a_burst_completes_eve
     a_guild = fake.add_guild(fake.guild_id_on_shard(0, 2), name="a")
     b_guild = fake.add_guild(fake.guild_id_on_shard(1, 2), name="b")
     async with FakeOpenAI(delay=1.0) as backend:
-        common = {
-            "image_backend": "openai",
-            "image_backend_url": backend.url,
-            "database_url": pg_url,
-            "lease_ttl_s": TTL,
-            "shard_count": 2,
-            "guild_concurrency": 1,
-            "backend_concurrency": 1,
-            "shutdown_grace_s": 2,  # one image of 1 s fits; without the hand-back the queued ones would be cut
-        }
+        common = two_shard_fleet(
+            "openai",
+            backend.url,
+            pg_url,
+            guild_concurrency=1,
+            backend_concurrency=1,
+            shutdown_grace_s=2,  # one image of 1 s fits; without the hand-back the queued ones would be cut
+        )
 
         async def burst(guild) -> list[FakeInteraction]:  # type: ignore[no-untyped-def]
             sent = []
@@ -93,14 +91,12 @@ async def test_a_running_horde_generation_is_handed_over_and_followed_up_not_can
     fake.add_guild(fake.guild_id_on_shard(1, 2), name="b")
     grace = 20
     async with FakeHorde(checks_until_done=10_000) as horde:  # slow: still generating when A is stopped
-        common = {
-            "image_backend": "horde",
-            "image_backend_url": horde.url,
-            "database_url": pg_url,
-            "lease_ttl_s": TTL,
-            "shard_count": 2,
-            "shutdown_grace_s": grace,
-        }
+        common = two_shard_fleet(
+            "horde",
+            horde.url,
+            pg_url,
+            shutdown_grace_s=grace,
+        )
         async with bot_process(fake, data_dir, shard_ids=1, **common) as b:
             async with bot_process(fake, data_dir, shard_ids=0, **common) as a:
                 user = fake.add_member(a_guild.id)
@@ -147,13 +143,7 @@ async def test_a_cancel_pressed_in_one_process_stops_a_job_running_in_the_other(
     a_guild = fake.add_guild(fake.guild_id_on_shard(0, 2), name="a")
     fake.add_guild(fake.guild_id_on_shard(1, 2), name="b")
     async with FakeHorde(checks_until_done=10_000) as horde:  # never done by itself
-        common = {
-            "image_backend": "horde",
-            "image_backend_url": horde.url,
-            "database_url": pg_url,
-            "lease_ttl_s": TTL,
-            "shard_count": 2,
-        }
+        common = two_shard_fleet("horde", horde.url, pg_url)
         async with bot_process(fake, data_dir, shard_ids=1, **common) as b:
             user = fake.add_member(a_guild.id)
             async with bot_process(fake, data_dir, shard_ids=0, **common) as a:
@@ -196,14 +186,12 @@ async def test_the_same_request_waiting_elsewhere_is_answered_by_the_handed_over
     a_guild = fake.add_guild(fake.guild_id_on_shard(0, 2), name="a")
     b_guild = fake.add_guild(fake.guild_id_on_shard(1, 2), name="b")
     async with FakeHorde(checks_until_done=10_000) as horde:
-        common = {
-            "image_backend": "horde",
-            "image_backend_url": horde.url,
-            "database_url": pg_url,
-            "lease_ttl_s": TTL,
-            "shard_count": 2,
-            "shutdown_grace_s": 20,
-        }
+        common = two_shard_fleet(
+            "horde",
+            horde.url,
+            pg_url,
+            shutdown_grace_s=20,
+        )
         ask = {"prompt": "a slow lighthouse"}
         async with bot_process(fake, data_dir, shard_ids=1, **common) as b:
             async with bot_process(fake, data_dir, shard_ids=0, **common) as a:

@@ -20,7 +20,7 @@ from tests.fakes.horde import FakeHorde
 from tests.fakes.openai_api import FakeOpenAI
 from tests.frontend.conftest import embed_author, image_attachments, is_done
 from tests.frontend.process import assert_clean, bot_process
-from tests.service.conftest import TTL
+from tests.service.conftest import TTL, two_shard_fleet
 
 #: What "within the lease" allows: LEASE_TTL_S, plus the watcher's period (TTL / 3) and slack for a loaded host.
 TAKEOVER_BOUND_S = TTL + 10
@@ -42,9 +42,6 @@ class Slow:
     def __init__(self, kind: str, server: FakeOpenAI | FakeHorde) -> None:
         self.kind = kind
         self.server = server
-
-    def settings(self) -> dict[str, Any]:
-        return {"image_backend": self.kind, "image_backend_url": self.server.url}
 
     def running(self) -> int:
         """Generations under way at the backend whose id, if it hands one out, the bot has stored."""
@@ -93,14 +90,7 @@ async def test_a_sigkilled_processs_running_and_queued_jobs_are_finished_or_repo
 ) -> None:
     a_guild = fake.add_guild(fake.guild_id_on_shard(0, 2), name="a")
     fake.add_guild(fake.guild_id_on_shard(1, 2), name="b")
-    common = {
-        **slow.settings(),
-        "database_url": pg_url,
-        "lease_ttl_s": TTL,
-        "shard_count": 2,
-        "guild_concurrency": 2,
-        "backend_concurrency": 4,
-    }
+    common = two_shard_fleet(slow.kind, slow.server.url, pg_url, guild_concurrency=2, backend_concurrency=4)
     prompts = [f"picture number {i}" for i in range(4)]
     async with bot_process(fake, data_dir, shard_ids=1, **common) as b:
         async with bot_process(fake, data_dir, shard_ids=0, **common) as a:
@@ -169,7 +159,7 @@ async def test_a_request_waiting_for_a_killed_processs_generation_is_answered_by
     its lease, A's member is told it was interrupted, and B generates the image itself, within the lease time."""
     a_guild = fake.add_guild(fake.guild_id_on_shard(0, 2), name="a")
     b_guild = fake.add_guild(fake.guild_id_on_shard(1, 2), name="b")
-    common = {**slow.settings(), "database_url": pg_url, "lease_ttl_s": TTL, "shard_count": 2}
+    common = two_shard_fleet(slow.kind, slow.server.url, pg_url)
     ask = {"prompt": "a kite over the dunes"}
     async with bot_process(fake, data_dir, shard_ids=1, **common) as b:
         async with bot_process(fake, data_dir, shard_ids=0, **common) as a:
