@@ -331,9 +331,13 @@ class Takeover:
             return 0  # our own lease may have lapsed: claiming now would only hand the jobs on again
         # A lost host's sessions are still open in PostgreSQL: ended first, so that no lock one of them holds
         # (the claim's among them) keeps this round, or the fleet's cache writes, waiting for hours.
-        ended = await self.store.end_dead_sessions()
-        if ended:
-            log.warning("ended %d database sessions of dead processes (a lost host's)", ended)
+        try:
+            ended = await self.store.end_dead_sessions()
+        except StoreError as exc:  # never a reason to leave a dead process's jobs where they are
+            log.info("could not end the sessions of dead processes: %s", exc.message)
+        else:
+            if ended:
+                log.warning("ended %d database sessions of dead processes (a lost host's)", ended)
         taken = await self.store.take_over_jobs()
         if not taken:
             return 0

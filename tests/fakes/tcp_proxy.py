@@ -3,8 +3,9 @@
 ``cut()`` drops every forwarded connection (as a server that died would) and, until ``mend()``, answers each
 new connection by closing it straight away. ``freeze()`` is a lost host instead: from then on nothing gets
 through either way and nothing is closed, so neither side hears of it (PostgreSQL keeps such a client's
-sessions, and their locks); a new connection is accepted and left hanging. ``cut()`` ends a freeze. Every connection that reaches the proxy is counted
-(``accepted``), forwarded or not: how many times a client tried to connect, seen on the wire.
+sessions, and their locks); a new connection is accepted and left hanging. ``cut()`` ends a freeze. Every
+connection that reaches the proxy is counted (``accepted``), forwarded or not: how many times a client tried
+to connect, seen on the wire.
 """
 
 from __future__ import annotations

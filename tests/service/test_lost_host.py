@@ -6,11 +6,14 @@ never speaks again. (The dispatcher's lock held by a lost host: tests/service/te
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import asyncpg
+import pytest
 
 from bot.engine.models import ImageRequest, Job
 from bot.engine.recovery import RecoveryReport
+from bot.engine.store import StoreError
 from bot.engine.store_pg import CLAIM_LOCK_KEY, FleetProcess, PgJobStore, session_name
 from bot.service.fleet import ProcessLease, Takeover
 
@@ -64,5 +67,39 @@ async def test_a_takeover_round_first_ends_a_lost_hosts_session_holding_the_clai
         assert named == []
     finally:
         lost.terminate()
+        await lease.close()
+        await survivor.close()
+
+
+async def test_a_round_that_cannot_end_sessions_still_takes_a_dead_processs_jobs(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ending sessions is a help, not a gate: should that statement fail, the round goes on and claims."""
+    caplog.set_level(logging.INFO, logger="bot.service.fleet")
+    survivor = PgJobStore(pg_url, session_name=session_name("survivor"))
+    await survivor.open()
+    lease = ProcessLease(survivor, FleetProcess("survivor", "host", 1, 2, (0,)), ttl_s=TTL)
+    await lease.start()
+    survivor.join_fleet("survivor", ttl_s=TTL)
+    try:
+        writer = PgJobStore(pg_url)
+        await writer.open()
+        writer.join_fleet("dead", ttl_s=TTL)  # a process whose row is gone already: its job has no live owner
+        await writer.save_job(
+            Job(id="orphan", request=ImageRequest("a red fox"), guild_id=1 << 22, user_id=10)
+        )
+        await writer.close()
+
+        async def refused() -> int:
+            raise StoreError("permission denied for function pg_terminate_backend")
+
+        survivor.end_dead_sessions = refused  # type: ignore[method-assign]
+
+        async def recover(jobs: list[Job]) -> RecoveryReport:
+            return RecoveryReport(resumed=[j.id for j in jobs])
+
+        assert await Takeover(survivor, lease).sweep(recover) == 1
+        assert "could not end the sessions of dead processes: permission denied" in caplog.text
+    finally:
         await lease.close()
         await survivor.close()
