@@ -46,10 +46,10 @@ What PostgreSQL adds:
   sessions stay open in PostgreSQL, with their locks, until the server's TCP keepalive gives up (two hours by
   default). So every connection of a fleet process is named after it (``application_name``
   ``imagine-bot:<process id>``, :func:`session_name`), and the fleet ends the sessions of a process whose
-  lease has lapsed: each takeover round does (:meth:`PgJobStore.end_dead_sessions`, before it claims), a
-  process that cannot take the dispatcher's lock ends its holder's session if that names no live process
-  (:meth:`FleetConnection.try_lock`), and so does deleting a dead process's row
-  (:meth:`PgJobStore.forget_dead_processes`, and at registration). Ending a session needs the same role, which
+  lease has lapsed: each takeover round does, before it claims (:meth:`PgJobStore.end_dead_sessions`; the
+  dispatcher's lock goes with a lost dispatcher's session), and so does every statement that deletes a dead
+  process's row (:meth:`PgJobStore.forget_dead_processes`, registration), since without its row nothing
+  could tell its sessions from a live process's any more. Ending a session needs the same role, which
   every process of one ``DATABASE_URL`` has.
 - **Cancel from anywhere**: :meth:`PgJobStore.request_cancel` marks the job's row and sends ``NOTIFY
   bot_cancel`` (its id); the owner's poll reads the marked rows it runs.
@@ -299,32 +299,16 @@ def session_name(process_id: str | None = None) -> str:
     return SESSION_NAME if process_id is None else f"{SESSION_NAME}:{process_id}"
 
 
-#: SQL: the session ``a`` is one this session may end (PostgreSQL lets a role end its own sessions; a superuser
-#: any): another role's is left alone rather than failing the statement.
-_MAY_END = "(a.usename = current_user OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user))"
-
 #: SQL, a CTE: end the sessions named after the processes in the CTE ``dead`` (rows of ``processes``) but this
-#: one; a lost host's sessions would otherwise keep their locks and transactions for hours.
+#: one; a lost host's sessions would otherwise keep their locks and transactions for hours. Only those this
+#: session may end (a role its own; a superuser any): another role's are left alone rather than failing.
 _END_SESSIONS_OF_DEAD = f"""
 ended AS MATERIALIZED (
     SELECT pg_terminate_backend(a.pid) AS ended
     FROM pg_stat_activity a JOIN dead d ON a.application_name = '{SESSION_NAME}:' || d.id
-    WHERE a.pid <> pg_backend_pid() AND a.datname = current_database() AND {_MAY_END}
+    WHERE a.pid <> pg_backend_pid() AND a.datname = current_database()
+      AND (a.usename = current_user OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user))
 )"""
-
-#: $1 the lease in seconds, $2 the lock's key. The session holding the session-level advisory lock $2, if it is a
-#: fleet process's and that process is not alive (no fresh heartbeat), is ended: its pid and name.
-_END_DEAD_LOCK_HOLDER = f"""
-SELECT a.pid, a.application_name, pg_terminate_backend(a.pid) AS ended
-FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.classid::bigint = ($2::bigint >> 32) AND l.objid::bigint = ($2::bigint & 4294967295)
-  AND a.pid <> pg_backend_pid() AND {_MAY_END} AND a.application_name LIKE '{SESSION_NAME}:%'
-  AND NOT EXISTS (
-      SELECT 1 FROM processes p
-      WHERE a.application_name = '{SESSION_NAME}:' || p.id AND p.heartbeat_at >= now() - make_interval(secs => $1))
-"""
 
 T = TypeVar("T")
 
@@ -551,9 +535,7 @@ class FleetConnection:
             raise self.store._translate(exc, action) from None
 
     async def try_lock(self) -> bool:
-        """Take the dispatcher's lock if free (kept while this connection lives). Held by the session of a
-        process that is not alive (its host lost: PostgreSQL still thinks the session open), that session is
-        ended, and the lock is free for the next try."""
+        """Take the dispatcher's lock if free (kept while this connection lives)."""
         if self.holds_lock:
             return True
 
@@ -561,21 +543,7 @@ class FleetConnection:
             return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", DISPATCH_LOCK_KEY))
 
         self.holds_lock = await self._call("take the dispatcher's lock on", lock)
-        if not self.holds_lock:
-            await self._end_dead_holder()
         return self.holds_lock
-
-    async def _end_dead_holder(self) -> None:
-        async def end(conn: asyncpg.Connection) -> list[Any]:
-            return list(
-                await conn.fetch(_END_DEAD_LOCK_HOLDER, float(self.store.lease_ttl_s), DISPATCH_LOCK_KEY)
-            )
-
-        for row in await self._call("free the dispatcher's lock on", end):
-            log.warning(
-                "ended the session of a dead process that still held the fleet's dispatcher lock (a lost host)",
-                extra={"session_pid": row["pid"], "session": row["application_name"]},
-            )
 
     async def read_rows(self, *, ttl_s: float) -> FleetRows:
         async def read(conn: asyncpg.Connection) -> list[Any]:

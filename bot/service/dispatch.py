@@ -36,8 +36,8 @@ Faults:
   running only while its epoch is unchanged.
 - The dispatcher dies: its connection closes, the lock frees, and another process takes it at its next poll
   and rebuilds everything from the rows (the guilds' turns start afresh). A dispatcher whose host is lost
-  closes nothing: PostgreSQL keeps its session and the lock; once its lease has lapsed, the next process to
-  try for the lock ends that session (``FleetConnection.try_lock``) and takes the lock at its following poll.
+  closes nothing: PostgreSQL keeps its session and the lock; once its lease has lapsed, the next takeover round
+  of any process ends that session (``PgJobStore.end_dead_sessions``), and the lock is free for the next poll.
 - The database is away: publishes are retried (nothing is lost: the next one carries every change), grants
   stop, the lease holds starts (bot/service/fleet.py).
 """

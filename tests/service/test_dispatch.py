@@ -21,9 +21,10 @@ from bot.engine.cache import ResultCache
 from bot.engine.cache_pg import PgIndex
 from bot.engine.manager import JobManager
 from bot.engine.models import JobState
+from bot.engine.recovery import RecoveryReport
 from bot.engine.store_pg import DISPATCH_LOCK_KEY, FleetProcess, PgJobStore, session_name
 from bot.service.dispatch import FleetQueue
-from bot.service.fleet import ProcessLease
+from bot.service.fleet import ProcessLease, Takeover
 from tests.fakes.tcp_proxy import TcpProxy
 from tests.helpers import ControlledBackend, make_manager, req, until
 from tests.pg import PgCluster
@@ -188,7 +189,8 @@ async def test_when_the_dispatchers_host_is_lost_its_session_is_ended_and_anothe
     pg_cluster: PgCluster, pg_url: str
 ) -> None:
     """A lost host sends no FIN: PostgreSQL keeps its sessions, the dispatcher's lock with them, until TCP
-    keepalive gives up (hours). Once its lease lapsed, the survivor ends the session holding the lock."""
+    keepalive gives up (hours). Once its lease lapsed, the survivor's takeover round (as a bot process runs
+    it) ends the dead process's sessions, and the survivor takes the lock."""
     backend = ControlledBackend(auto_release=True, delay=0.05)
     async with TcpProxy(pg_cluster.host, pg_cluster.port) as lost_link:
         async with member(lost_link.url(pg_url), "a", 0, backend) as a:
@@ -199,6 +201,8 @@ async def test_when_the_dispatchers_host_is_lost_its_session_is_ended_and_anothe
                     session_name(a.lease.me.id)
                 ]
                 assert not b.queue.dispatching
+                takeover = Takeover(b.store, b.lease)
+                takeover.start(nothing_to_recover)
                 lost_link.freeze()  # A's host is gone: nothing more from it, and no close either
                 jobs = [
                     await b.manager.submit(req(f"g{i}:after the loss"), guild_id=i * 2 + 1, user_id=1)
@@ -211,8 +215,13 @@ async def test_when_the_dispatchers_host_is_lost_its_session_is_ended_and_anothe
                 assert await sessions(pg_url, HOLDING_THE_DISPATCH_LOCK, DISPATCH_LOCK_KEY) == [
                     session_name(b.lease.me.id)
                 ]
+                await takeover.close()
                 lost_link.cut()  # the test's own teardown of A: fail fast rather than hang
     assert backend.max_in_flight <= CAPACITY
+
+
+async def nothing_to_recover(jobs: list) -> RecoveryReport:
+    raise AssertionError(f"A had no jobs to take over: {jobs}")
 
 
 async def test_a_slot_the_fleet_took_back_stops_its_generation_and_the_job_runs_later_once(pg_url) -> None:
