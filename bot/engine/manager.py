@@ -1184,29 +1184,30 @@ class JobManager:
             self._fill_holders[key] += 1
         return found.hit
 
+    def _drop_fill_hold(self, tracked: _Tracked) -> str | None:
+        """The job stops holding its claimed fill; the key when it was the last one here to hold it."""
+        key, tracked.fill_key = tracked.fill_key, None
+        if key is None:
+            return None
+        self._fill_holders[key] -= 1
+        if self._fill_holders[key] > 0:
+            return None
+        del self._fill_holders[key]
+        return key
+
     def _pass_on_fill(self, tracked: _Tracked) -> None:
         """A generation handed over keeps its claim: it goes on at the backend, and the process that follows it up
         puts its result (the index counts a followed-up generation as held: bot/engine/cache_pg.py). Releasing
         it here would have the same request elsewhere generated a second time."""
-        key, tracked.fill_key = tracked.fill_key, None
-        if key is not None:
-            self._fill_holders[key] -= 1
-            if self._fill_holders[key] <= 0:
-                del self._fill_holders[key]
-                if self.cache is not None:
-                    self.cache.forget_fill(key)
+        key = self._drop_fill_hold(tracked)
+        if key is not None and self.cache is not None:
+            self.cache.forget_fill(key)
 
     async def _let_go_of_fill(self, tracked: _Tracked) -> None:
         """The job ended: when it was the last one here on its claimed fill, the claim goes (nothing to do when
         the generation's put ended it), so processes waiting for it generate it themselves."""
-        key, tracked.fill_key = tracked.fill_key, None
-        if key is None:
-            return
-        self._fill_holders[key] -= 1
-        if self._fill_holders[key] > 0:
-            return
-        del self._fill_holders[key]
-        if self.cache is not None:
+        key = self._drop_fill_hold(tracked)
+        if key is not None and self.cache is not None:
             await self.cache.release_fill(key)
 
     async def _stop_waiting(self, tracked: _Tracked, reason: str) -> None:
