@@ -1,4 +1,4 @@
-"""The result cache's index in PostgreSQL (with ``DATABASE_URL``): the ``cache_*`` tables of schema v7.
+"""The result cache's index in PostgreSQL (with ``DATABASE_URL``): the ``cache_*`` tables of schema v7 (and v8).
 
 The processes of a fleet share one index here and one ``DATA_DIR`` volume for the blob files; the invariants
 are in :mod:`bot.engine.cache`'s docstring. How this index keeps them, at one round trip for each operation a
@@ -17,7 +17,9 @@ job makes (a lookup, a put, a pin, an unpin):
 - **Reads and touches take no lock** (MVCC reads; a touch is one ``UPDATE`` of one row). An unpin deletes its
   pins without the lock; only when that left a blob unreferenced does a remover run for it.
 - **Totals** are a row (``cache_totals``) every write updates in its own statement: reading the size of the
-  cache costs the same for ten entries or a million. It is recounted under the lock at open.
+  cache costs the same for ten entries or a million. Each update counts up the row's ``version``; of the
+  totals its writes return (concurrent writes may return in another order than they updated the row) a
+  process keeps those of the highest version. It is recounted under the lock at open.
 - **Fills** (``cache_fills``): a process that looks a key up to generate it claims the key's fill in the same
   statement, unless another live process (a fresh ``processes`` heartbeat) holds it; then the lookup says so,
   the claim is marked as waited for, and the put (or the release) that ends it sends ``NOTIFY bot_fill`` with
@@ -134,11 +136,12 @@ notified AS MATERIALIZED (SELECT pg_notify('{FILL_CHANNEL}', $1) AS sent FROM fi
 totals AS (
     UPDATE cache_totals SET
         entries = entries + (SELECT count(*) FROM entry),
-        bytes = bytes + (SELECT COALESCE(sum(size), 0) FROM new_blobs)
-    RETURNING entries, bytes
+        bytes = bytes + (SELECT COALESCE(sum(size), 0) FROM new_blobs),
+        version = version + 1
+    RETURNING entries, bytes, version
 )
 SELECT (SELECT count(*) FROM entry) AS added, (SELECT count(*) FROM links) AS linked,
-    (SELECT count(*) FROM notified) AS notified, totals.entries, totals.bytes,
+    (SELECT count(*) FROM notified) AS notified, totals.entries, totals.bytes, totals.version,
     (SELECT min(created_at) FROM cache_entries) AS oldest
 FROM totals
 """
@@ -182,10 +185,12 @@ WITH gone AS (
     RETURNING ref, ext, size
 ),
 totals AS (
-    UPDATE cache_totals SET entries = entries - $3, bytes = bytes - (SELECT COALESCE(sum(size), 0) FROM gone)
-    RETURNING entries, bytes
+    UPDATE cache_totals SET entries = entries - $3, bytes = bytes - (SELECT COALESCE(sum(size), 0) FROM gone),
+        version = version + 1
+    RETURNING entries, bytes, version
 )
-SELECT ARRAY(SELECT ref FROM gone) AS refs, ARRAY(SELECT ext FROM gone) AS exts, totals.entries, totals.bytes
+SELECT ARRAY(SELECT ref FROM gone) AS refs, ARRAY(SELECT ext FROM gone) AS exts, totals.entries, totals.bytes,
+    totals.version
 FROM totals
 """
 
@@ -202,8 +207,8 @@ SELECT ARRAY(SELECT ref FROM gone) AS refs, ARRAY(SELECT ext FROM gone) AS exts
 """
 _RECOUNT = """
 UPDATE cache_totals SET entries = (SELECT count(*) FROM cache_entries),
-    bytes = (SELECT COALESCE(sum(size), 0) FROM cache_blobs)
-RETURNING entries, bytes
+    bytes = (SELECT COALESCE(sum(size), 0) FROM cache_blobs), version = version + 1
+RETURNING entries, bytes, version
 """
 
 
@@ -236,10 +241,6 @@ def _entry(key: str, row: Any) -> EntryRow | None:
     )
 
 
-def _totals(row: Any) -> Totals:
-    return Totals(int(row["entries"]), int(row["bytes"]))
-
-
 class PgIndex:
     """The cache's index in the job store's PostgreSQL database.
 
@@ -251,6 +252,14 @@ class PgIndex:
         self.store = store
         self.lock_timeout_s = lock_timeout_s
         self.totals = Totals()
+        self._totals_version = -1
+
+    def _saw_totals(self, row: Any) -> None:
+        """Totals a write returned; older ones than already seen (a concurrent write overtook it) are ignored."""
+        version = int(row["version"])
+        if version > self._totals_version:
+            self._totals_version = version
+            self.totals = Totals(int(row["entries"]), int(row["bytes"]))
 
     def __repr__(self) -> str:
         return f"PgIndex({self.store.name!r})"
@@ -329,7 +338,7 @@ class PgIndex:
         """Inside :meth:`_exclusive`: the rows, then the files, of ``refs`` nothing references (all of them if
         ``damaged``); the totals follow. Returns how many files went."""
         row = await conn.fetchrow(_DROP_BLOBS, sorted(set(refs)), sorted(set(keep)), entries_removed, damaged)
-        self.totals = _totals(row)
+        self._saw_totals(row)
         gone = list(zip(row["refs"], row["exts"], strict=True))
         if gone:
             await files(unlink, gone)
@@ -341,7 +350,7 @@ class PgIndex:
             gone = list(zip(row["refs"], row["exts"], strict=True))
             if gone:
                 await files(unlink, gone)
-            self.totals = _totals(await conn.fetchrow(_RECOUNT))
+            self._saw_totals(await conn.fetchrow(_RECOUNT))
 
         await self._exclusive(body)
 
@@ -423,7 +432,7 @@ class PgIndex:
         row = await self._fetchrow(_PUT, *params)
         if not row["added"]:
             row = await self._replace(entry.key, refs, params, unlink)
-        self.totals = _totals(row)
+        self._saw_totals(row)
         # A remover may have unlinked one of these files while the statement waited for it (the same image, in
         # an entry evicted at that moment): the entry references them now, so writing it again is final.
         await asyncio.to_thread(write, present)

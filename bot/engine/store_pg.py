@@ -95,7 +95,8 @@ log = logging.getLogger(__name__)
 
 #: Forward migrations, numbered like the SQLite store's (v1 tables, v2 backend_ref, v3 delivery) so up to v3 one
 #: schema version means the same job columns in both; v4 (the fleet's ``processes``), v5 (``jobs.owner``), v6
-#: (the fleet's queue, cross-process cancel) and v7 (the result cache's index) exist here only. ``seq`` stands in for SQLite's rowid: insertion
+#: (the fleet's queue, cross-process cancel), v7 (the result cache's index) and v8 (its totals' version) exist here
+#: only. ``seq`` stands in for SQLite's rowid: insertion
 #: order, the tie-break of every "oldest/newest first". Never edit a shipped entry: add a new one.
 MIGRATIONS: list[Sequence[str]] = [
     (
@@ -259,6 +260,9 @@ MIGRATIONS: list[Sequence[str]] = [
         )
         """,
     ),
+    # v8: every write of the totals counts up ``version``, so a process whose writes return out of order (several
+    # at once on its pool) keeps the newest totals, not the last to arrive.
+    ("ALTER TABLE cache_totals ADD COLUMN version BIGINT NOT NULL DEFAULT 0",),
 ]
 
 #: While the database is away: the first wait before a reconnection try, doubled after each failed one up to

@@ -474,6 +474,40 @@ async def test_concurrent_puts_and_gets_stay_consistent(open_cache: OpenCache) -
     assert cache.stats()["entries"] == 8 and len(blob_files(cache)) == 8
 
 
+async def test_the_totals_of_a_put_whose_answer_comes_after_a_newer_ones_are_not_kept(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Two puts at once on the pool: A updates the totals first, but its answer is read after B's (the event
+    loop reads whichever connection it reads first). The cache keeps B's totals, the newer ones."""
+    store = PgJobStore(pg_url)
+    await store.open()
+    index = PgIndex(store)
+    cache = ResultCache(tmp_path / "cache", ttl_s=3600.0, max_bytes=10**8, memory_bytes=0, index=index)
+    await cache.open()
+    answered, read_on = asyncio.Event(), asyncio.Event()
+    real_fetchrow = index._fetchrow
+
+    async def first_answer_read_late(sql: str, *args: Any) -> Any:
+        row = await real_fetchrow(sql, *args)
+        if "INSERT INTO cache_entries" in sql and not answered.is_set():
+            answered.set()  # A's statement committed; its answer waits
+            await read_on.wait()
+        return row
+
+    index._fetchrow = first_answer_read_late  # type: ignore[method-assign]
+    try:
+        first = asyncio.create_task(cache.put("a", result(image((1, 2, 3)))))
+        await asyncio.wait_for(answered.wait(), timeout=10)
+        await cache.put("b", result(image((4, 5, 6))))
+        assert cache.stats()["entries"] == 2
+        read_on.set()
+        await first
+        assert cache.stats()["entries"] == 2  # not A's older "1"
+    finally:
+        await cache.close()
+        await store.close()
+
+
 async def test_a_hit_returns_the_refs_put_returned(open_cache: OpenCache) -> None:
     """The refs are known when stored: a hit hands them back instead of hashing the images again."""
     images = tuple(GeneratedImage(make_test_png(8, 8, (i, 0, 0)), "PNG", 8, 8, seed=i) for i in range(2))
